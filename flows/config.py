@@ -1,0 +1,84 @@
+"""The whole wildface configuration: one typed tree composed of each package's sections.
+
+``load_config`` reads an optional YAML file and ``key.sub=value`` overrides on top of the
+defaults, and validates everything before any work starts. Errors name the field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from recon.config import FaceModelConfig, LossConfig, NetworkConfig, StrictModel, TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not validate; the message names the field."""
+
+
+class WildfaceConfig(StrictModel):
+    face_model: FaceModelConfig = Field(default_factory=FaceModelConfig)
+    model: NetworkConfig = Field(default_factory=NetworkConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a file in ``configs/`` (``demo`` -> ``configs/demo.yaml``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"config file not found: {name_or_path}")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> WildfaceConfig:
+    """Defaults, then the YAML file, then overrides (``"train.lr=1e-4"`` or a dict)."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        resolved = resolve_config_path(path)
+        source = str(resolved)
+        loaded = yaml.safe_load(resolved.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{resolved}: top level must be a mapping")
+        tree = loaded
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                     for k, v in overrides.items()]
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        source += f" + {item}"
+    try:
+        return WildfaceConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
