@@ -1,0 +1,96 @@
+"""``wildface evaluate``: the NoW benchmark protocol and model promotion."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="NoW evaluation (scan-to-mesh error, mm) and champion promotion.",
+                  no_args_is_help=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config (a path or a name in configs/)")
+SetOption = typer.Option(None, "--set", help="override, e.g. --set evaluation.refine_iters=10")
+
+
+def _config(config: Optional[str], overrides: Optional[list[str]], extra: dict):
+    from flows.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, list(overrides or []) + [f"{k}={v}" for k, v in extra.items()])
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    return cfg
+
+
+@app.command("now")
+def now(
+    dataset: Path = typer.Option(..., "--dataset", help="NoW-layout dataset folder "
+                                 "(imagepaths*.txt, scans/, scans_lmks_onlypp/)"),
+    predictions: Path = typer.Option(..., "--predictions", help="<subject>/<challenge>/<image>.obj + .npy/.txt"),
+    out: Path = typer.Option(..., "--out", help="output folder for metrics.json and artefacts"),
+    split: Optional[str] = typer.Option(None, "--split", help="val or test (default: config, val)"),
+    metrical: Optional[bool] = typer.Option(None, "--metrical/--no-metrical",
+                                            help="metrical variant: no scale in the alignment"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="parallel processes"),
+    config: Optional[str] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Score predictions with the NoW protocol; write metrics.json (median, mean, std in mm,
+    per challenge), distances.parquet and the cumulative error curve (CSV, PNG)."""
+    extra = {k: v for k, v in (("evaluation.split", split),
+                               ("evaluation.metrical", None if metrical is None else str(metrical).lower()),
+                               ("evaluation.workers", workers)) if v is not None}
+    cfg = _config(config, overrides, extra)
+    from recon.evaluation.now import evaluate_now
+    from recon.evaluation.now_io import NowFormatError
+
+    try:
+        m = evaluate_now(dataset, predictions, out, cfg.evaluation)
+    except NowFormatError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"NoW {m['split']}{' (metrical)' if m['metrical'] else ''}: "
+               f"median {m['median']:.3f} / mean {m['mean']:.3f} / std {m['std']:.3f} mm "
+               f"({m['n_images']} images, {m['n_missing']} missing)")
+    for name, c in m["challenges"].items():
+        typer.echo(f"  {name:<10} median {c['median']:.3f} / mean {c['mean']:.3f} / std {c['std']:.3f} mm")
+    typer.echo(f"wrote {out / 'metrics.json'}")
+
+
+@app.command("synthetic-now")
+def synthetic_now(
+    out: Path = typer.Option(..., "--out", help="writes OUT/dataset and OUT/predictions"),
+    subjects: int = typer.Option(2, "--subjects", min=1),
+    images_per_challenge: int = typer.Option(1, "--images-per-challenge", min=1),
+    deformation_mm: float = typer.Option(1.0, "--deformation-mm", min=0.0,
+                                         help="amplitude of the known shape error of the predictions"),
+    subdivision: int = typer.Option(2, "--subdivision", min=1, help="scan density (5: ~125k vertices)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a small synthetic NoW-layout dataset and predictions with known answers
+    (procedural heads; not real NoW data)."""
+    from recon.evaluation.now_synthetic import write_synthetic_now
+
+    s = write_synthetic_now(out, n_subjects=subjects, images_per_challenge=images_per_challenge,
+                            deformation_mm=deformation_mm, subdivision=subdivision, seed=seed)
+    typer.echo(f"dataset: {s.dataset_dir}\npredictions: {s.predictions_dir}\nimages: {len(s.images)}")
+
+
+@app.command("promote")
+def promote(
+    version: Optional[str] = typer.Option(None, "--version", help="challenger version "
+                                          "(default: the version with the challenger alias)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    config: Optional[str] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Run the promote flow: the challenger becomes champion if its metric beats the
+    champion's by the configured margin (or there is no champion)."""
+    cfg = _config(config, overrides, {"tracking.uri": tracking_uri} if tracking_uri else {})
+    from flows.promote import promote as promote_flow
+
+    decision = promote_flow(cfg, version=version)
+    typer.echo(json.dumps(decision, indent=2))

@@ -1,0 +1,182 @@
+"""Prefect flow ``promote``: the registry's challenger becomes champion only if it is better.
+
+The challenger (the version with alias ``tracking.alias``, default ``challenger``) is
+compared with the version holding ``promotion.champion_alias`` (default ``champion``) on
+``promotion.metric`` (default ``now_median``, lower is better), read from each version's
+run metrics (else from a version tag of that name). The challenger is promoted when there
+is no champion, or when it beats the champion by more than ``promotion.margin``. Either
+way the decision and both numbers are written to the challenger version's tags
+(``promotion.*``) and description.
+
+:func:`decide` is the pure rule; :func:`promote_version` does the MLflow I/O with a given
+client; :func:`promote` is the flow.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from infra.offline import apply_offline_env
+
+apply_offline_env()
+
+from prefect import flow, get_run_logger  # noqa: E402
+
+from flows.config import WildfaceConfig, load_config  # noqa: E402
+from recon.evaluation.config import PromotionConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    metric: str
+    margin: float
+    lower_is_better: bool
+    challenger_version: str
+    challenger_value: float | None
+    champion_version: str | None
+    champion_value: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _missing(x: float | None) -> bool:
+    return x is None or math.isnan(x)
+
+
+def decide(
+    challenger: float | None,
+    champion: float | None,
+    *,
+    margin: float = 0.0,
+    lower_is_better: bool = True,
+    has_champion: bool = True,
+) -> tuple[bool, str]:
+    """The promotion rule on two metric values -> (promote, reason).
+
+    No champion: promote. A challenger without the metric: never promoted. A champion
+    without the metric: the challenger is promoted (there is nothing to beat). Otherwise
+    the challenger must be better by strictly more than ``margin`` (beyond rounding).
+    """
+    if _missing(challenger):
+        return False, "challenger has no value for the metric"
+    if not has_champion:
+        return True, "no champion yet"
+    if _missing(champion):
+        return True, "champion has no value for the metric"
+    gain = (champion - challenger) if lower_is_better else (challenger - champion)
+    # Differences at rounding level are ties: 1.20 - 1.15 is not "more than 0.05".
+    if gain - margin > 1e-9 * max(1.0, abs(champion)):
+        return True, f"better by {gain:.6g} > margin {margin:.6g}"
+    return False, f"improvement {gain:.6g} does not exceed margin {margin:.6g}"
+
+
+def _metric_of(client, version, metric: str) -> float | None:
+    if version.run_id:
+        value = client.get_run(version.run_id).data.metrics.get(metric)
+        if value is not None:
+            return float(value)
+    tag = (version.tags or {}).get(metric)
+    try:
+        return float(tag) if tag is not None else None
+    except ValueError:
+        return None
+
+
+def promote_version(
+    client,
+    model_name: str,
+    cfg: PromotionConfig,
+    *,
+    challenger_alias: str = "challenger",
+    version: str | None = None,
+) -> PromotionDecision:
+    """Decide and apply the promotion in the registry via an ``MlflowClient``.
+
+    ``version`` names the challenger explicitly; default: the version with
+    ``challenger_alias``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    challenger = (client.get_model_version(model_name, str(version)) if version is not None
+                  else client.get_model_version_by_alias(model_name, challenger_alias))
+    try:
+        champion = client.get_model_version_by_alias(model_name, cfg.champion_alias)
+    except MlflowException:
+        champion = None
+    ch_value = _metric_of(client, challenger, cfg.metric)
+    if champion is not None and str(champion.version) == str(challenger.version):
+        promoted, reason = False, "challenger is already the champion"
+        champ_value: float | None = ch_value
+    else:
+        champ_value = _metric_of(client, champion, cfg.metric) if champion is not None else None
+        promoted, reason = decide(ch_value, champ_value, margin=cfg.margin,
+                                  lower_is_better=cfg.lower_is_better,
+                                  has_champion=champion is not None)
+    decision = PromotionDecision(
+        promoted=promoted, reason=reason, metric=cfg.metric, margin=cfg.margin,
+        lower_is_better=cfg.lower_is_better, challenger_version=str(challenger.version),
+        challenger_value=ch_value,
+        champion_version=None if champion is None else str(champion.version),
+        champion_value=champ_value,
+    )
+    _record(client, model_name, decision)
+    if promoted:
+        client.set_registered_model_alias(model_name, cfg.champion_alias, challenger.version)
+    return decision
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.6g}"
+
+
+def _record(client, model_name: str, d: PromotionDecision) -> None:
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    tags = {
+        "promotion.decision": "promoted" if d.promoted else "rejected",
+        "promotion.reason": d.reason,
+        "promotion.metric": d.metric,
+        "promotion.margin": str(d.margin),
+        "promotion.challenger_value": _fmt(d.challenger_value),
+        "promotion.champion_value": _fmt(d.champion_value),
+        "promotion.champion_version": d.champion_version or "none",
+        "promotion.time": when,
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, d.challenger_version, k, v)
+    line = (f"[{when}] promotion: {tags['promotion.decision']} - {d.metric} "
+            f"challenger v{d.challenger_version} = {_fmt(d.challenger_value)}, champion "
+            f"{'v' + d.champion_version if d.champion_version else '(none)'} = "
+            f"{_fmt(d.champion_value)}, margin {d.margin:g}: {d.reason}")
+    old = client.get_model_version(model_name, d.challenger_version).description or ""
+    client.update_model_version(model_name, d.challenger_version,
+                                description=(old + "\n" + line).strip())
+
+
+@flow(name="promote")
+def promote(
+    cfg: WildfaceConfig | None = None,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    version: str | None = None,
+) -> dict:
+    """Promote the challenger to champion if it beats the champion (see module doc).
+
+    ``cfg`` (in-process) or ``config_path`` + ``overrides`` (deployments). Returns the
+    decision as a dict.
+    """
+    from mlflow import MlflowClient
+
+    cfg = cfg or load_config(config_path, overrides)
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
+    decision = promote_version(client, cfg.tracking.registered_model, cfg.promotion,
+                               challenger_alias=cfg.tracking.alias, version=version)
+    get_run_logger().info("promotion of %s v%s: %s (%s)", cfg.tracking.registered_model,
+                          decision.challenger_version,
+                          "promoted" if decision.promoted else "rejected", decision.reason)
+    return decision.as_dict()

@@ -1,0 +1,1 @@
+"""NoW benchmark protocol: I/O, exact scan-to-mesh distances, alignment, metrics."""

@@ -1,0 +1,138 @@
+"""Promotion: the pure rule, then the registry I/O against a real MLflow store."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from infra.offline import apply_offline_env
+
+apply_offline_env()
+
+from flows.promote import decide, promote_version  # noqa: E402
+from recon.evaluation.config import PromotionConfig  # noqa: E402
+
+MODEL = "wildface-deca-test"
+
+
+@pytest.mark.parametrize("challenger,champion,margin,lower,has,expected", [
+    (1.10, 1.20, 0.0, True, True, True),     # better
+    (1.30, 1.20, 0.0, True, True, False),    # worse
+    (1.20, 1.20, 0.0, True, True, False),    # a tie is not a win
+    (1.15, 1.20, 0.05, True, True, False),   # better, but not by more than the margin
+    (1.14, 1.20, 0.05, True, True, True),
+    (0.80, 0.70, 0.0, False, True, True),    # higher is better
+    (0.60, 0.70, 0.0, False, True, False),
+    (1.50, None, 0.0, True, False, True),    # no champion yet
+    (1.50, math.nan, 0.0, True, True, True),  # champion never measured
+    (None, 1.20, 0.0, True, True, False),    # challenger never measured
+    (math.nan, None, 0.0, True, False, False),
+])
+def test_decide(challenger, champion, margin, lower, has, expected):
+    promoted, reason = decide(challenger, champion, margin=margin, lower_is_better=lower, has_champion=has)
+    assert promoted is expected and reason
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite tracking store for the module (creating one takes seconds)."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("now-eval", artifact_location=(root / "artifacts").as_uri())
+    return root, uri, client, exp
+
+
+@pytest.fixture()
+def registry(store, request):
+    """A fresh registered model per test; ``add_version(median)`` registers a version whose
+    run logged ``now_median`` and gives it the challenger alias."""
+    root, uri, client, exp = store
+    name = f"{MODEL}-{request.node.name}".replace("[", "-").replace("]", "")
+    client.create_registered_model(name)
+
+    def add_version(median: float | None) -> str:
+        run = client.create_run(exp)
+        if median is not None:
+            client.log_metric(run.info.run_id, "now_median", median)
+        client.set_terminated(run.info.run_id)
+        src = root / "models" / run.info.run_id
+        src.mkdir(parents=True)
+        mv = client.create_model_version(name, source=src.as_uri(), run_id=run.info.run_id)
+        client.set_registered_model_alias(name, "challenger", mv.version)
+        return str(mv.version)
+
+    return name, uri, client, add_version
+
+
+@pytest.mark.slow
+def test_better_challenger_promoted_worse_not(registry):
+    MODEL, _, client, add_version = registry
+    cfg = PromotionConfig(margin=0.05)
+
+    v1 = add_version(1.50)
+    d1 = promote_version(client, MODEL, cfg)
+    assert d1.promoted and d1.champion_version is None and d1.reason == "no champion yet"
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v1
+
+    v2 = add_version(1.30)  # better by 0.20 > 0.05
+    d2 = promote_version(client, MODEL, cfg)
+    assert d2.promoted and (d2.challenger_value, d2.champion_value) == (1.30, 1.50)
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
+
+    v3 = add_version(1.27)  # better by 0.03, within the margin
+    d3 = promote_version(client, MODEL, cfg)
+    assert not d3.promoted
+    v4 = add_version(1.90)  # worse
+    d4 = promote_version(client, MODEL, cfg)
+    assert not d4.promoted
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
+
+    # decision and both numbers are recorded on each challenger version
+    for v, decision, ch, champ in ((v2, "promoted", "1.3", "1.5"), (v3, "rejected", "1.27", "1.3"),
+                                   (v4, "rejected", "1.9", "1.3")):
+        mv = client.get_model_version(MODEL, v)
+        assert mv.tags["promotion.decision"] == decision
+        assert mv.tags["promotion.challenger_value"] == ch
+        assert mv.tags["promotion.champion_value"] == champ
+        assert mv.tags["promotion.metric"] == "now_median"
+        assert f"promotion: {decision}" in mv.description and ch in mv.description
+    assert client.get_model_version(MODEL, v3).tags["promotion.champion_version"] == v2
+
+    # rerunning on the champion itself changes nothing
+    d5 = promote_version(client, MODEL, cfg, version=v2)
+    assert not d5.promoted and "already" in d5.reason
+
+
+@pytest.mark.slow
+def test_unmeasured_challenger_is_never_promoted(registry):
+    MODEL, _, client, add_version = registry
+    add_version(None)
+    d = promote_version(client, MODEL, PromotionConfig())
+    assert not d.promoted and d.challenger_value is None
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(MODEL, "champion")
+
+
+@pytest.mark.slow
+def test_promote_flow_runs_in_prefect(registry, tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.config import load_config
+    from flows.promote import promote
+
+    MODEL, uri, client, add_version = registry
+    add_version(1.4)
+    v2 = add_version(1.2)
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    cfg = load_config(overrides={"tracking.uri": uri, "tracking.registered_model": MODEL,
+                                 "promotion.margin": 0.1})
+    with prefect_test_harness(server_startup_timeout=300):  # slow on a busy 2-core box
+        result = promote(cfg=cfg)
+    assert result["promoted"] and result["challenger_version"] == v2
+    assert result["champion_value"] == pytest.approx(1.4)
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
