@@ -1,0 +1,72 @@
+"""``wildface services up|down|status|env|deploy``: local Prefect, worker, MLflow, S3."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Local services on 127.0.0.1: Prefect server + process worker, "
+                  "MLflow server, optional moto S3.", no_args_is_help=True)
+
+
+def _cfg(config: Optional[str], set_: list[str]):
+    from flows.config import load_config
+
+    return load_config(config, list(set_)).services
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file or configs/ name")
+SetOpt = typer.Option([], "--set", help="override, e.g. services.prefect_port=4300")
+
+
+@app.command()
+def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
+       s3: bool = typer.Option(False, "--s3", help="also start a moto S3 server"),
+       deploy: bool = typer.Option(True, "--deploy/--no-deploy",
+                                   help="register prefect.yaml's deployments")) -> None:
+    """Start the services (pids and logs under services.state_dir) and wait until healthy."""
+    from infra import services
+
+    cfg = _cfg(config, set_)
+    if s3:
+        cfg.s3 = True
+    typer.echo(json.dumps(services.up(cfg), indent=1))
+    if deploy:
+        services.deploy(cfg)
+    for key, value in services.client_env(cfg).items():
+        typer.echo(f"export {key}={value}")
+
+
+@app.command()
+def down(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Stop the recorded services."""
+    from infra import services
+
+    typer.echo(json.dumps(services.down(_cfg(config, set_)), indent=1))
+
+
+@app.command()
+def status(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Pid, running, healthy, URL and log of each recorded service."""
+    from infra import services
+
+    typer.echo(json.dumps(services.status(_cfg(config, set_)), indent=1))
+
+
+@app.command()
+def env(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Shell exports that point clients at the services: eval "$(wildface services env)"."""
+    from infra import services
+
+    for key, value in services.client_env(_cfg(config, set_)).items():
+        typer.echo(f"export {key}={value}")
+
+
+@app.command("deploy")
+def deploy_(names: list[str] = typer.Argument(None, help="deployment names (default: all)"),
+            config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Register prefect.yaml's deployments with the running Prefect server."""
+    from infra import services
+
+    services.deploy(_cfg(config, set_), names or None)

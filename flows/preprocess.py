@@ -1,0 +1,61 @@
+"""Prefect flow ``preprocess``: one task per pipeline stage, retries where work is
+transient (storage I/O, the Ray stage). The stages are in :mod:`preprocessing.pipeline`;
+they are idempotent, so a retried task redoes only what is missing. No result caching:
+the pipeline's own content hashes decide what to skip."""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import load_config
+from infra import storage
+from preprocessing import pipeline
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def scan(input_root: str, cfg) -> list:
+    return pipeline.scan_inputs(input_root, cfg)
+
+
+@task(retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def process(inputs: list, output: str, cfg, storage_cfg, use_ray: bool) -> dict:
+    work = pipeline.work_dir(output, cfg)
+    items = pipeline.todo_items(inputs, set(pipeline.load_records(work)))
+    get_run_logger().info("%d of %d images need processing", len(items), len(inputs))
+    return {"todo": len(items), **pipeline.process_images(items, work, cfg, storage_cfg, use_ray)}
+
+
+@task(cache_policy=NO_CACHE)
+def plan(inputs: list, output: str, cfg):
+    return pipeline.plan(inputs, pipeline.load_records(pipeline.work_dir(output, cfg)), cfg)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def write_shards(output: str, the_plan) -> int:
+    return pipeline.write_shards(output, the_plan)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def write_outputs(output: str, the_plan) -> dict:
+    return pipeline.write_outputs(output, the_plan)
+
+
+@flow(name="preprocess", log_prints=True)
+def preprocess(input: str, output: str, config: str | None = None,
+               overrides: list[str] | None = None, use_ray: bool = True) -> dict:
+    """Photos under ``input`` (folder or s3:// prefix) -> WebDataset shards, manifest and
+    identities under ``output``. ``config``: YAML file or configs/ name; ``overrides``:
+    ``preprocess.key=value`` strings."""
+    cfg_all = load_config(config, overrides)
+    cfg, storage_cfg = cfg_all.preprocess, cfg_all.storage
+    storage.configure(storage_cfg)
+    inputs = scan(input, cfg)
+    counts = process(inputs, output, cfg, storage_cfg, use_ray)
+    the_plan = plan(inputs, output, cfg)
+    n = write_shards(output, the_plan)
+    written = write_outputs(output, the_plan)
+    summary = pipeline.summarise(the_plan) | {
+        "processed": counts.get("todo", 0), "shards_written": n,
+        "files_written": [k for k, v in written.items() if v]}
+    get_run_logger().info("preprocess summary: %s", summary)
+    return summary

@@ -1,0 +1,223 @@
+"""Local paths and ``s3://`` URIs behind one small API, with atomic writes.
+
+Local writes go to a temporary file in the target folder and are renamed into place; S3
+objects only become visible when a ``put_object`` or a multipart upload completes, so a
+reader never sees half an object in either case. The S3 endpoint comes from
+:class:`infra.config.StorageConfig` (``configure``) or ``$AWS_ENDPOINT_URL``.
+
+``python -m infra.storage cat URI`` streams an object to stdout (WebDataset ``pipe:`` URLs).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from infra.config import StorageConfig
+
+_config = StorageConfig()
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Use ``cfg`` for every later S3 call of this process."""
+    global _config
+    _config = cfg
+    _client.cache_clear()
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    rest = str(uri)[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri!r}")
+    return bucket, key
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts with ``/`` for S3 and the OS separator for local paths."""
+    if is_s3(base):
+        out = str(base).rstrip("/")
+        for p in parts:
+            out += "/" + p.strip("/")
+        return out
+    return str(Path(base, *parts))
+
+
+def relative(uri: str, root: str) -> str:
+    """``uri`` relative to ``root`` with ``/`` separators."""
+    if is_s3(root):
+        prefix = str(root).rstrip("/") + "/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri} is not under {root}")
+        return uri[len(prefix):]
+    return Path(uri).resolve().relative_to(Path(root).resolve()).as_posix()
+
+
+@functools.lru_cache(maxsize=4)
+def _client():
+    import boto3
+    from botocore.config import Config
+
+    endpoint = _config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=_config.region,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(uri).read_bytes()
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically (temp + rename locally; one PUT on S3)."""
+    if is_s3(uri):
+        if len(data) > _config.multipart_threshold_mb * 2**20:
+            import io
+
+            upload_fileobj(io.BytesIO(data), str(uri))
+            return
+        bucket, key = split_s3(str(uri))
+        _client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upload_fileobj(fileobj: IO[bytes], uri: str) -> None:
+    """Stream a file object to S3; multipart above the threshold (visible on completion)."""
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = split_s3(uri)
+    threshold = _config.multipart_threshold_mb * 2**20
+    _client().upload_fileobj(
+        fileobj, bucket, key,
+        Config=TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold),
+    )
+
+
+def put_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy a finished local file to ``uri`` atomically."""
+    if is_s3(uri):
+        with open(local, "rb") as f:
+            upload_fileobj(f, str(uri))
+        return
+    dst = Path(uri)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(str(uri))
+        try:
+            _client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return Path(uri).exists()
+
+
+def list_files(root: str | os.PathLike) -> list[str]:
+    """Every file under ``root`` (recursive), as full paths/URIs, sorted. Temporary files
+    of unfinished atomic writes (``.name.*.tmp``) are left out."""
+    if is_s3(root):
+        bucket, prefix = split_s3(str(root))
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        out: list[str] = []
+        for page in _client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
+            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+        return sorted(out)
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    return sorted(
+        str(p) for p in base.rglob("*")
+        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    )
+
+
+def delete(uri: str | os.PathLike) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        _client().delete_object(Bucket=bucket, Key=key)
+        return
+    Path(uri).unlink(missing_ok=True)
+
+
+def stream(uri: str) -> Iterator[bytes]:
+    """The object's bytes in chunks (for piping large shards)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+        yield from body.iter_chunks(chunk_size=1 << 20)
+        return
+    with open(uri, "rb") as f:
+        while chunk := f.read(1 << 20):
+            yield chunk
+
+
+def webdataset_url(uri: str) -> str:
+    """A URL WebDataset can open: local paths as they are, S3 through a ``pipe:`` that
+    streams with this module (same endpoint settings via the environment)."""
+    if not is_s3(uri):
+        return str(uri)
+    endpoint = _config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    opt = f" --endpoint {endpoint}" if endpoint else ""
+    return f"pipe:{sys.executable} -m infra.storage cat{opt} {uri}"
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[1] == "--endpoint":
+        configure(StorageConfig(endpoint_url=argv[2]))
+        argv = [argv[0], argv[3]]
+    if len(argv) != 2 or argv[0] != "cat":
+        print("usage: python -m infra.storage cat [--endpoint URL] URI", file=sys.stderr)
+        return 2
+    out = sys.stdout.buffer
+    for chunk in stream(argv[1]):
+        out.write(chunk)
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

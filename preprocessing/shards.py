@@ -1,0 +1,91 @@
+"""WebDataset shards: the writer (deterministic tar bytes) and the readers training uses.
+
+A sample is ``{key}.jpg`` (RGB crop), ``{key}.lmk.npy`` ((68, 2) float32, normalised crop
+coordinates), ``{key}.mask.png`` (L, 255 = skin) and ``{key}.json`` (meta). Decoded samples
+are dicts ``{key, image (H, W, 3) uint8, landmarks (68, 2) float32, mask (H, W) uint8,
+meta}``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from infra import storage
+
+MEMBERS = ("jpg", "lmk.npy", "mask.png", "json")
+
+
+def shard_bytes(samples: Iterable[dict]) -> bytes:
+    """Tar bytes of samples ``{key, jpg, lmk.npy, mask.png, json}`` (bytes values).
+    Identical input gives identical bytes (fixed mtime/owner), so rewrites are no-ops."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext in MEMBERS:
+                data = sample[ext]
+                info = tarfile.TarInfo(f"{sample['key']}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def decode_sample(raw: dict) -> dict:
+    """A WebDataset raw sample (bytes per extension) -> the training sample format."""
+    image = np.array(Image.open(io.BytesIO(raw["jpg"])).convert("RGB"), dtype=np.uint8)
+    lmk = np.load(io.BytesIO(raw["lmk.npy"]), allow_pickle=False).astype(np.float32)
+    mask = np.array(Image.open(io.BytesIO(raw["mask.png"])).convert("L"), dtype=np.uint8)
+    return {"key": raw["__key__"], "image": image, "landmarks": lmk, "mask": mask,
+            "meta": json.loads(raw["json"])}
+
+
+def shard_urls(output: str, split: str) -> list[str]:
+    """WebDataset URLs of the ``split`` shards under a preprocessing output."""
+    names = storage.list_files(storage.join(output, "shards"))
+    prefix = f"{split}-"
+    return [storage.webdataset_url(u) for u in names
+            if u.rsplit("/", 1)[-1].startswith(prefix) and u.endswith(".tar")]
+
+
+def webdataset(urls: str | list[str], shuffle: int = 0, resampled: bool = False,
+               seed: int = 0):
+    """A ``webdataset.WebDataset`` yielding decoded samples (usable in a torch DataLoader;
+    shards are split across DataLoader workers). ``urls``: local paths or ``pipe:`` URLs
+    (``shard_urls`` makes them for s3://)."""
+    import webdataset as wds
+
+    ds = wds.WebDataset(urls, shardshuffle=(100 if shuffle else False), resampled=resampled,
+                        seed=seed, empty_check=False)
+    if shuffle:
+        ds = ds.shuffle(shuffle, seed=seed)
+    return ds.map(decode_sample)
+
+
+def iter_samples(urls: str | list[str]) -> Iterator[dict]:
+    """Decoded samples of ``urls`` in shard order: all of them, also inside a
+    torch.distributed process (a Ray Train worker picks its own shards)."""
+    import webdataset as wds
+
+    ds = wds.WebDataset([urls] if isinstance(urls, str) else list(urls), shardshuffle=False,
+                        nodesplitter=None, workersplitter=None, empty_check=False)
+    yield from ds.map(decode_sample)
+
+
+def to_torch(sample: dict) -> dict:
+    """Decoded sample -> tensors: image (3, H, W) float [0, 1], landmarks (68, 2), mask
+    (1, H, W) float {0, 1}; key and meta kept."""
+    import torch
+
+    return {
+        "key": sample["key"],
+        "image": torch.from_numpy(sample["image"]).permute(2, 0, 1).float() / 255.0,
+        "landmarks": torch.from_numpy(sample["landmarks"]),
+        "mask": torch.from_numpy(sample["mask"]).float()[None] / 255.0,
+        "meta": sample["meta"],
+    }

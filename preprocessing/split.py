@@ -1,0 +1,16 @@
+"""Identity-disjoint train/val split, deterministic from a seed."""
+from __future__ import annotations
+
+import hashlib
+
+
+def split_identities(identities: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """{identity: 'train' | 'val'}: identities ordered by a seeded hash, the first
+    ``round(n * val_fraction)`` (at least one when there are two or more) go to val."""
+    unique = sorted(set(identities))
+    order = sorted(unique, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    n_val = round(len(unique) * val_fraction)
+    if val_fraction > 0 and len(unique) >= 2:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    val = set(order[:n_val])
+    return {i: ("val" if i in val else "train") for i in unique}
