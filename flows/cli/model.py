@@ -1,0 +1,124 @@
+"""``wildface model ...``: inspect, convert and export the FLAME-format face model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="The 3D face model (FLAME files or the built-in 'demo-head').", no_args_is_help=True)
+
+MODEL_HELP = "'demo-head' (built in, not FLAME), a FLAME .pkl or a converted .npz"
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _load(model: str, landmarks: str | None = None):
+    from recon.config import FaceModelConfig
+    from recon.face_assets import FaceModelFormatError
+    from recon.flame_io import UnsafePickleError, load_face_model
+
+    try:
+        return load_face_model(FaceModelConfig(path=model, landmarks=landmarks))
+    except (UnsafePickleError, FaceModelFormatError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def info(
+    model: str = typer.Option("demo-head", "--model", help=MODEL_HELP),
+    landmarks: str | None = typer.Option(None, "--landmarks", help="landmark embedding for a FLAME .pkl"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Vertex/face counts, component counts, joints and landmark counts of a face model."""
+    summary = _load(model, landmarks).summary()
+    summary["source"] = model
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for k, v in summary.items():
+        typer.echo(f"{k}: {v}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="FLAME model pickle (generic_model.pkl, FLAME 2023 .pkl)"),
+    dst: Path = typer.Argument(..., help="output .npz (the cached format)"),
+    landmarks: Path | None = typer.Option(None, "--landmarks", help="DECA landmark_embedding.npy"),
+    masks: Path | None = typer.Option(None, "--masks", help="FLAME_masks.pkl"),
+    texture: Path | None = typer.Option(None, "--texture", help="FLAME_texture.npz (mean, tex_dir, vt, ft)"),
+) -> None:
+    """Convert FLAME files to the cached .npz, safely (refused pickles write nothing)."""
+    from recon.face_assets import FaceModelFormatError
+    from recon.flame_io import UnsafePickleError
+    from recon.flame_io import convert as do_convert
+
+    if dst.suffix != ".npz":
+        _fail(f"{dst}: the output must end in .npz")
+    try:
+        out = do_convert(src, dst, landmarks=landmarks, masks=masks, texture=texture)
+    except UnsafePickleError as e:
+        _fail(f"refused {src}: {e}")
+    except (FaceModelFormatError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    typer.echo(str(out))
+
+
+@app.command()
+def export(
+    params: Path = typer.Option(..., "--params", help="JSON with shape, expression, pose (6), neck_pose, eye_pose"),
+    out: Path = typer.Option(..., "--out", help="output mesh (.obj or .ply)"),
+    model: str = typer.Option("demo-head", "--model", help=MODEL_HELP),
+    landmarks: str | None = typer.Option(None, "--landmarks", help="landmark embedding for a FLAME .pkl"),
+) -> None:
+    """Pose the model with PARAMS.json; write the mesh and <stem>.landmarks.json."""
+    import torch
+
+    from recon.flame import FLAME
+    from recon.mesh_io import atomic_write_bytes, write_obj, write_ply
+
+    try:
+        p = json.loads(params.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        _fail(f"{params}: {e}")
+    if not isinstance(p, dict):
+        _fail(f"{params}: expected a JSON object")
+    unknown = set(p) - {"shape", "expression", "pose", "neck_pose", "eye_pose"}
+    if unknown:
+        _fail(f"{params}: unknown keys {sorted(unknown)}")
+    assets = _load(model, landmarks)
+    n_shape = max(len(p.get("shape", [])), 1)
+    n_exp = max(len(p.get("expression", [])), 1)
+    if n_shape > assets.n_shape_total or n_exp > assets.n_exp_total:
+        _fail(f"the model has {assets.n_shape_total} shape and {assets.n_exp_total} expression components")
+    flame = FLAME(assets, n_shape=n_shape, n_exp=n_exp)
+
+    def vec(key: str, n: int) -> torch.Tensor:
+        vals = p.get(key) or []
+        if len(vals) > n or not all(isinstance(x, (int, float)) for x in vals):
+            _fail(f"'{key}' must be a list of at most {n} numbers")
+        t = torch.zeros(1, n)
+        t[0, : len(vals)] = torch.tensor([float(x) for x in vals])
+        return t
+
+    with torch.no_grad():
+        res = flame(vec("shape", n_shape), vec("expression", n_exp), vec("pose", 6),
+                    neck_pose=vec("neck_pose", 3), eye_pose=vec("eye_pose", 6))
+    verts = res.vertices[0].numpy()
+    if out.suffix == ".ply":
+        write_ply(out, verts, assets.faces)
+    else:
+        write_obj(out, verts, assets.faces, uvs=assets.vt, uv_faces=assets.ft)
+    lmk = {
+        "model": assets.name,
+        "units": "metres",
+        "landmarks3d": res.landmarks3d[0].tolist(),
+        "landmarks2d": res.landmarks2d[0].tolist(),
+        "now7": res.now7[0].tolist(),
+    }
+    lmk_path = out.with_name(out.stem + ".landmarks.json")
+    atomic_write_bytes(lmk_path, json.dumps(lmk, indent=1).encode())
+    typer.echo(str(out))

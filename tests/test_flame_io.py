@@ -1,0 +1,191 @@
+"""Loading FLAME-structured files safely: chumpy stand-ins, scipy.sparse, latin1 pickles,
+the landmark-embedding .npy with torch tensors; malicious pickles are refused unexecuted."""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recon.config import FaceModelConfig
+from recon.face_assets import FaceModelAssets
+from recon.flame import FLAME
+from recon.flame_io import (
+    UnsafePickleError,
+    convert,
+    load_face_model,
+    load_flame,
+    load_flame_pickle,
+    load_landmark_embedding,
+    safe_loads,
+)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_face_model("demo-head")
+
+
+@pytest.fixture
+def fake_chumpy(monkeypatch):
+    """A throwaway ``chumpy.ch.Ch`` so the test can write pickles with FLAME's structure:
+    like chumpy under Python 2, it pickles as ``copyreg._reconstructor(Ch, object, None)``
+    followed by a state dict holding the array in ``x``."""
+    import copyreg
+
+    ch_mod = types.ModuleType("chumpy.ch")
+
+    class Ch:
+        def __init__(self, x):
+            self.x = x
+
+        def __reduce_ex__(self, protocol):
+            return (copyreg._reconstructor, (Ch, object, None), {"x": self.x, "_cache": {}})
+
+    Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
+    ch_mod.Ch = Ch
+    pkg = types.ModuleType("chumpy")
+    pkg.ch = ch_mod
+    monkeypatch.setitem(sys.modules, "chumpy", pkg)
+    monkeypatch.setitem(sys.modules, "chumpy.ch", ch_mod)
+    return Ch
+
+
+def flame_dict(demo, Ch):
+    """FLAME 2020's keys and container types, filled with the demo head's arrays."""
+    S = demo.n_shape_total
+    shapedirs = np.concatenate([demo.shapedirs[:, :, :300], demo.shapedirs[:, :, S : S + 100]], 2).astype(np.float64)
+    return {
+        "v_template": demo.v_template.astype(np.float64),
+        "f": demo.faces.astype(np.uint32),
+        "shapedirs": Ch(shapedirs),
+        "posedirs": demo.posedirs.astype(np.float64),
+        "J_regressor": sp.csc_matrix(demo.J_regressor.astype(np.float64)),
+        "weights": Ch(demo.weights.astype(np.float64)),
+        "kintree_table": np.array([[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64),
+        "bs_style": "lbs",
+        "bs_type": "lrotmin",
+        "J": Ch(demo.J_regressor @ demo.v_template),
+    }
+
+
+def write_flame_pickle(path, demo, Ch):
+    with open(path, "wb") as fh:
+        pickle.dump(flame_dict(demo, Ch), fh, protocol=2)
+
+
+def write_landmark_npy(path, demo):
+    emb = {
+        "static_lmk_faces_idx": torch.tensor(demo.static_lmk_faces_idx),
+        "static_lmk_bary_coords": torch.tensor(demo.static_lmk_bary_coords),
+        "dynamic_lmk_faces_idx": torch.tensor(demo.dynamic_lmk_faces_idx),
+        "dynamic_lmk_bary_coords": torch.tensor(demo.dynamic_lmk_bary_coords),
+        "full_lmk_faces_idx": demo.full_lmk_faces_idx[None].astype(np.int64),  # (1, 68) numpy
+        "full_lmk_bary_coords": demo.full_lmk_bary_coords[None],
+    }
+    np.save(path, emb, allow_pickle=True)  # how DECA's landmark_embedding.npy was written
+
+
+def test_load_flame_structured_pickle(tmp_path, demo, fake_chumpy):
+    pkl, npy = tmp_path / "generic_model.pkl", tmp_path / "landmark_embedding.npy"
+    write_flame_pickle(pkl, demo, fake_chumpy)
+    write_landmark_npy(npy, demo)
+    raw = load_flame_pickle(pkl)
+    assert isinstance(raw["shapedirs"], np.ndarray) and raw["shapedirs"].shape == (demo.n_vertices, 3, 400)
+    assert sp.issparse(raw["J_regressor"]) and raw["J_regressor"].shape == (5, demo.n_vertices)
+    emb = load_landmark_embedding(npy)
+    assert emb["full_lmk_faces_idx"].shape == (68,) and emb["dynamic_lmk_bary_coords"].shape == (79, 17, 3)
+    np.testing.assert_array_equal(emb["dynamic_lmk_faces_idx"], demo.dynamic_lmk_faces_idx)
+
+    # FLAME_masks.pkl (region -> vertex ids) and FLAME_texture.npz (0..255, with vt/ft).
+    mask_path = tmp_path / "FLAME_masks.pkl"
+    mask_path.write_bytes(pickle.dumps({"face": np.arange(100), "left_eyeball": np.arange(100, 120)}, protocol=2))
+    tex_path = tmp_path / "FLAME_texture.npz"
+    rng = np.random.default_rng(0)
+    np.savez(tex_path, mean=np.full((32, 32, 3), 200.0), tex_dir=rng.normal(size=(32, 32, 3, 5)) * 10,
+             vt=demo.vt, ft=demo.ft)
+    assets = load_flame(pkl, masks=mask_path, texture=tex_path)  # embedding found next to the pkl
+    assert assets.name == "flame" and (assets.n_shape_total, assets.n_exp_total) == (300, 100)
+    assert list(assets.parents) == [-1, 0, 1, 1, 1]
+    np.testing.assert_allclose(assets.J_regressor, demo.J_regressor, atol=1e-7)
+    np.testing.assert_array_equal(assets.masks["face"], np.arange(100))
+    assert assets.albedo_mean.shape == (256, 256, 3) and assets.albedo_basis.shape == (256, 256, 3, 5)
+    np.testing.assert_allclose(assets.albedo_mean, 200 / 255, atol=1e-5)
+    np.testing.assert_array_equal(assets.ft, demo.ft)
+    # The loaded model poses exactly like the demo head it was built from.
+    a = FLAME(assets, 20, 10)
+    b = FLAME(demo, 20, 10)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 20, generator=g), torch.randn(2, 10, generator=g), torch.randn(2, 6, generator=g) * 0.2)
+    oa, ob = a(*args), b(*args)
+    torch.testing.assert_close(oa.vertices, ob.vertices, atol=1e-6, rtol=0)
+    torch.testing.assert_close(oa.landmarks2d, ob.landmarks2d, atol=1e-6, rtol=0)
+
+    # Convert to the cache and load it through the config.
+    out = convert(pkl, tmp_path / "flame.npz", landmarks=npy)
+    cached = load_face_model(FaceModelConfig(path=str(out)))
+    np.testing.assert_array_equal(cached.shapedirs, assets.shapedirs)
+    # Without texture files: fallback flat albedo with >= 50 components, a generated UV layout.
+    assert cached.albedo_basis.shape[-1] >= 50 and np.ptp(cached.albedo_mean.reshape(-1, 3), axis=0).max() < 1e-6
+    assert cached.vt.shape == (demo.n_vertices, 2) and 0 <= cached.vt.min() and cached.vt.max() <= 1
+    via_pkl = load_face_model(FaceModelConfig(path=str(pkl), landmarks=str(npy)))
+    assert via_pkl.n_vertices == demo.n_vertices
+
+
+class _Evil:
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def test_malicious_pickle_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"v_template": _Evil(f"touch {marker}")}, protocol=2)
+    with pytest.raises(UnsafePickleError, match=r"(posix|os|nt)\.system"):
+        safe_loads(payload)
+    assert not marker.exists()
+    src = tmp_path / "evil.pkl"
+    src.write_bytes(payload)
+    dst = tmp_path / "out.npz"
+    with pytest.raises(UnsafePickleError):
+        convert(src, dst)
+    assert not marker.exists() and not dst.exists()
+    assert list(tmp_path.iterdir()) == [src]  # no temp files left either
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(__import__("builtins").eval, protocol=2),  # a bare global
+        b"cbuiltins\nexec\n(S'1'\ntR.",  # exec via REDUCE
+        b"ccopyreg\n_reconstructor\n(cos\n_wrap_close\ncbuiltins\nobject\nNtR.",  # reconstructor of a foreign class
+        b"cnumpy.core.multiarray\n_reconstruct\n(csubprocess\nPopen\n(I0\ntS'b'\ntR.",
+        b"c_codecs\nencode\n(S'x'\nS'idna'\ntR.",  # codec lookup by name
+    ],
+)
+def test_other_gadgets_refused(payload):
+    with pytest.raises(UnsafePickleError):
+        safe_loads(payload)
+
+
+def test_npz_cache_refuses_pickled_objects(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, v_template=np.array([_Evil("true")], dtype=object))
+    with pytest.raises(Exception, match="not a wildface face-model|missing"):
+        FaceModelAssets.load_npz(bad)
+
+
+def test_missing_landmarks_is_a_clear_error(tmp_path, demo, fake_chumpy):
+    pkl = tmp_path / "m.pkl"
+    write_flame_pickle(pkl, demo, fake_chumpy)
+    with pytest.raises(Exception, match="landmark embedding"):
+        load_flame(pkl)
