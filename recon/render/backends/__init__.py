@@ -1,0 +1,46 @@
+"""Face-id backends: each finds, per pixel centre, the nearest triangle (non-differentiable).
+
+``get_backend(name)`` returns a function ``(verts_pix (B,V,3), faces (F,3), height, width,
+cull_backfaces, chunk_pairs) -> pix_to_face (B,H,W) long`` (-1 empty, local face index),
+where ``verts_pix`` are [column, row, z] pixel coordinates (centres at integers, rows down,
+larger z nearer). ``torch`` always works; ``pytorch3d`` and ``nvdiffrast`` are optional and
+import-guarded: asking for one that is not installed is a clear error.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+FaceIdFn = Callable[..., torch.Tensor]
+
+BACKENDS = ("torch", "pytorch3d", "nvdiffrast")
+
+
+class BackendUnavailable(RuntimeError):
+    """The configured rasterizer backend is not installed or cannot run on this device."""
+
+
+def get_backend(name: str) -> FaceIdFn:
+    if name == "torch":
+        from recon.render.backends.torch_backend import face_ids
+        return face_ids
+    if name == "pytorch3d":
+        from recon.render.backends.pytorch3d_backend import face_ids
+        return face_ids
+    if name == "nvdiffrast":
+        from recon.render.backends.nvdiffrast_backend import face_ids
+        return face_ids
+    raise ValueError(f"unknown rasterizer backend {name!r}; choose one of {BACKENDS}")
+
+
+def available_backends() -> list[str]:
+    """The backends that import here (nvdiffrast also needs a CUDA device)."""
+    names = ["torch"]
+    for name in BACKENDS[1:]:
+        try:
+            get_backend(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names

@@ -1,0 +1,188 @@
+"""A DECA-style renderer composed of the parts of ``recon.render``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from recon.render.cameras import ndc_to_pixel
+from recon.render.interpolate import (interpolate_corners_packed, interpolate_packed,
+                                      scatter_packed, vertex_normals)
+from recon.render.rasterize import DEFAULT_CHUNK_PAIRS, Fragments, rasterize
+from recon.render.shading import GREY_ALBEDO, directional_shading, sh_shading
+from recon.render.texture import sample_texture, uv_to_grid
+from recon.render.uv import UVRasterizer, grid_normals
+
+
+def _normalize(x: torch.Tensor, dim: int, eps: float = 1e-12) -> torch.Tensor:
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def shade_grey(normal_images: torch.Tensor, alpha: torch.Tensor,
+               lights: torch.Tensor | None = None) -> torch.Tensor:
+    """DECA's grey shape look: albedo 180/255 under DECA's five directional lights, or
+    under SH ``lights`` (B, 9, 3) if given. normal_images: (B, 3, H, W) unit normals;
+    alpha: (B, 1, H, W). Returns (B, 3, H, W), black background."""
+    if lights is None:
+        shading = directional_shading(normal_images)
+    else:
+        shading = sh_shading(normal_images, lights)
+    return GREY_ALBEDO * shading * alpha
+
+
+def render_grey(verts_world: torch.Tensor, verts_ndc: torch.Tensor, faces: torch.Tensor,
+                image_size: int | tuple[int, int], backend: str = "torch",
+                cull_backfaces: bool = False) -> tuple[torch.Tensor, Fragments]:
+    """Grey shaded render of any mesh (no UVs needed; what ``wildface render`` writes).
+
+    verts_world: (B, V, 3) for the normals; verts_ndc: (B, V, 3). Returns the image
+    (B, 3, H, W) in [0, 1] and the fragments."""
+    frags = rasterize(verts_ndc, faces, image_size, cull_backfaces, backend)
+    normals = _normalize(interpolate_packed(frags, vertex_normals(verts_world, faces)), -1)
+    return shade_grey(scatter_packed(frags, normals), frags.mask), frags
+
+
+class DecaRenderer(torch.nn.Module):
+    """DECA's renderer (SRenderY) on ``recon.render``.
+
+    faces: (F, 3) mesh triangles; uv_coords: (T, 2) in [0, 1] (u right, v up, OBJ ``vt``);
+    uv_faces: (F, 3) indices into uv_coords (OBJ ``ft``); image_size: rendered images are
+    image_size x image_size; uv_size: UV maps are uv_size x uv_size; backend: the face-id
+    pass (``torch`` | ``pytorch3d`` | ``nvdiffrast``). The UV layout is rasterized once here.
+    Move to a device with ``.to(device)``.
+    """
+
+    def __init__(self, faces: torch.Tensor, uv_coords: torch.Tensor, uv_faces: torch.Tensor,
+                 image_size: int = 224, uv_size: int = 256, backend: str = "torch",
+                 cull_backfaces: bool = False, chunk_pairs: int = DEFAULT_CHUNK_PAIRS):
+        super().__init__()
+        self.image_size = int(image_size)
+        self.uv_size = int(uv_size)
+        self.backend = backend
+        self.cull_backfaces = cull_backfaces
+        self.chunk_pairs = chunk_pairs
+        faces = torch.as_tensor(faces).long()
+        uv_coords = torch.as_tensor(uv_coords).float()
+        uv_faces = torch.as_tensor(uv_faces).long()
+        self.register_buffer("faces", faces, persistent=False)
+        # grid_sample coordinates of each face corner's UV: (F, 3, 2)
+        self.register_buffer("corner_grid", uv_to_grid(uv_coords)[uv_faces],
+                             persistent=False)
+        self.uv = UVRasterizer(faces, uv_coords, uv_faces, uv_size)
+
+    # -- image space -------------------------------------------------------------------
+    def rasterize(self, verts_ndc: torch.Tensor) -> Fragments:
+        """verts_ndc: (B, V, 3) -> Fragments at image_size (see ``rasterize``)."""
+        return rasterize(verts_ndc, self.faces, self.image_size, self.cull_backfaces,
+                         self.backend, self.chunk_pairs)
+
+    def render(self, verts_world: torch.Tensor, verts_ndc: torch.Tensor,
+               albedo: torch.Tensor, lights: torch.Tensor | None,
+               detail_normals_uv: torch.Tensor | None = None,
+               background: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Textured, SH-lit render (DECA's ``render``).
+
+        verts_world: (B, V, 3) posed mesh (its normals light the surface); verts_ndc:
+        (B, V, 3) projected (``weak_perspective_project``); albedo: (B, 3, Huv, Wuv) UV map;
+        lights: (B, 9, 3) SH coefficients or None (unlit: images = albedo);
+        detail_normals_uv: (B, 3, Huv, Wuv) replaces the coarse normals if given;
+        background: (B, 3, H, W) composited where no face is visible.
+
+        Returns: ``images`` (B,3,H,W) = albedo x shading (x alpha, + background),
+        ``alpha`` (B,1,H,W) coverage (no gradient, as DECA), ``albedo_images``,
+        ``shading_images``, ``normal_images`` (unit world normals, 0 outside),
+        ``uv_grid`` (B,H,W,2) ``grid_sample`` coordinates of each pixel in UV maps (0
+        outside: always mask with alpha), ``pix_to_face`` (B,H,W), ``fragments``.
+        """
+        frags = self.rasterize(verts_ndc)
+        alpha = frags.mask
+        grid = scatter_packed(frags, interpolate_corners_packed(
+            frags, self.corner_grid.to(verts_ndc.dtype)))  # (B, 2, H, W)
+        uv_grid = grid.permute(0, 2, 3, 1)
+        albedo_images = sample_texture(albedo, uv_grid) * alpha
+        if detail_normals_uv is not None:
+            normal_images = _normalize(sample_texture(detail_normals_uv, uv_grid), 1) * alpha
+        else:
+            n = interpolate_packed(frags, vertex_normals(verts_world, self.faces))
+            normal_images = scatter_packed(frags, _normalize(n, -1))
+        if lights is not None:
+            shading_images = sh_shading(normal_images, lights)
+            images = albedo_images * shading_images
+        else:
+            shading_images = torch.ones_like(albedo_images)
+            images = albedo_images
+        if background is not None:
+            images = images + background * (1.0 - alpha)
+        return {"images": images, "alpha": alpha, "albedo_images": albedo_images,
+                "shading_images": shading_images, "normal_images": normal_images,
+                "uv_grid": uv_grid, "pix_to_face": frags.pix_to_face, "fragments": frags}
+
+    def render_shape(self, verts_world: torch.Tensor, verts_ndc: torch.Tensor,
+                     detail_normals_uv: torch.Tensor | None = None,
+                     lights: torch.Tensor | None = None) -> torch.Tensor:
+        """Grey shaded shape (DECA's ``render_shape``): (B, 3, H, W), black background.
+        With detail_normals_uv (B, 3, Huv, Wuv) the detail normals are shown; lights
+        (B, 9, 3) SH, else DECA's five grey directional lights."""
+        frags = self.rasterize(verts_ndc)
+        if detail_normals_uv is None:
+            n = interpolate_packed(frags, vertex_normals(verts_world, self.faces))
+            normal_images = scatter_packed(frags, _normalize(n, -1))
+        else:
+            grid = scatter_packed(frags, interpolate_corners_packed(
+                frags, self.corner_grid.to(verts_ndc.dtype))).permute(0, 2, 3, 1)
+            normal_images = _normalize(sample_texture(detail_normals_uv, grid), 1)
+        return shade_grey(normal_images, frags.mask, lights)
+
+    # -- UV space ----------------------------------------------------------------------
+    def world2uv(self, attrs: torch.Tensor) -> torch.Tensor:
+        """Per-vertex attributes (B, V, C) -> UV map (B, C, Huv, Wuv), 0 outside the layout
+        (the layout is rasterized once and cached). E.g. ``world2uv(verts_world)`` is the
+        position map; ``world2uv(ndc_to_image(verts_ndc))[:, :2]`` gives, per texel, the
+        ``grid_sample`` coordinates of the photo (DECA's UV texture from the image)."""
+        return self.uv.world2uv(attrs)
+
+    def displacement_to_normals(self, uv_z: torch.Tensor, verts_world: torch.Tensor,
+                                mask_uv: torch.Tensor | None = None) -> torch.Tensor:
+        """DECA's ``displacement2normal``: displace the coarse surface along its normals in
+        UV space and recompute normals on the texel grid.
+
+        uv_z: (B, 1, Huv, Wuv) displacement (mesh units); verts_world: (B, V, 3) coarse
+        mesh; mask_uv: (1 or B, 1, Huv, Wuv) where detail applies (DECA's face/eye mask).
+        Returns (B, 3, Huv, Wuv) unit normals: detail normals inside the mask and the
+        layout's interior, coarse normals elsewhere (0 outside the layout). Not detached:
+        detach the coarse mesh if it must not receive gradients (as DECA's detail stage).
+        """
+        coarse_pos = self.world2uv(verts_world)
+        coarse_n = self.world2uv(vertex_normals(verts_world, self.faces))
+        coarse_n = _normalize(coarse_n, 1)
+        keep = self.uv.interior
+        if mask_uv is not None:
+            keep = keep * mask_uv
+        detail_pos = coarse_pos + (uv_z * keep) * coarse_n
+        detail_n = grid_normals(detail_pos, self.uv.orientation)
+        return detail_n * keep + coarse_n * (1.0 - keep)
+
+    def visibility_uv(self, verts_ndc: torch.Tensor, threshold: float = 0.05,
+                      occlusion: bool = True, depth_tolerance: float = 0.02,
+                      fragments: Fragments | None = None) -> torch.Tensor:
+        """Texels seen by the camera, (B, 1, Huv, Wuv) in {0, 1}, for the detail stage.
+
+        A texel is visible if its screen-space normal faces the camera (NDC normal z >
+        ``threshold``, DECA's test) and, with ``occlusion``, its depth is within
+        ``depth_tolerance`` (NDC z units) of the rendered depth at its nearest pixel (so
+        self-occluded texels, e.g. behind the nose, are excluded). verts_ndc: (B, V, 3).
+        """
+        n = vertex_normals(verts_ndc, self.faces)
+        facing = (self.world2uv(n)[:, 2:3] > threshold).to(verts_ndc.dtype)
+        vis = facing * self.uv.covered.to(verts_ndc.dtype)
+        if occlusion:
+            frags = fragments if fragments is not None else self.rasterize(verts_ndc)
+            B, H, W = frags.shape
+            pos = self.world2uv(verts_ndc.detach())  # (B, 3, S, S)
+            pix = ndc_to_pixel(pos.permute(0, 2, 3, 1), H, W)
+            col = pix[..., 0].round().long().clamp(0, W - 1)
+            row = pix[..., 1].round().long().clamp(0, H - 1)
+            flat = (torch.arange(B, device=col.device)[:, None, None] * H + row) * W + col
+            zb = frags.zbuf.detach().reshape(-1)[flat]
+            seen = (pix[..., 2] >= zb - depth_tolerance).unsqueeze(1)
+            vis = vis * seen.to(vis.dtype)
+        return vis
