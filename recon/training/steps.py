@@ -1,0 +1,232 @@
+"""DECA's two training stages as plain step objects, independent of Ray / MLflow / Prefect.
+
+Usage (what a trainer does each iteration)::
+
+    step = CoarseStep(model, cfg.loss, cfg.train, identity_net=net)   # or DetailStep
+    optimizer = torch.optim.Adam(step.parameters(), lr=cfg.train.lr)
+    loss, terms = step(batch)          # forward + losses; terms: name -> float
+    stepped = step.optim_step(loss, optimizer, scaler)   # False: skipped (non-finite)
+
+Batches: ``images`` (B, 3, S, S) in [0, 1], ``landmarks`` (B, 68, 2) in the [-1, 1] image
+convention, ``masks`` (B, 1, S, S) skin masks, ``identity`` (B,) long labels (N identities x K
+images). The coarse stage trains the coarse encoder only (its landmark-only pretraining phase
+covers the first ``train.pretrain_steps`` calls); the detail stage trains the detail encoder
+and decoder only, with the coarse encoder frozen in eval mode. A step's random draws (the
+consistency partners) come from its own generator seeded by ``train.seed``; ``state_dict`` /
+``load_state_dict`` carry it and the counters across a resume.
+
+Mixed precision (``train.amp``, CUDA only): the encoders and the detail decoder run under
+autocast; the face model, renderer and losses stay float32. Pass a ``torch.amp.GradScaler`` to
+``optim_step`` for float16.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recon.config import LossConfig, TrainConfig
+from recon.deca import DECA, Codes
+from recon.losses.consistency import identity_partners
+from recon.losses.mrf import IDMRFLoss
+from recon.losses.total import (coarse_code_terms, coarse_image_terms, detail_image_terms,
+                                detail_map_terms)
+from recon.render import sh_shading
+
+Batch = Mapping[str, torch.Tensor]
+_IMAGE_KEYS = ("images", "landmarks", "masks")
+
+
+def _rows(batch: Batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: batch[k][rows] for k in _IMAGE_KEYS}
+
+
+def _total(terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = torch.stack(list(terms.values())).sum()
+    logged = {k: float(v.detach()) for k, v in terms.items()}
+    logged["loss"] = float(loss.detach())
+    return loss, logged
+
+
+class _Stage:
+    """Shared machinery: autocast, the guarded optimiser step, resumable state."""
+
+    def __init__(self, model: DECA, loss_cfg: LossConfig, train_cfg: TrainConfig) -> None:
+        self.model = model
+        self.loss_cfg = loss_cfg
+        self.train_cfg = train_cfg
+        self.generator = torch.Generator().manual_seed(train_cfg.seed)
+        self.iteration = 0  # calls so far
+        self.skipped = 0  # optimiser steps skipped for a non-finite loss or gradient
+
+    def parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def _autocast(self, device: torch.device) -> torch.autocast:
+        enabled = self.train_cfg.amp and device.type == "cuda"
+        return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda"
+                              else torch.bfloat16, enabled=enabled)
+
+    def optim_step(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+        sync_grads: Callable[[list[nn.Parameter]], None] | None = None,
+    ) -> bool:
+        """Backward, optional gradient-norm clipping (``train.grad_clip``), optimiser step.
+
+        A non-finite loss or gradient never reaches the optimiser: the step is skipped,
+        counted in ``self.skipped``, and False returned. ``sync_grads`` (e.g. an all-reduce
+        for data-parallel training) runs on the gradients before the check; a worker with a
+        non-finite loss hands it NaN gradients, so every worker skips the same step.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer.zero_grad(set_to_none=True)
+        finite_loss = bool(torch.isfinite(loss.detach()).all())
+        if finite_loss:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+        else:
+            for p in params:
+                p.grad = torch.full_like(p, math.nan)
+        if sync_grads is not None:
+            sync_grads(params)
+        max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not bool(torch.isfinite(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None and finite_loss:
+                scaler.update()  # float16 overflow: lower the scale, as GradScaler does
+            self.skipped += 1
+            return False
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return True
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "skipped": self.skipped,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.iteration = int(state["iteration"])
+        self.skipped = int(state["skipped"])
+        self.generator.set_state(state["generator"])
+
+
+class CoarseStep(_Stage):
+    """DECA's coarse stage: trains the coarse encoder.
+
+    Loss: landmark L1 (weighted), eye and lip closure, regularisers; after the first
+    ``train.pretrain_steps`` calls also the photometric L1 on the lit render, the identity
+    loss (when ``identity_net`` is given) and shape consistency (every image re-rendered with
+    the shape code of another image of the same identity, same image losses, weighted by
+    ``loss.shape_consistency``; terms ``shape_consistency/<name>``).
+    """
+
+    def __init__(self, model: DECA, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                 identity_net: nn.Module | None = None) -> None:
+        super().__init__(model, loss_cfg, train_cfg)
+        self.identity_net = identity_net
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.model.coarse_parameters()
+
+    @property
+    def pretraining(self) -> bool:
+        """Whether the next call is in the landmark-only pretraining phase."""
+        return self.iteration < self.train_cfg.pretrain_steps
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        model, cfg = self.model, self.loss_cfg
+        pretrain = self.pretraining
+        self.iteration += 1
+        model.coarse_encoder.train()
+        images = batch["images"]
+        with self._autocast(images.device):
+            codes = model.encode(images, with_detail=False)
+        rec = model.decode(codes, with_detail=False, render=not pretrain)
+        terms = coarse_image_terms(cfg, rec, batch, pretrain, self.identity_net)
+        terms.update(coarse_code_terms(cfg, codes))
+        if not pretrain and cfg.shape_consistency > 0:
+            partner, has_partner = identity_partners(batch["identity"], self.generator)
+            rows = torch.nonzero(has_partner).flatten()
+            if rows.numel() > 0:
+                swapped = codes.index(rows).replace(shape=codes.shape[partner[rows]])
+                rec_swapped = model.decode(swapped, with_detail=False, render=True)
+                for name, value in coarse_image_terms(cfg, rec_swapped, _rows(batch, rows),
+                                                      False, self.identity_net).items():
+                    terms[f"shape_consistency/{name}"] = cfg.shape_consistency * value
+        return _total(terms)
+
+
+class DetailStep(_Stage):
+    """DECA's detail stage: trains the detail encoder and decoder; the coarse encoder is
+    frozen (eval mode, no gradients).
+
+    Loss (UV space, on visible face texels: the photo's skin mask x camera-facing, unoccluded
+    texels x the face region): photometric L1 between the albedo shaded with the detail
+    normals and the photo's UV texture, ID-MRF (when ``mrf`` is given), displacement L1, soft
+    symmetry, shading smoothness; detail consistency re-runs the image terms with the detail
+    code of another image of the same identity (``detail_consistency/<name>``).
+    ``mrf``: an :class:`recon.losses.mrf.IDMRFLoss` (e.g. on ``recon.perceptual.VGG19Features``).
+    """
+
+    def __init__(self, model: DECA, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                 mrf: IDMRFLoss | None = None) -> None:
+        super().__init__(model, loss_cfg, train_cfg)
+        self.mrf = mrf
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.model.detail_parameters()
+
+    def _detail_terms(self, codes: Codes, albedo_uv: torch.Tensor, uv_target: torch.Tensor,
+                      uv_visible: torch.Tensor, with_maps: bool) -> dict[str, torch.Tensor]:
+        with self._autocast(codes.shape.device):
+            rec = self.model.decode(codes, with_detail=True, render=False)
+        shading = sh_shading(rec.uv_detail_normals, codes.light)
+        terms = detail_image_terms(self.loss_cfg, albedo_uv * shading, uv_target, uv_visible,
+                                   self.mrf)
+        if with_maps:
+            terms.update(detail_map_terms(self.loss_cfg, rec.uv_displacement, shading, uv_visible))
+        return terms
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        model, cfg = self.model, self.loss_cfg
+        self.iteration += 1
+        model.coarse_encoder.eval()
+        model.detail_encoder.train()
+        model.detail_decoder.train()
+        images = batch["images"]
+        with torch.no_grad():
+            with self._autocast(images.device):
+                codes = model.encode(images, with_detail=False)
+            coarse = model.decode(codes, with_detail=False, render=False)
+            albedo_uv = model.albedo(codes.tex)
+            if albedo_uv.shape[-1] != model.uv_size:
+                albedo_uv = F.interpolate(albedo_uv, size=(model.uv_size, model.uv_size),
+                                          mode="bilinear", align_corners=False, antialias=True)
+            uv_target = model.image_to_uv(images.float(), coarse.vertices_ndc)
+            uv_skin = model.image_to_uv(batch["masks"].float(), coarse.vertices_ndc)
+            uv_visible = (model.renderer.visibility_uv(coarse.vertices_ndc) * uv_skin
+                          * model.uv_face_mask)
+        with self._autocast(images.device):
+            detail = model.detail_encoder(images).float()
+        codes = codes.replace(detail=detail)
+        terms = self._detail_terms(codes, albedo_uv, uv_target, uv_visible, with_maps=True)
+        if cfg.detail_consistency > 0:
+            partner, has_partner = identity_partners(batch["identity"], self.generator)
+            rows = torch.nonzero(has_partner).flatten()
+            if rows.numel() > 0:
+                swapped = codes.index(rows).replace(detail=detail[partner[rows]])
+                for name, value in self._detail_terms(swapped, albedo_uv[rows], uv_target[rows],
+                                                      uv_visible[rows], with_maps=False).items():
+                    terms[f"detail_consistency/{name}"] = cfg.detail_consistency * value
+        return _total(terms)
