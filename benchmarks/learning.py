@@ -1,0 +1,206 @@
+"""Does the coarse stage learn? Neutral-shape error on held-out synthetic identities.
+
+Renders a synthetic set (``recon.synth``), trains the coarse stage on CPU on all but the
+held-out identities (demo config unless ``--config``), and compares, on every image of the
+held-out identities, the predicted neutral mesh (shape code only: expression and jaw zeroed)
+with the ground truth, after a similarity (Umeyama) alignment over the face-region vertices:
+
+- trained model,
+- mean shape (shape code 0: the template),
+- the untrained model (same initialisation, no steps).
+
+Reported: mean per-vertex distance in the model's units (metres; also mm), and the ratio to the
+mean-shape error (goal: trained <= 0.5). Then train step time per image for the demo and paper
+configs (coarse step, full losses, on this machine).
+
+    .venv/bin/python benchmarks/learning.py [--steps 600] [--identities 48] [--skip-paper]
+
+Figures are recorded in docs/training.md with the machine they ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flows.config import load_config
+from recon.evaluation.alignment import umeyama
+from recon.synth import generate, iter_samples, load_params
+from recon.training.data import CropAugment, SampleStore, iter_eval_batches
+from recon.training.trainer import Trainer, TrainerCallback
+
+
+def _face_vertices(face_model) -> np.ndarray:
+    """Vertex ids of the face region (all vertices if the model has no 'face' mask)."""
+    from recon.flame_io import load_face_model
+
+    assets = load_face_model(face_model)
+    return assets.masks["face"] if "face" in assets.masks else np.arange(assets.n_vertices)
+
+
+def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean distance between corresponding vertices after a similarity alignment of
+    ``pred`` onto ``truth``. pred, truth: (V, 3)."""
+    sim = umeyama(pred, truth)
+    return float(np.linalg.norm(sim.apply(pred) - truth, axis=1).mean())
+
+
+@torch.no_grad()
+def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, region: np.ndarray,
+                 mean_shape: bool = False) -> list[float]:
+    """Per-image aligned neutral-shape error of ``model`` (or of the mean shape)."""
+    model.eval()
+    n_shape = model.flame.n_shape
+    errors = []
+    for keys, batch in iter_eval_batches(store, augment, batch_size=16):
+        if mean_shape:
+            shape = torch.zeros(len(keys), n_shape)
+        else:
+            shape = model.encode(batch["images"], with_detail=False).shape
+        pred = model.neutral(shape).vertices.double().numpy()
+        truth_codes = torch.tensor([params["identities"][params["images"][k]["identity"]]["shape"]
+                                    for k in keys])
+        truth = model.neutral(truth_codes.float()).vertices.double().numpy()
+        errors += [aligned_error(p[region], t[region]) for p, t in zip(pred, truth)]
+    return errors
+
+
+class Progress(TrainerCallback):
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.t0 = time.perf_counter()
+
+    def on_step(self, step: int, terms: dict[str, float]) -> None:
+        if step % self.every == 0:
+            print(f"  step {step} loss {terms['loss']:.4f} "
+                  f"lmk {terms.get('landmarks', float('nan')):.4f} "
+                  f"({time.perf_counter() - self.t0:.0f} s)", flush=True)
+
+
+def step_time(config_name: str, steps: int, device: str, overrides: list[str]) -> dict:
+    """Seconds per image of the coarse step (full losses) with a config's batch shape."""
+    from recon.deca import DECA
+    from recon.training.steps import CoarseStep
+
+    cfg = load_config(config_name, ["train.pretrain_steps=0", *overrides])
+    torch.manual_seed(0)
+    model = DECA(cfg.face_model, cfg.model).to(device)
+    step = CoarseStep(model, cfg.loss, cfg.train)
+    opt = torch.optim.Adam(step.parameters(), lr=cfg.train.lr)
+    n, k = cfg.train.batch_shape("coarse")
+    B, S = n * k, cfg.model.image_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"images": torch.rand(B, 3, S, S, generator=g),
+             "landmarks": (torch.rand(B, 68, 2, generator=g) - 0.5) * 0.6,
+             "masks": torch.ones(B, 1, S, S),
+             "identity": torch.arange(n).repeat_interleave(k)}
+    batch = {key: v.to(device) for key, v in batch.items()}
+    times = []
+    for i in range(steps + 1):  # the first is a warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss, _ = step(batch)
+        step.optim_step(loss, opt)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    per_step = float(np.median(times))
+    return {"config": config_name, "device": device, "batch": B, "image_size": S,
+            "backbone": cfg.model.backbone, "s_per_step": per_step, "s_per_image": per_step / B}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--steps", type=int, default=None, help="default: the config's train.steps")
+    ap.add_argument("--identities", type=int, default=48)
+    ap.add_argument("--images-per-identity", type=int, default=6)
+    ap.add_argument("--held-out", type=int, default=8)
+    ap.add_argument("--image-size", type=int, default=128, help="synthetic image size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (1: on a busy 2-core machine 2 threads spin)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-paper", action="store_true", help="no paper-config step timing")
+    ap.add_argument("--timing-steps", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(args.config, overrides)
+    report: dict = {"machine": f"{platform.processor() or platform.machine()}, "
+                               f"{torch.get_num_threads()} threads, torch {torch.__version__}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "synth"
+        t, cpu = time.perf_counter(), time.process_time()
+        synth_cfg = cfg.synth.model_copy(update={
+            "identities": args.identities, "images_per_identity": args.images_per_identity,
+            "image_size": args.image_size, "seed": args.seed})
+        generate(root, synth_cfg, cfg.face_model)
+        n_img = args.identities * args.images_per_identity
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+        report["synth_images_per_min"] = 60 * n_img / wall
+        report["synth_images_per_cpu_min"] = 60 * n_img / cpu
+        print(f"synth: {n_img} images at {args.image_size} px in {wall:.1f} s "
+              f"({cpu:.1f} s CPU)", flush=True)
+        params = load_params(root)
+        names = sorted(params["identities"])
+        held = set(names[-args.held_out:])
+        train_store = SampleStore.from_samples(iter_samples(root, set(names) - held))
+        test_store = SampleStore.from_samples(iter_samples(root, held))
+
+        trainer = Trainer(cfg, "coarse", Path(tmp) / "run", train_store, device=args.device,
+                          callbacks=[Progress(max(1, cfg.train.steps // 10))])
+        model = trainer.model
+        region = _face_vertices(cfg.face_model)
+        augment = CropAugment(out_size=cfg.model.image_size, eval_scale=cfg.data.eval_scale)
+        untrained = shape_errors(model, test_store, params, augment, region)
+        mean = shape_errors(model, test_store, params, augment, region, mean_shape=True)
+        t = time.perf_counter()
+        result = trainer.run()
+        train_s = time.perf_counter() - t
+        trained = shape_errors(model, test_store, params, augment, region)
+    m_mean, m_untrained, m_trained = (float(np.mean(e)) for e in (mean, untrained, trained))
+    report.update({
+        "config": args.config, "steps": result.step, "train_seconds": train_s,
+        "train_images": len(train_store), "train_identities": len(train_store.identities),
+        "held_out_images": len(test_store), "held_out_identities": len(test_store.identities),
+        "error_mean_shape": m_mean, "error_untrained": m_untrained, "error_trained": m_trained,
+        "error_mean_shape_mm": 1000 * m_mean, "error_untrained_mm": 1000 * m_untrained,
+        "error_trained_mm": 1000 * m_trained,
+        "ratio_trained_to_mean": m_trained / m_mean, "ratio_untrained_to_mean": m_untrained / m_mean,
+        "goal_met": m_trained <= 0.5 * m_mean,
+    })
+    print(f"neutral-shape error on {len(test_store)} held-out images "
+          f"({len(test_store.identities)} identities), face region, after similarity alignment:")
+    for name, v in (("mean shape", m_mean), ("untrained", m_untrained), ("trained", m_trained)):
+        print(f"  {name:10s} {v:.6f} units ({1000 * v:.3f} mm)  ratio {v / m_mean:.3f}")
+    print(f"  goal trained <= 0.5 x mean shape: {'met' if report['goal_met'] else 'NOT met'}")
+    print(f"  training: {result.step} steps in {train_s:.0f} s")
+
+    timings = [step_time("demo", args.timing_steps, args.device, [])]
+    if not args.skip_paper:
+        timings.append(step_time("paper", args.timing_steps, args.device, []))
+    report["step_time"] = timings
+    for t in timings:
+        print(f"step time {t['config']} ({t['backbone']}, batch {t['batch']}, "
+              f"{t['image_size']} px, {t['device']}): {t['s_per_step']:.2f} s/step, "
+              f"{1000 * t['s_per_image']:.1f} ms/image")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``wildface train``: one DECA stage, single process (CPU or one GPU), with resume."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def train(
+    stage: str = typer.Option(..., "--stage", help="coarse | detail"),
+    data: str = typer.Option(..., "--data", help="preprocessing output (shards/ + "
+                             "identities.json) or a `wildface synth` folder"),
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoints/, <stage>-log.jsonl"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML config file or name "
+                                         "in configs/ (e.g. demo, paper)"),
+    coarse_checkpoint: Optional[Path] = typer.Option(
+        None, "--coarse-checkpoint", help="detail stage: the coarse checkpoint to start from"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="key.sub=value override, "
+                                                  "e.g. --set train.steps=100"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda "
+                                         "if available)"),
+    log_every: int = typer.Option(10, "--log-every", min=1, help="print every N steps"),
+    use_ray: bool = typer.Option(False, "--ray", help="run the stage as a Ray Train job "
+                                 "(ray.* config: workers, CPU/GPU, storage, cluster address), "
+                                 "tracked in MLflow (tracking.*); see docs/training-at-scale.md"),
+) -> None:
+    """Train the coarse or the detail stage. Resumes from the latest checkpoint of the stage
+    in OUT/checkpoints if there is one; writes a checkpoint every train.checkpoint_every
+    steps and at the end."""
+    if stage not in ("coarse", "detail"):
+        raise typer.BadParameter("--stage must be coarse or detail")
+    if use_ray:
+        from flows.train import train_with_ray
+
+        train_with_ray(stage, data, out, config, list(overrides or []),
+                       None if coarse_checkpoint is None else str(coarse_checkpoint))
+        return
+    import torch
+
+    from flows.config import ConfigError, load_config
+    from recon.synth.generate import PARAMS_FILE
+    from recon.training.data import SampleStore
+    from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
+
+    try:
+        cfg = load_config(config, list(overrides or []))
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+    if torch.device(device or "cpu").type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    if (Path(data) / PARAMS_FILE).is_file():
+        from recon.synth import iter_samples
+
+        store = SampleStore.from_samples(iter_samples(data))
+    else:
+        store = SampleStore.from_shards(data, "train")
+    typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
+
+    class Printer(TrainerCallback):
+        def on_step(self, step: int, terms: dict[str, float]) -> None:
+            if step % log_every == 0 or step == cfg.train.steps:
+                typer.echo(f"{stage} step {step}/{cfg.train.steps} loss {terms['loss']:.4f} "
+                           f"({terms['images_per_s']:.1f} img/s)")
+
+        def on_checkpoint(self, path: Path) -> None:
+            typer.echo(f"checkpoint {path}")
+
+    trainer = Trainer(cfg, stage, out, store, device=device,  # type: ignore[arg-type]
+                      coarse_checkpoint=coarse_checkpoint,
+                      callbacks=[Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
+    if trainer.resumed_from is not None:
+        typer.echo(f"resuming at step {trainer.resumed_from}")
+    result = trainer.run()
+    typer.echo(f"{stage}: {result.step} steps, {result.skipped} skipped, "
+               f"checkpoint {result.checkpoint}")

@@ -1,0 +1,149 @@
+"""The single-process trainer: learning, checkpoints, bit-identical resume (CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flows.config import load_config
+from recon.config import SynthConfig
+from recon.training.checkpoint import list_checkpoints, load_checkpoint
+from recon.training.data import SampleStore
+from recon.training.trainer import Trainer, TrainerCallback
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "face_model.n_shape": 10, "face_model.n_exp": 10, "face_model.n_tex": 5,
+    "model.backbone": "mobilenet_v3_small", "model.hidden": 32, "model.image_size": 64,
+    "model.uv_size": 32, "model.n_detail": 8,
+    "loss.identity": 0.0, "loss.mrf": 0.0,
+    "train.identities_per_batch": 2, "train.images_per_identity": 2,
+    "train.detail_identities_per_batch": 2, "train.detail_images_per_identity": 2,
+    "train.lr": 1e-3, "train.pretrain_steps": 0, "train.amp": False,
+}
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from recon.synth import generate
+
+    # one intra-op thread: on a busy 2-core machine two threads spin and run 10x slower
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, SynthConfig(identities=4, images_per_identity=3, image_size=96, seed=3,
+                               occluder_probability=0.0, selfie_probability=0.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(synth_root):
+    from recon.synth import iter_samples
+
+    return SampleStore.from_samples(iter_samples(synth_root))
+
+
+def _cfg(**extra):
+    return load_config(None, {**TINY, **extra})
+
+
+class Record(TrainerCallback):
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.terms: dict[int, dict[str, float]] = {}
+        self.checkpoints = []
+        self.stop_at = stop_at
+
+    def on_step(self, step, terms):
+        self.terms[step] = terms
+        if step == self.stop_at:
+            raise KeyboardInterrupt  # a killed run
+
+    def on_checkpoint(self, path):
+        self.checkpoints.append(path)
+
+
+def _losses(rec: Record) -> dict[int, dict[str, float]]:
+    drop = ("step_time_s", "images_per_s")
+    return {s: {k: v for k, v in t.items() if k not in drop} for s, t in rec.terms.items()}
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def test_coarse_training_decreases_the_loss(synth_root, tmp_path):
+    from recon.synth import iter_samples
+
+    # one batch worth of images (2 identities x 2) at a fixed crop: the coarse stage (full
+    # losses) must fit them within a few dozen steps
+    tiny = SampleStore.from_samples(s for s in iter_samples(synth_root, {"id0000", "id0001"})
+                                    if s["key"].endswith(("img000", "img001")))
+    rec = Record()
+    cfg = _cfg(**{"train.steps": 30, "train.checkpoint_every": 100, "data.shift": 0.0,
+                  "data.scale_min": 1.6, "data.scale_max": 1.6})
+    result = Trainer(cfg, "coarse", tmp_path, tiny, device="cpu", callbacks=[rec]).run()
+    assert result.step == 30 and result.skipped == 0
+    losses = [rec.terms[s]["loss"] for s in range(1, 31)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    lmk = [rec.terms[s]["landmarks"] for s in range(1, 31)]
+    assert sum(lmk[-5:]) < 0.8 * sum(lmk[:5])
+    # the end of the run is always checkpointed
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints", "coarse")] == [30]
+
+
+def test_resume_is_bit_identical(store, tmp_path):
+    # resumes inside the landmark-only phase and crosses into the full losses
+    cfg = _cfg(**{"train.steps": 6, "train.checkpoint_every": 3, "train.pretrain_steps": 4})
+    full = Record()
+    straight = Trainer(cfg, "coarse", tmp_path / "a", store, device="cpu", callbacks=[full])
+    straight.run()
+    first = Trainer(cfg, "coarse", tmp_path / "b", store, device="cpu")
+    assert first.run(3).step == 3
+    second_rec = Record()
+    second = Trainer(cfg, "coarse", tmp_path / "b", store, device="cpu", callbacks=[second_rec])
+    assert second.resumed_from == 3
+    second.run()
+    assert _losses(second_rec) == {s: _losses(full)[s] for s in (4, 5, 6)}
+    a, b = _params(straight), _params(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "coarse-000000006.pt")
+    assert ckpt["step"] == 6 and ckpt["face_model"] == second.model.face_model_name
+    assert '"train"' in ckpt["config"]
+
+
+def test_interrupted_run_resumes_at_the_last_checkpoint(store, tmp_path):
+    cfg = _cfg(**{"train.steps": 6, "train.checkpoint_every": 2})
+    straight = Trainer(cfg, "coarse", tmp_path / "a", store, device="cpu")
+    straight.run()
+    killed = Record(stop_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, "coarse", tmp_path / "b", store, device="cpu", callbacks=[killed]).run()
+    ckpt_dir = tmp_path / "b" / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpt_dir, "coarse")] == [2, 4]
+    assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+    again = Trainer(cfg, "coarse", tmp_path / "b", store, device="cpu")
+    assert again.resumed_from == 4
+    assert again.run().step == 6
+    a, b = _params(straight), _params(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_detail_stage_starts_from_coarse_and_keeps_it_frozen(store, tmp_path):
+    cfg = _cfg(**{"train.steps": 2, "train.checkpoint_every": 2})
+    coarse = Trainer(cfg, "coarse", tmp_path / "c", store, device="cpu").run()
+    with pytest.raises(ValueError, match="coarse checkpoint"):
+        Trainer(cfg, "detail", tmp_path / "d", store, device="cpu")
+    detail = Trainer(cfg, "detail", tmp_path / "d", store, device="cpu",
+                     coarse_checkpoint=coarse.checkpoint)
+    before = _params(detail)
+    result = detail.run()
+    assert result.step == 2 and result.checkpoint is not None
+    after = _params(detail)
+    coarse_keys = [k for k in before if k.startswith("coarse_encoder.")]
+    detail_keys = [k for k in before if k.startswith(("detail_encoder.", "detail_decoder."))
+                   and before[k].is_floating_point()]
+    assert coarse_keys and all(torch.equal(before[k], after[k]) for k in coarse_keys)
+    assert any(not torch.equal(before[k], after[k]) for k in detail_keys)
+    ckpt = load_checkpoint(result.checkpoint, stage="detail")
+    assert ckpt["coarse_checkpoint"] == str(coarse.checkpoint)
