@@ -1,0 +1,121 @@
+"""Ray Train throughput: samples/s of the coarse stage with 1 and 2 workers, and the loader.
+
+For each worker count, a coarse-stage TorchTrainer run (gloo on CPU, NCCL on GPU) of
+``--steps`` steps on a synthetic set; the training samples/s of all ranks comes from the
+``time/samples_per_s`` metric rank 0 logs to MLflow (first ``--warmup`` steps dropped), and
+the wall time of the whole run (Ray start, worker group, data loading, checkpoints) is
+reported next to it. Then the data loader alone (``recon.training.data.make_train_loader``,
+0 and 2 loader processes, the same batches and augmentation) in samples/s, to compare with
+what one step consumes: data loading must never be the bottleneck.
+
+    .venv/bin/python benchmarks/train.py [--config demo] [--steps 30] [--workers 1 2]
+    .venv/bin/python benchmarks/train.py --config paper --gpu   # on a GPU machine
+
+Figures with the machine they ran on are in docs/training-at-scale.md (2-core CPU shared with
+other jobs, demo config: 1 worker 4.3 samples/s, 2 workers 8.0 samples/s; loader 333-418
+samples/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def synth_set(root: Path, cfg) -> str:
+    from recon.synth import generate
+
+    out = root / "synth"
+    if not (out / "params.json").is_file():
+        generate(out, cfg.synth, cfg.face_model)
+    return str(out)
+
+
+def ray_throughput(config: str, overrides: list[str], data: str, workers: int, steps: int,
+                   warmup: int, gpu: bool, root: Path) -> dict:
+    """samples/s of ``steps`` coarse steps on ``workers`` Ray Train workers."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.config import load_config
+    from flows.train import run_stage
+
+    cfg = load_config(config, [*overrides, f"train.steps={steps}",
+                               f"train.checkpoint_every={steps}", "tracking.log_every=1",
+                               f"tracking.figure_every={10 * steps}",
+                               f"ray.num_workers={workers}", f"ray.use_gpu={gpu}",
+                               f"ray.storage_path={root / 'ray'}"])
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    t0 = time.perf_counter()
+    result = run_stage(cfg, "coarse", data, root / f"w{workers}", tracking_uri=uri,
+                       run_name=f"bench-{workers}w-{time.time_ns()}")
+    wall = time.perf_counter() - t0
+    client = MlflowClient(uri, uri)
+    hist = sorted(client.get_metric_history(result.mlflow_run_id, "time/samples_per_s"),
+                  key=lambda m: m.step)
+    rates = [m.value for m in hist if m.step > warmup]
+    n, k = cfg.train.batch_shape("coarse")
+    return {"workers": workers, "device": "cuda" if gpu else "cpu", "batch_per_worker": n * k,
+            "samples_per_s": float(np.median(rates)), "steps": steps,
+            "wall_s": wall}
+
+
+def loader_throughput(config: str, overrides: list[str], data: str, batches: int,
+                      num_workers: int) -> dict:
+    """samples/s of the training DataLoader alone (decode, crop, collate)."""
+    from flows.config import load_config
+    from recon.synth import iter_samples
+    from recon.training.data import (CropAugment, IdentityBatchSampler, SampleStore,
+                                     make_train_loader)
+
+    cfg = load_config(config, overrides)
+    store = SampleStore.from_samples(iter_samples(data))
+    n, k = cfg.train.batch_shape("coarse")
+    sampler = IdentityBatchSampler(store.identities, n, k, seed=0)
+    d = cfg.data
+    augment = CropAugment(out_size=cfg.model.image_size, scale_min=d.scale_min,
+                          scale_max=d.scale_max, shift=d.shift, eval_scale=d.eval_scale)
+    loader = make_train_loader(store, sampler, augment, num_workers=num_workers)
+    it = iter(loader)
+    next(it)  # start-up of the loader processes is not throughput
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    seconds = time.perf_counter() - t0
+    return {"loader_workers": num_workers, "samples_per_s": batches * n * k / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, AMP)")
+    ap.add_argument("--loader-batches", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from flows.config import load_config
+
+    print(json.dumps({"machine": platform.platform(), "cpus": __import__("os").cpu_count(),
+                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                      "config": args.config}))
+    with tempfile.TemporaryDirectory(prefix="wildface-bench-") as tmp:
+        root = Path(tmp)
+        data = synth_set(root, load_config(args.config, args.overrides))
+        for w in args.workers:
+            print(json.dumps(ray_throughput(args.config, args.overrides, data, w, args.steps,
+                                            args.warmup, args.gpu, root)), flush=True)
+        for nw in (0, 2):
+            print(json.dumps(loader_throughput(args.config, args.overrides, data,
+                                               args.loader_batches, nw)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

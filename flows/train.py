@@ -1,0 +1,575 @@
+"""DECA's coarse and detail stages as Ray Train jobs, and the Prefect flow ``train``.
+
+Each stage is one ``TorchTrainer`` run whose workers run the single-process trainer
+(:class:`recon.training.trainer.Trainer`) unchanged, with:
+
+- data parallelism: Ray Train starts the process group (gloo on CPU, NCCL on GPU); the
+  trainer's ``sync_grads`` hook averages the gradients across ranks (an all-reduce of one
+  flat buffer, as DDP does) before its guarded optimiser step; every rank starts from the
+  same seeded weights, so the replicas stay identical;
+- data: each rank reads its own shards (``train-*.tar`` r, r + W, ...; for a ``wildface
+  synth`` folder its own identities) when they hold a full batch of identities, else the
+  whole split with the trainer's rank-strided batches (:func:`rank_store`);
+- AMP on GPU (``train.amp``, done by the trainer);
+- checkpoints: the trainer writes them atomically on rank 0 every ``train.checkpoint_every``
+  steps and at the end; each is handed to ``ray.train.report`` (every rank reports at the
+  same steps), so it lands in ``ray.storage_path/<run name>/`` (a local folder or s3://)
+  only once complete; ``ray.checkpoints_to_keep`` are kept;
+- resume: a run with the same name (``run_name``) continues from its latest checkpoint
+  (``ray.train.get_checkpoint``), and a failed worker group is restarted from it up to
+  ``ray.max_failures`` times (``FailureConfig``). The data stream and the step's random draws
+  depend only on the seed and the step, so a resumed run sees the batches an uninterrupted
+  one would have;
+- tracking: the driver creates the stage's MLflow run (:mod:`flows.tracking`); rank 0 logs
+  loss terms, step time and DECA figures into it; the final checkpoint is logged as the
+  run's ``checkpoint/`` artifact.
+
+The detail stage starts from a coarse checkpoint given as a path, an s3:// URI, an MLflow
+run (``runs:/<run id>``, its ``checkpoint/`` artifact) or a registered model version
+(``models:/<name>/<version>`` or ``models:/<name>@<alias>``, its ``coarse_checkpoint``).
+
+Ray: a local Ray is started in this process (``ray.num_cpus``, dashboard if
+``ray.include_dashboard``) unless ``ray.address`` names an existing cluster. TorchTrainer is
+always launched from the driver / flow process, never from inside a Ray task.
+
+Fault injection for tests: ``WILDFACE_FAULT="rank=1,step=3,marker=/tmp/x"`` makes that rank
+exit abruptly once (when ``marker`` does not exist yet; it is created first) after that step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from infra.offline import apply_offline_env
+
+apply_offline_env()
+
+import torch  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from flows import tracking  # noqa: E402
+from flows.ray_cluster import init_ray, run_storage, scaling_config  # noqa: E402
+from flows.config import WildfaceConfig, load_config  # noqa: E402
+from infra import storage  # noqa: E402
+from infra.config import RayConfig  # noqa: E402
+from recon.training.trainer import TrainerCallback  # noqa: E402
+
+Stage = Literal["coarse", "detail"]
+STAGES: tuple[Stage, ...] = ("coarse", "detail")
+FAULT_ENV = "WILDFACE_FAULT"
+
+
+@dataclass
+class StageResult:
+    """What one Ray Train stage produced. ``checkpoint``: the final checkpoint file, copied
+    to the driver's output folder; ``checkpoint_uri``: the Ray checkpoint folder in storage."""
+
+    stage: str
+    run_name: str
+    step: int
+    checkpoint: str
+    checkpoint_uri: str
+    mlflow_run_id: str | None
+    resumed_from: int | None
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    figure: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+def _worker_env(cfg: WildfaceConfig) -> dict[str, str]:
+    """Variables every worker needs: the offline settings, one intra-op thread per CPU of
+    the worker, the S3 endpoint and credentials of this process."""
+    from infra.offline import OFFLINE_ENV
+
+    threads = str(max(1, int(cfg.ray.cpus_per_worker)))
+    env = {**OFFLINE_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", FAULT_ENV):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+# -- data ----------------------------------------------------------------------------------------
+def is_synth_folder(data: str) -> bool:
+    from recon.synth.generate import PARAMS_FILE
+
+    return not storage.is_s3(data) and (Path(data) / PARAMS_FILE).is_file()
+
+
+def rank_store(data: str, rank: int, world: int, n_identities: int):
+    """The samples rank ``rank`` of ``world`` trains on -> (SampleStore, own_shards).
+
+    ``own_shards`` True: the rank read only its own part (shards ``r::W`` of a preprocessing
+    output, identities ``r::W`` of a synth folder) and draws batches from all of it; False:
+    the parts would hold fewer than ``n_identities`` identities each, so every rank read the
+    whole split and the trainer strides batches by rank.
+    """
+    from recon.training.data import SampleStore
+
+    if is_synth_folder(data):
+        from recon.synth import iter_samples
+        from recon.synth.samples import load_params
+
+        names = sorted(load_params(data)["identities"])
+        mine = names[rank::world]
+        if world > 1 and len(mine) >= n_identities:
+            return SampleStore.from_samples(iter_samples(data, set(mine))), True
+        return SampleStore.from_samples(iter_samples(data)), False
+
+    from preprocessing.shards import iter_samples, shard_urls
+
+    urls = sorted(shard_urls(data, "train"))
+    if not urls:
+        raise FileNotFoundError(f"no train-*.tar shards under {data}/shards")
+    ids_uri = storage.join(data, "identities.json")
+    identities = (json.loads(storage.read_bytes(ids_uri)).get("train")
+                  if storage.exists(ids_uri) else None)
+    if world > 1 and len(urls) >= world:
+        store = SampleStore.from_samples(iter_samples(urls[rank::world]), identities)
+        if len(store.identities) >= n_identities:
+            return store, True
+    return SampleStore.from_samples(iter_samples(urls), identities), False
+
+
+def figure_batch(data: str, store, cfg: WildfaceConfig, n: int) -> dict:
+    """A fixed set of ``n`` images for the figures: the first of the validation split when
+    the data has one, else of ``store`` (evaluation crop, sorted keys)."""
+    from recon.training.data import CropAugment, SampleStore, iter_eval_batches
+
+    source = store
+    if not is_synth_folder(data):
+        try:
+            source = SampleStore.from_shards(data, "val")
+        except (FileNotFoundError, OSError, ValueError):
+            source = store
+    d = cfg.data
+    augment = CropAugment(out_size=cfg.model.image_size, scale_min=d.scale_min,
+                          scale_max=d.scale_max, shift=d.shift, eval_scale=d.eval_scale)
+    _, batch = next(iter_eval_batches(source, augment, batch_size=n))
+    return batch
+
+
+def fetch_file(uri: str, directory: Path) -> Path:
+    """A local copy of a file given as a local path or an s3:// URI."""
+    if not storage.is_s3(uri):
+        return Path(uri)
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / uri.rsplit("/", 1)[-1]
+    storage.write_bytes(str(dest), storage.read_bytes(uri))
+    return dest
+
+
+# -- the per-worker loop -------------------------------------------------------------------------
+def allreduce_mean(params: list) -> None:
+    """Average the gradients of ``params`` over all ranks (one flat all-reduce)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def checkpoint_due(step: int, total: int, every: int) -> bool:
+    """Whether the trainer saves at ``step`` (mirrors ``Trainer.run``): ranks that do not save
+    must still call ``ray.train.report`` at exactly those steps."""
+    return step % every == 0 or step == total
+
+
+def _parse_fault(spec: str | None) -> dict[str, str] | None:
+    if not spec:
+        return None
+    return dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+
+
+class RayReport(TrainerCallback):
+    """Hands each checkpoint to Ray Train (rank 0) and keeps every rank's ``report`` calls in
+    step; optional one-shot fault injection (:data:`FAULT_ENV`)."""
+
+    def __init__(self, rank: int, total: int, every: int) -> None:
+        self.rank, self.total, self.every = rank, total, every
+        self.resumed_from: int | None = None
+        self.step = 0
+        self.terms: dict[str, float] = {}
+        self.fault = _parse_fault(os.environ.get(FAULT_ENV))
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.terms.items()}
+        out["step"] = float(self.step)
+        out["resumed_from"] = float(-1 if self.resumed_from is None else self.resumed_from)
+        return out
+
+    def on_step(self, step: int, terms: dict[str, float]) -> None:
+        import ray.train
+
+        self.step, self.terms = step, terms
+        if self.rank != 0 and checkpoint_due(step, self.total, self.every):
+            ray.train.report(self.metrics())
+        f = self.fault
+        if f and int(f.get("rank", -1)) == self.rank and int(f.get("step", -1)) == step:
+            marker = Path(f["marker"])
+            if not marker.exists():
+                marker.write_text(f"killed rank {self.rank} after step {step}\n")
+                os._exit(1)  # an abrupt worker death, as a lost node would be
+
+    def on_checkpoint(self, path: Path) -> None:
+        import ray.train
+
+        # Ray uploads a whole folder: give it one holding just this (complete) file.
+        with tempfile.TemporaryDirectory(prefix="wildface-report-", dir=path.parent) as tmp:
+            os.link(path, Path(tmp) / path.name)
+            ray.train.report(self.metrics(),
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class MlflowLog(TrainerCallback):
+    """Rank 0: loss terms, step time and figures into the stage's MLflow run."""
+
+    def __init__(self, logger: tracking.StepLogger, trainer_ref: list, figure_images: dict,
+                 total: int) -> None:
+        self.logger, self.trainer_ref, self.total = logger, trainer_ref, total
+        self.figure_images = figure_images
+
+    def on_step(self, step: int, terms: dict[str, float]) -> None:
+        self.logger.on_step(step, terms)
+        if self.logger.wants_figure(step) or step == self.total:
+            self.logger.flush(step)
+            model = self.trainer_ref[0].model
+            device = next(model.parameters()).device
+            grid = tracking.deca_figure(model, self.figure_images["images"].to(device),
+                                        self.figure_images["landmarks"].to(device))
+            self.logger.log_figure(step, grid)
+
+
+class Progress(TrainerCallback):
+    """Rank 0: a progress line about 20 times per run (Ray forwards it to the driver)."""
+
+    def __init__(self, stage: str, total: int) -> None:
+        self.stage, self.total = stage, total
+        self.every = max(1, total // 20)
+
+    def on_step(self, step: int, terms: dict[str, float]) -> None:
+        if step % self.every == 0 or step == self.total:
+            print(f"{self.stage} step {step}/{self.total} loss {terms['loss']:.4f} "
+                  f"({terms['step_time_s']:.2f} s/step)", flush=True)
+
+
+def train_loop(lc: dict[str, Any]) -> None:
+    """One Ray Train worker: build the trainer for this rank and run it (see module doc)."""
+    import ray.train
+    import ray.train.torch
+
+    from recon.training.trainer import Trainer
+
+    cfg = WildfaceConfig.model_validate_json(lc["config_json"])
+    stage: Stage = lc["stage"]
+    storage.configure(cfg.storage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    work = Path(tempfile.mkdtemp(prefix=f"wildface-{stage}-rank{rank}-"))
+    try:
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            # The trainer resumes from the latest checkpoint in its folder.
+            with restored.as_directory() as d:
+                (work / "checkpoints").mkdir()
+                for f in Path(d).glob(f"{stage}-*.pt"):
+                    shutil.copy2(f, work / "checkpoints" / f.name)
+        coarse = fetch_file(lc["coarse"], work / "inputs") if lc.get("coarse") else None
+
+        n_ids, _ = cfg.train.batch_shape(stage)
+        store, own = rank_store(lc["data"], rank, world, n_ids)
+        total, every = lc["steps"], cfg.train.checkpoint_every
+        reporter = RayReport(rank, total, every)
+        callbacks: list[TrainerCallback] = [reporter]
+        trainer_ref: list = []
+        if rank == 0:
+            callbacks.insert(0, Progress(stage, total))
+        if rank == 0 and lc.get("tracking_uri") and lc.get("mlflow_run_id"):
+            n, k = cfg.train.batch_shape(stage)
+            logger = tracking.StepLogger(lc["tracking_uri"], lc["mlflow_run_id"], cfg.tracking,
+                                         batch_size=n * k, world_size=world)
+            images = figure_batch(lc["data"], store, cfg, cfg.tracking.figure_images)
+            callbacks.insert(0, MlflowLog(logger, trainer_ref, images, total))
+        trainer = Trainer(
+            cfg, stage, work, store, device=device, coarse_checkpoint=coarse,
+            callbacks=callbacks, rank=0 if own else rank, world_size=1 if own else world,
+            sync_grads=allreduce_mean if world > 1 else None, save_checkpoints=rank == 0,
+            keep_checkpoints=2)
+        trainer_ref.append(trainer)
+        reporter.resumed_from = trainer.resumed_from
+        reporter.step = trainer.step
+        trainer.run(total)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- one stage on Ray Train --------------------------------------------------------------------
+def default_run_name(cfg: WildfaceConfig, data: str, stage: str, coarse: str | None) -> str:
+    """Deterministic name of a stage run: the same config, data and start point resume the
+    same Ray run (an idempotent rerun), anything else starts a new one."""
+    h = hashlib.sha256()
+    h.update(cfg.model_dump_json(exclude={"ray", "tracking", "services"}).encode())
+    h.update(tracking.dataset_summary(data)["manifest_sha256"].encode()
+             if not is_synth_folder(data) else str(Path(data).resolve()).encode())
+    h.update(str(coarse).encode())
+    return f"{stage}-{h.hexdigest()[:12]}"
+
+
+def run_stage(
+    cfg: WildfaceConfig,
+    stage: Stage,
+    data: str,
+    out_dir: str | Path,
+    *,
+    run_name: str | None = None,
+    coarse: str | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> StageResult:
+    """Run one stage as a TorchTrainer job and return where its final checkpoint is.
+
+    ``coarse`` (detail stage): a coarse checkpoint reference (see module doc);
+    ``tracking_uri`` None: no MLflow run. ``out_dir/checkpoints/`` receives a copy of the
+    final checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    out_dir = Path(out_dir).resolve()
+    rc = cfg.ray
+    storage.configure(cfg.storage)
+    if stage == "detail":
+        if coarse is None:
+            raise ValueError("the detail stage needs a coarse checkpoint (coarse=...)")
+        coarse = resolve_checkpoint(coarse, out_dir / "inputs", tracking_uri, rc)
+    run_name = run_name or default_run_name(cfg, data, stage, coarse)
+    init_ray(rc)
+
+    client = run_id = None
+    if tracking_uri:
+        from mlflow.tracking import MlflowClient
+
+        exp_id = tracking.setup(tracking_uri, cfg.tracking.experiment)
+        client = MlflowClient(tracking_uri, tracking_uri)
+        dataset = tracking.dataset_summary(data) if not is_synth_folder(data) else {
+            "data_root": str(Path(data).resolve()), "manifest_sha256": _synth_digest(data),
+            "shards": [], "all_shards": []}
+        run_id = tracking.start_stage_run(client, exp_id, stage, cfg.model_dump(mode="json"),
+                                          dataset, parent_run_id)
+        client.set_tag(run_id, "wildface.ray_run", run_name)
+        if coarse:
+            client.set_tag(run_id, "wildface.coarse_checkpoint", coarse)
+
+    storage_path, storage_fs = run_storage(rc, cfg.storage.endpoint_url, cfg.storage.region)
+    backend = "nccl" if rc.use_gpu else "gloo"
+    loop_config = {"config_json": cfg.model_dump_json(), "stage": stage, "data": str(data),
+                   "steps": cfg.train.steps, "coarse": coarse, "tracking_uri": tracking_uri,
+                   "mlflow_run_id": run_id}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config, torch_config=TorchConfig(backend=backend),
+        scaling_config=scaling_config(rc),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=rc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=rc.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+        ),
+    )
+    started = time.perf_counter()
+    try:
+        with tracking.system_metrics(run_id, bool(run_id) and cfg.tracking.system_metrics):
+            result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"{stage} stage ({run_name}) finished without a checkpoint")
+        local_dir = out_dir / "checkpoints"
+        local_dir.mkdir(parents=True, exist_ok=True)
+        with result.checkpoint.as_directory() as d:
+            files = sorted(Path(d).glob(f"{stage}-*.pt"))
+            if not files:
+                raise RuntimeError(f"Ray checkpoint {result.checkpoint.path} holds no {stage} file")
+            final = local_dir / files[-1].name
+            shutil.copy2(files[-1], final)
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items()
+                   if isinstance(v, (int, float))}
+        figure = None
+        if client is not None:
+            client.log_artifact(run_id, str(final), "checkpoint")
+            figure = tracking.download_latest_figure(client, run_id, out_dir / "figures", stage)
+            tracking.end_run(client, run_id)
+    except BaseException:
+        if client is not None:
+            tracking.end_run(client, run_id, failed=True)
+        raise
+    from recon.training.checkpoint import load_checkpoint
+
+    step = int(load_checkpoint(final, stage=stage)["step"])
+    resumed = metrics.get("resumed_from", -1)
+    return StageResult(stage=stage, run_name=run_name, step=step, checkpoint=str(final),
+                       checkpoint_uri=str(result.checkpoint.path), mlflow_run_id=run_id,
+                       resumed_from=None if resumed < 0 else int(resumed),
+                       seconds=time.perf_counter() - started, metrics=metrics,
+                       figure=None if figure is None else str(figure))
+
+
+def _synth_digest(data: str) -> str:
+    from recon.synth.generate import PARAMS_FILE
+
+    return hashlib.sha256((Path(data) / PARAMS_FILE).read_bytes()).hexdigest()
+
+
+def resolve_checkpoint(ref: str, directory: Path, tracking_uri: str | None,
+                       rc: RayConfig) -> str:
+    """A coarse-checkpoint reference -> a path or s3:// URI every worker can read.
+
+    ``runs:/<id>`` and ``models:/...`` are downloaded from MLflow to ``directory``; with a
+    remote cluster (``ray.address``) and S3 storage a local file is uploaded next to the runs.
+    """
+    if ref.startswith(("runs:/", "models:/")):
+        if not tracking_uri:
+            raise ValueError(f"{ref}: an MLflow reference needs a tracking URI")
+        ref = str(tracking.download_coarse_checkpoint(ref, tracking_uri, directory))
+    elif not storage.is_s3(ref) and not Path(ref).is_file():
+        raise FileNotFoundError(f"coarse checkpoint not found: {ref}")
+    if rc.address and storage.is_s3(rc.storage_path) and not storage.is_s3(ref):
+        uri = storage.join(rc.storage_path, "inputs", Path(ref).name)
+        storage.write_bytes(uri, Path(ref).read_bytes())
+        return uri
+    return ref if storage.is_s3(ref) else str(Path(ref).resolve())
+
+
+# -- Prefect ---------------------------------------------------------------------------------
+def stage_config(config: str | None, overrides: list[str] | None,
+                 stage_overrides: list[str] | None) -> WildfaceConfig:
+    return load_config(config, list(overrides or []) + list(stage_overrides or []))
+
+
+@task(name="train-stage")
+def train_stage_task(cfg: WildfaceConfig, stage: Stage, data: str, out_dir: str,
+                     coarse: str | None, tracking_uri: str | None,
+                     parent_run_id: str | None, run_name: str | None) -> dict:
+    logger = get_run_logger()
+    logger.info("%s stage: %d steps on %d Ray worker(s)%s", stage, cfg.train.steps,
+                cfg.ray.num_workers, f" from {coarse}" if coarse else "")
+    result = run_stage(cfg, stage, data, Path(out_dir) / stage, run_name=run_name,
+                       coarse=coarse, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    logger.info("%s stage done: step %d in %.0f s, checkpoint %s%s", stage, result.step,
+                result.seconds, result.checkpoint,
+                f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
+    return result.as_dict()
+
+
+@task(name="log-model")
+def log_model_task(cfg: WildfaceConfig, tracking_uri: str, coarse: dict, detail: dict) -> str:
+    """Log the reconstructor into the detail stage's run; returns its model URI."""
+    return tracking.log_reconstructor(tracking_uri, cfg, run_id=detail["mlflow_run_id"],
+                                      detail_checkpoint=detail["checkpoint"],
+                                      coarse_checkpoint=coarse["checkpoint"])
+
+
+@task(name="register-model")
+def register_task(cfg: WildfaceConfig, tracking_uri: str, model_uri: str, coarse: dict,
+                  detail: dict, data: str, metrics: dict[str, float] | None = None) -> dict:
+    """Register the logged model (alias ``tracking.alias``), tagged with data and metrics."""
+    all_metrics = {**{f"coarse.{k}": v for k, v in coarse["metrics"].items()},
+                   **{f"detail.{k}": v for k, v in detail["metrics"].items()},
+                   **(metrics or {})}
+    version = tracking.register_model(tracking_uri, cfg, model_uri,
+                                      run_id=detail["mlflow_run_id"], data=data,
+                                      metrics=all_metrics)
+    get_run_logger().info("registered %s version %s (alias %s)", version["name"],
+                          version["version"], cfg.tracking.alias)
+    return version
+
+
+def train_stages(cfg_coarse: WildfaceConfig, cfg_detail: WildfaceConfig, data: str, out: str,
+                 tracking_uri: str | None, parent_run_id: str | None,
+                 coarse: str | None = None, run_name: str | None = None) -> dict:
+    """coarse (unless ``coarse`` is given) -> detail, as Prefect tasks of the calling flow."""
+    results: dict[str, Any] = {}
+    if coarse is None:
+        results["coarse"] = train_stage_task(cfg_coarse, "coarse", data, out, None,
+                                             tracking_uri, parent_run_id,
+                                             f"{run_name}-coarse" if run_name else None)
+        coarse = results["coarse"]["checkpoint"]
+    else:
+        results["coarse"] = {"checkpoint": coarse, "metrics": {}, "mlflow_run_id": None}
+    results["detail"] = train_stage_task(cfg_detail, "detail", data, out, coarse, tracking_uri,
+                                         parent_run_id,
+                                         f"{run_name}-detail" if run_name else None)
+    return results
+
+
+@flow(name="train", log_prints=True)
+def train(
+    data: str,
+    out: str = "runs/train",
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    coarse_overrides: list[str] | None = None,
+    detail_overrides: list[str] | None = None,
+    coarse: str | None = None,
+    register_version: bool = True,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
+    """Coarse -> detail on Ray Train -> register the model (alias ``tracking.alias``).
+
+    ``data``: a preprocessing output (shards/, identities.json) or a ``wildface synth`` folder;
+    ``config`` + ``overrides`` (``key.sub=value``) apply to both stages,
+    ``coarse_overrides`` / ``detail_overrides`` to one (e.g. ``train.steps=20``);
+    ``coarse``: skip the coarse stage and start the detail stage from this checkpoint
+    (path, s3://, ``runs:/<id>``, ``models:/<name>@<alias>``). Both configs are validated
+    before any work starts. Returns the stages' results and the registered version.
+    """
+    cfg_c = stage_config(config, overrides, coarse_overrides)
+    cfg_d = stage_config(config, overrides, detail_overrides)
+    uri = tracking_uri or tracking.resolve_tracking_uri(cfg_d.tracking, out, cfg_d.services)
+    with tracking.parent_run(uri, cfg_d.tracking.experiment, "train",
+                             cfg_d.model_dump(mode="json")) as parent:
+        results = train_stages(cfg_c, cfg_d, data, out, uri, parent, coarse, run_name)
+        if register_version:
+            model_uri = log_model_task(cfg_d, uri, results["coarse"], results["detail"])
+            results["model"] = register_task(cfg_d, uri, model_uri, results["coarse"],
+                                             results["detail"], data)
+    results["tracking_uri"] = uri
+    results["mlflow_ui"] = tracking.ui_hint(uri)
+    return results
+
+
+def train_with_ray(stage: Stage, data: str, out: str | Path, config: str | None,
+                   overrides: list[str], coarse: str | None) -> StageResult:
+    """``wildface train --ray``: one stage on Ray Train, tracked in MLflow, printed."""
+    cfg = load_config(config, overrides)
+    uri = tracking.resolve_tracking_uri(cfg.tracking, out, cfg.services)
+    result = run_stage(cfg, stage, data, out, coarse=coarse, tracking_uri=uri)
+    print(f"{stage}: step {result.step} in {result.seconds:.0f} s"
+          + (f" (resumed at {result.resumed_from})" if result.resumed_from is not None else ""))
+    print(f"checkpoint: {result.checkpoint} (Ray: {result.checkpoint_uri})")
+    print(f"MLflow run {result.mlflow_run_id}: {tracking.ui_hint(uri)}")
+    if result.figure:
+        print(f"figure: {result.figure}")
+    return result

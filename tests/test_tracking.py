@@ -1,0 +1,92 @@
+"""MLflow tracking helpers: params, where runs go, per-step logging, the DECA figure."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flows import tracking
+from flows.config import load_config
+from infra.config import ServicesConfig, TrackingConfig
+
+
+def test_flatten_nested_config_to_params():
+    cfg = load_config(None, ["train.lr=0.5", "ray.resources_per_worker={accel: 1}"])
+    params = tracking.flatten(cfg.model_dump(mode="json"))
+    assert params["train.lr"] == "0.5"
+    assert params["ray.resources_per_worker.accel"] == "1.0"
+    assert params["synth.backgrounds"] == '["noise", "gradient", "texture", "photo"]'
+    assert params["face_model.landmarks"] == "None"
+    # every leaf of the config is a param
+    assert len(params) > 100
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    closed = ServicesConfig(mlflow_port=9)  # nothing answers on the discard port
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path, closed) == \
+        f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path, closed) == "http://127.0.0.1:1"
+    assert tracking.resolve_tracking_uri(TrackingConfig(uri="file:///x"), tmp_path, closed) == \
+        "file:///x"
+    assert "mlflow ui --backend-store-uri sqlite:///" in tracking.ui_hint("sqlite:////a/b.db")
+
+
+class _Client:
+    def __init__(self):
+        self.batches = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.batches.append((run_id, list(metrics)))
+
+
+def test_step_logger_means_every_n_steps():
+    logger = tracking.StepLogger("unused", "run", TrackingConfig(log_every=2),
+                                 batch_size=4, world_size=2, client=_Client())
+    logger.on_step(1, {"landmarks": 1.0, "loss": 2.0, "step_time_s": 0.5, "images_per_s": 8.0,
+                       "skipped": 0.0})
+    assert logger.client.batches == []
+    logger.on_step(2, {"landmarks": 3.0, "loss": 4.0, "step_time_s": 1.5, "images_per_s": 2.7,
+                       "skipped": 1.0})
+    (run_id, metrics), = logger.client.batches
+    got = {m.key: (m.value, m.step) for m in metrics}
+    assert run_id == "run"
+    assert got["loss/landmarks"] == (2.0, 2) and got["loss/loss"] == (3.0, 2)
+    assert got["time/step_s"] == (1.0, 2)
+    assert got["time/samples_per_s"] == (8.0, 2)  # 4 images x 2 ranks per 1 s step
+    assert got["train/skipped"] == (1.0, 2)
+    assert "loss/images_per_s" not in got
+    logger.flush(2)  # nothing new: no empty batch
+    assert len(logger.client.batches) == 1
+
+
+def test_draw_points_marks_the_right_pixels():
+    img = np.zeros((8, 8, 3), np.uint8)
+    # image convention: -1/+1 are the outer edges; pixel centre (col 2, row 5) is at
+    # x = (2 + 0.5) / 8 * 2 - 1, y = (5 + 0.5) / 8 * 2 - 1
+    tracking._draw_points(img, np.array([[2.5 / 4 - 1, 5.5 / 4 - 1]]), (255, 0, 0))
+    marked = np.argwhere(img[..., 0] == 255)
+    assert marked.min(0).tolist() == [4, 1] and marked.max(0).tolist() == [6, 3]
+    tracking._draw_points(img, np.array([[5.0, 5.0]]), (0, 255, 0))  # off-image: ignored
+    assert not img[..., 1].any()
+
+
+@pytest.mark.slow
+def test_deca_figure_layout():
+    from recon.deca import DECA
+
+    cfg = load_config(None, ["model.backbone=mobilenet_v3_small", "model.hidden=16",
+                             "model.image_size=32", "model.uv_size=16", "model.n_detail=4",
+                             "face_model.n_shape=5", "face_model.n_exp=5", "face_model.n_tex=5"])
+    torch.manual_seed(0)
+    model = DECA(cfg.face_model, cfg.model)
+    images = torch.rand(3, 3, 32, 32)
+    lmk = torch.zeros(3, 68, 2)
+    grid = tracking.deca_figure(model, images, lmk)
+    assert grid.shape == (6 * 32, 3 * 32, 3) and grid.dtype == np.uint8
+    # row 0 is the input itself; row 1 the input with target landmarks (green) drawn
+    np.testing.assert_array_equal(grid[:32, 32:64], tracking._to_uint8(images)[1])
+    assert (grid[32:64, :32] == [0, 255, 0]).all(-1).any() or \
+        (grid[32:64, :32] == [255, 0, 0]).all(-1).any()
+    assert model.training  # restored after the figure

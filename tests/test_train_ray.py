@@ -1,0 +1,181 @@
+"""Ray Train stages end to end on a tiny synthetic set, 2 CPU workers (gloo), checkpoints on a
+moto S3 server, metrics in a sqlite MLflow store started here.
+
+Few Ray runs on purpose (each costs ~40 s of fixed overhead on 2 cores):
+1. coarse, 4 steps, checkpoints at 2 and 4; rank 1 dies once after step 3: the worker group
+   restarts from the step-2 checkpoint and finishes; every stored checkpoint is complete;
+2. the Prefect ``train`` flow with the same coarse run name and 6 steps: the coarse stage
+   resumes at step 4 (a second run resuming the first), then the detail stage starts from
+   the coarse checkpoint, the model is registered (alias challenger), loads with
+   ``mlflow.pyfunc.load_model`` and reconstructs an image.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+face_model: {n_shape: 20, n_exp: 10, n_tex: 10}
+model: {backbone: mobilenet_v3_small, hidden: 32, image_size: 64, uv_size: 32, n_detail: 8}
+loss: {identity: 0.0, mrf: 0.0}
+train: {identities_per_batch: 2, images_per_identity: 2, detail_identities_per_batch: 2,
+        detail_images_per_identity: 2, steps: 4, pretrain_steps: 2, checkpoint_every: 2,
+        amp: false, lr: 1.0e-3}
+ray: {num_cpus: 2, num_workers: 2, cpus_per_worker: 1, max_failures: 2,
+      storage_path: "s3://wfruns/ray"}
+tracking: {log_every: 1, figure_every: 2, figure_images: 2}
+synth: {identities: 8, images_per_identity: 3, image_size: 96}
+"""
+RUN = "test-coarse"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Config file, synthetic data, a moto S3 server with the runs bucket, an MLflow store,
+    and Ray shut down at the end."""
+    import torch
+    from moto.server import ThreadedMotoServer
+
+    from flows.config import load_config
+    from infra import storage
+    from recon.synth import generate
+
+    root = tmp_path_factory.mktemp("ray")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    config = root / "tiny.yaml"
+    config.write_text(TINY)
+    cfg = load_config(config)
+    storage.configure(cfg.storage)
+    storage._client().create_bucket(Bucket="wfruns")
+    torch.set_num_threads(2)
+    generate(root / "synth", cfg.synth, cfg.face_model)
+    yield {"root": root, "config": config, "data": str(root / "synth"),
+           "uri": f"sqlite:///{root / 'mlflow.db'}"}
+    import ray
+
+    ray.shutdown()
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def faulty_coarse(env, tmp_path_factory):
+    """Run 1: coarse with a worker killed once after step 3."""
+    from flows.config import load_config
+    from flows.train import FAULT_ENV, run_stage
+
+    marker = env["root"] / "killed-once"
+    os.environ[FAULT_ENV] = f"rank=1,step=3,marker={marker}"
+    try:
+        result = run_stage(load_config(env["config"]), "coarse", env["data"],
+                           env["root"] / "out-1", run_name=RUN, tracking_uri=env["uri"])
+    finally:
+        os.environ.pop(FAULT_ENV)
+    return result, marker
+
+
+def test_killed_worker_resumes_from_last_checkpoint(env, faulty_coarse):
+    from mlflow.tracking import MlflowClient
+
+    from infra import storage
+    from recon.training.checkpoint import load_checkpoint
+
+    result, marker = faulty_coarse
+    assert marker.read_text().startswith("killed rank 1 after step 3")
+    assert result.step == 4
+    # the restarted worker group loaded the step-2 checkpoint (rank 0's last report)
+    assert result.resumed_from == 2
+    assert result.checkpoint_uri.startswith("wfruns/ray/" + RUN)
+
+    # every checkpoint in S3 is complete: one loadable file per folder, no temporary files
+    files = storage.list_files(f"s3://wfruns/ray/{RUN}")
+    ckpts = [f for f in files if f.endswith(".pt")]
+    assert ckpts and not [f for f in files if f.endswith(".tmp")]
+    steps = []
+    for uri in ckpts:
+        local = env["root"] / "dl" / uri.rsplit("/", 2)[-2] / uri.rsplit("/", 1)[-1]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(storage.read_bytes(uri))
+        ckpt = load_checkpoint(local, stage="coarse")
+        steps.append(ckpt["step"])
+        assert set(ckpt) >= {"model", "optimizer", "config", "step_state"}
+    assert max(steps) == 4
+
+    # metrics, params, figures and the checkpoint reached MLflow
+    client = MlflowClient(env["uri"], env["uri"])
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.checkpoint_every"] == "2"
+    assert run.data.tags["wildface.stage"] == "coarse"
+    history = client.get_metric_history(result.mlflow_run_id, "loss/landmarks")
+    assert {m.step for m in history} == {1, 2, 3, 4}
+    assert all(np.isfinite(m.value) for m in history)
+    assert client.get_metric_history(result.mlflow_run_id, "time/step_s")
+    figures = [f.path for f in client.list_artifacts(result.mlflow_run_id, "figures")]
+    assert "figures/step_0000004.png" in figures
+    assert [f.path for f in client.list_artifacts(result.mlflow_run_id, "checkpoint")] == \
+        ["checkpoint/coarse-000000004.pt"]
+    assert Path(result.figure).is_file()
+
+
+def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.train import train
+
+    with prefect_test_harness(server_startup_timeout=300):
+        out = train(data=env["data"], out=str(env["root"] / "out-2"), config=str(env["config"]),
+                    coarse_overrides=["train.steps=6"], detail_overrides=["train.steps=2"],
+                    run_name=RUN.removesuffix("-coarse"), tracking_uri=env["uri"])
+    assert out["coarse"]["resumed_from"] == 4 and out["coarse"]["step"] == 6
+    assert out["detail"]["step"] == 2 and out["detail"]["resumed_from"] is None
+
+    client = MlflowClient(env["uri"], env["uri"])
+    detail_run = client.get_run(out["detail"]["mlflow_run_id"])
+    parent_id = detail_run.data.tags["mlflow.parentRunId"]
+    assert client.get_run(out["coarse"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == \
+        parent_id
+    assert client.get_metric_history(detail_run.info.run_id, "loss/photometric_detail")
+
+    version = client.get_model_version_by_alias("wildface-deca", "challenger")
+    assert str(version.version) == out["model"]["version"]
+    assert version.run_id == detail_run.info.run_id
+    assert version.tags["data_root"] == env["data"]
+    assert "metric.detail.loss" in version.tags
+
+    mlflow.set_tracking_uri(env["uri"])
+    model = mlflow.pyfunc.load_model("models:/wildface-deca@challenger")
+    image_path = sorted(Path(env["data"], "images").rglob("*.jpg"))[0]
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    pred = model.predict(image)
+    assert pred["shape"].shape == (1, 20) and pred["detail"].shape == (1, 8)
+    V = pred["vertices"].shape[1]
+    assert pred["vertices"].shape == pred["neutral_vertices"].shape == (1, V, 3)
+    assert pred["faces"].max() == V - 1
+    assert pred["detail_vertices"].shape == (1, 3, 32, 32)
+    assert np.isfinite(pred["vertices"]).all()
