@@ -53,8 +53,9 @@ def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
 
 @torch.no_grad()
 def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, region: np.ndarray,
-                 mean_shape: bool = False) -> list[float]:
-    """Per-image aligned neutral-shape error of ``model`` (or of the mean shape)."""
+                 mean_shape: bool = False, code_norms: list | None = None) -> list[float]:
+    """Per-image aligned neutral-shape error of ``model`` (or of the mean shape).
+    ``code_norms``: if given, gets ``(|predicted code|, |true code|)`` per image appended."""
     model.eval()
     n_shape = model.flame.n_shape
     errors = []
@@ -68,18 +69,24 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
                                     for k in keys])
         truth = model.neutral(truth_codes.float()).vertices.double().numpy()
         errors += [aligned_error(p[region], t[region]) for p, t in zip(pred, truth)]
+        if code_norms is not None:
+            code_norms += zip(shape.norm(dim=1).tolist(), truth_codes.norm(dim=1).tolist())
     return errors
 
 
 class Progress(TrainerCallback):
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, reg_shape: float) -> None:
         self.every = every
+        self.reg_shape = reg_shape
         self.t0 = time.perf_counter()
 
     def on_step(self, step: int, terms: dict[str, float]) -> None:
         if step % self.every == 0:
+            # reg_shape = weight x mean |code|^2 / 2: the RMS shape-code norm of the batch
+            norm = (2 * terms["reg_shape"] / self.reg_shape) ** 0.5 if "reg_shape" in terms else float("nan")
             print(f"  step {step} loss {terms['loss']:.4f} "
                   f"lmk {terms.get('landmarks', float('nan')):.4f} "
+                  f"pho {terms.get('photometric', float('nan')):.4f} |shape| {norm:.2f} "
                   f"({time.perf_counter() - self.t0:.0f} s)", flush=True)
 
 
@@ -162,7 +169,7 @@ def main() -> None:
         test_store = SampleStore.from_samples(iter_samples(root, held))
 
         trainer = Trainer(cfg, "coarse", Path(tmp) / "run", train_store, device=args.device,
-                          callbacks=[Progress(max(1, cfg.train.steps // 10))])
+                          callbacks=[Progress(max(1, cfg.train.steps // 10), cfg.loss.reg_shape)])
         model = trainer.model
         region = _face_vertices(cfg.face_model)
         augment = CropAugment(out_size=cfg.model.image_size, eval_scale=cfg.data.eval_scale)
@@ -171,7 +178,8 @@ def main() -> None:
         t = time.perf_counter()
         result = trainer.run()
         train_s = time.perf_counter() - t
-        trained = shape_errors(model, test_store, params, augment, region)
+        norms: list = []
+        trained = shape_errors(model, test_store, params, augment, region, code_norms=norms)
     m_mean, m_untrained, m_trained = (float(np.mean(e)) for e in (mean, untrained, trained))
     report.update({
         "config": args.config, "steps": result.step, "train_seconds": train_s,
@@ -182,12 +190,16 @@ def main() -> None:
         "error_trained_mm": 1000 * m_trained,
         "ratio_trained_to_mean": m_trained / m_mean, "ratio_untrained_to_mean": m_untrained / m_mean,
         "goal_met": m_trained <= 0.5 * m_mean,
+        "shape_code_norm_predicted": float(np.mean([n[0] for n in norms])),
+        "shape_code_norm_true": float(np.mean([n[1] for n in norms])),
     })
     print(f"neutral-shape error on {len(test_store)} held-out images "
           f"({len(test_store.identities)} identities), face region, after similarity alignment:")
     for name, v in (("mean shape", m_mean), ("untrained", m_untrained), ("trained", m_trained)):
         print(f"  {name:10s} {v:.6f} units ({1000 * v:.3f} mm)  ratio {v / m_mean:.3f}")
     print(f"  goal trained <= 0.5 x mean shape: {'met' if report['goal_met'] else 'NOT met'}")
+    print(f"  shape-code norm: predicted {report['shape_code_norm_predicted']:.2f}, "
+          f"true {report['shape_code_norm_true']:.2f} (mean over held-out images)")
     print(f"  training: {result.step} steps in {train_s:.0f} s")
 
     timings = [step_time("demo", args.timing_steps, args.device, [])]

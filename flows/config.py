@@ -12,6 +12,15 @@ import yaml
 from pydantic import Field, ValidationError
 
 from recon.config import FaceModelConfig, LossConfig, NetworkConfig, StrictModel, TrainConfig
+from recon.config import DataConfig, SynthConfig
+from recon.config import RenderConfig
+from recon.config import IdentityConfig, PerceptualConfig
+from infra.config import RayConfig, TrackingConfig
+from recon.evaluation.config import EvaluationConfig, PromotionConfig
+
+from infra.config import ServicesConfig, StorageConfig
+from preprocessing.config import PreprocessConfig
+from flows.jobs_config import EvaluateFlowConfig, ReconstructConfig, RetrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -22,9 +31,24 @@ class ConfigError(ValueError):
 
 class WildfaceConfig(StrictModel):
     face_model: FaceModelConfig = Field(default_factory=FaceModelConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
     model: NetworkConfig = Field(default_factory=NetworkConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    evaluate_flow: EvaluateFlowConfig = Field(default_factory=EvaluateFlowConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

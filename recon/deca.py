@@ -79,7 +79,7 @@ class Reconstruction:
     ``landmarks3d`` (B, 68, 3); ``now7`` (B, 7, 3).
     With ``render=True``: ``albedo`` (B, 3, Ha, Wa) UV albedo; ``images`` (B, 3, H, W) coarse
     lit render (albedo x SH shading, black background); ``alpha`` (B, 1, H, W) coverage;
-    ``face_mask`` (B, 1, H, W) the face region of the render (UV face mask x alpha);
+    ``face_mask`` (B, 1, H, W) the face region of the render (UV face mask x alpha; no gradient);
     ``normal_images`` and ``shading_images`` (B, 3, H, W); ``uv_grid`` (B, H, W, 2) UV
     lookup of each pixel; ``shape_images`` (B, 3, H, W) grey shaded coarse shape.
     With detail (``codes.detail`` set): ``uv_displacement`` (B, 1, S, S);
@@ -249,7 +249,12 @@ class DECA(nn.Module):
         rec.images, rec.alpha = out["images"], out["alpha"]
         rec.normal_images, rec.shading_images = out["normal_images"], out["shading_images"]
         rec.uv_grid = out["uv_grid"]
-        rec.face_mask = sample_texture(self.uv_face_mask.expand(B, -1, -1, -1), rec.uv_grid) * rec.alpha
+        # A selection mask, without gradient (DECA samples it with a detached grid): a live
+        # one lets the geometry move the face region's border off pixels it renders badly,
+        # a systematic pull on the shape codes.
+        with torch.no_grad():
+            rec.face_mask = sample_texture(self.uv_face_mask.expand(B, -1, -1, -1),
+                                           rec.uv_grid) * rec.alpha
         rec.shape_images = shade_grey(out["normal_images"], out["alpha"])
 
     def _add_detail(self, rec: Reconstruction, uv_z: torch.Tensor, light: torch.Tensor,

@@ -27,6 +27,23 @@ def test_photometric_gradient_only_inside_mask():
     assert grad[1, 1] > 0 and grad.sum() == grad[1, 1]
 
 
+def test_photometric_saturated_photo_only_penalises_a_darker_render():
+    # photo: channel 0 saturated (1.0), channel 1 at 0.5; render 1.5 / 0.8 everywhere
+    target = torch.zeros(1, 3, 2, 2)
+    target[:, 0], target[:, 1] = 1.0, 0.5
+    mask = torch.ones(1, 1, 2, 2)
+    brighter = torch.zeros(1, 3, 2, 2)
+    brighter[:, 0], brighter[:, 1] = 1.5, 0.8
+    # saturated channel: no error; the other: |0.8 - 0.5|, averaged over 3 channels
+    assert photometric_loss(brighter, target, mask).item() == pytest.approx(0.3 / 3)
+    darker = brighter.clone()
+    darker[:, 0] = 0.6  # darker than a saturated pixel: an error of 0.4
+    assert photometric_loss(darker, target, mask).item() == pytest.approx((0.4 + 0.3) / 3)
+    pred = brighter.clone().requires_grad_(True)
+    photometric_loss(pred, target, mask).backward()
+    assert pred.grad[:, 0].abs().sum() == 0 and pred.grad[:, 1].abs().min() > 0
+
+
 def test_photometric_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes"):
         photometric_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 5, 4), torch.ones(1, 1, 4, 4))

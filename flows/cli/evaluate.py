@@ -60,6 +60,40 @@ def now(
     typer.echo(f"wrote {out / 'metrics.json'}")
 
 
+@app.command("predict")
+def predict(
+    model: str = typer.Option(..., "--model", "-m", help="a checkpoint or training folder, "
+                              "models:/<name>@<alias>, models:/<name>/<N> or runs:/<run id>"),
+    dataset: Path = typer.Option(..., "--dataset", help="NoW-layout dataset folder "
+                                 "(imagepaths*.txt and the images under evaluation.image_root)"),
+    out: Path = typer.Option(..., "--out", help="predictions folder (<subject>/<challenge>/<image>.obj + .npy)"),
+    split: Optional[str] = typer.Option(None, "--split", help="val or test (default: config, val)"),
+    face_model: Optional[str] = typer.Option(None, "--face-model", help="face model (default: "
+                                             "the one recorded with the model)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="redo existing predictions"),
+    config: Optional[str] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Write NoW-layout predictions from a model: per image the neutral mesh (expression,
+    jaw and head pose zeroed) and its 7 landmarks; score them with `evaluate now`."""
+    cfg = _config(config, overrides, {"evaluation.split": split} if split else {})
+    from flows.evaluate import add_synthetic_landmarks, predict_dataset
+    from recon.reconstruct import FaceModelMismatch
+
+    try:
+        summary, info = predict_dataset(model, add_synthetic_landmarks(dataset, cfg), out, cfg,
+                                        face_model=face_model, tracking_uri=tracking_uri,
+                                        overwrite=overwrite)
+    except (FaceModelMismatch, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{summary.written} written, {summary.skipped} kept, {len(summary.failed)} failed "
+               f"-> {out} (model {info.as_dict().get('uri')})")
+    for image, reason in summary.failed:
+        typer.echo(f"  {image}: {reason}")
+
+
 @app.command("synthetic-now")
 def synthetic_now(
     out: Path = typer.Option(..., "--out", help="writes OUT/dataset and OUT/predictions"),

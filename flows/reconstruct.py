@@ -1,0 +1,496 @@
+"""``wildface reconstruct``: photos, folders, videos or a bucket -> per-face 3D outputs, in
+this process or as a Ray Data batch job (``--ray``).
+
+Faces are found as the preprocessing finds them (decode, ``<name>.pts`` annotations beside an
+image when ``preprocess.use_annotations``, else the configured detector and dlib's 68
+landmarks, the plausibility check) and cropped at the model's test-time scale
+(``data.eval_scale`` x the landmark box, as the training's evaluation crop).
+
+Output: one folder per input, ``OUT/<input name>/`` (the input's path relative to the folder
+or prefix it was found in, without its suffix):
+
+- images: ``face_00/``, ``face_01/``, ... (main face first; :func:`recon.reconstruct.write_face`);
+- videos: ``face_00/`` for the first frame with a face and ``frames.parquet``, one row per
+  frame read: ``frame``, ``time_s``, ``status`` (ok | no face | ...), ``reason`` and the codes
+  (``shape``, ``tex``, ``exp``, ``pose``, ``cam``, ``light`` (27), ``detail``) as lists;
+- ``result.json``, written LAST (the completion marker): ``status`` (ok | rejected | error),
+  ``reason``, ``faces`` (folders), ``failed_faces`` (face, reason), the model's identity.
+
+Resumable: an input whose folder has a ``result.json`` with status ok or rejected is skipped;
+an input with no marker (interrupted) or status error is redone from scratch. Every input
+ends with outputs or a recorded reason; a face that cannot be reconstructed is listed and the
+other faces of its photo still complete. ``OUT/summary.json`` counts the statuses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infra import storage
+
+log = logging.getLogger(__name__)
+
+MARKER = "result.json"
+SUMMARY = "summary.json"
+FINAL = ("ok", "rejected")  # statuses a rerun keeps; "error" is retried
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: ``uri`` (path or s3://), ``name`` (its output folder), ``kind`` (image |
+    video), ``pts`` (an annotation sidecar or "")."""
+
+    uri: str
+    name: str
+    kind: str
+    pts: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _suffix(uri: str) -> str:
+    return posixpath.splitext(str(uri))[1].lower()
+
+
+def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
+                use_annotations: bool = True) -> list[InputItem]:
+    """Expand files, folders and s3:// prefixes into inputs (images and videos), sorted;
+    output names are unique (a clash keeps the suffix in the name)."""
+    from preprocessing import annotations
+    from recon.video import VIDEO_SUFFIXES, ANIMATION_SUFFIXES
+
+    image_exts = {"." + e.lower().lstrip(".") for e in image_extensions} - set(ANIMATION_SUFFIXES)
+    video_exts = set(VIDEO_SUFFIXES) | set(ANIMATION_SUFFIXES)
+    found: list[tuple[str, str]] = []  # (uri, relative name)
+    for raw in inputs:
+        raw = str(raw)
+        if storage.is_s3(raw) or Path(raw).is_dir():
+            files = storage.list_files(raw)
+            for uri in files:
+                if annotations.is_sidecar(uri) or _suffix(uri) not in image_exts | video_exts:
+                    continue
+                found.append((uri, storage.relative(uri, raw)))
+        elif Path(raw).is_file():
+            found.append((raw, Path(raw).name))
+        else:
+            raise FileNotFoundError(f"input not found: {raw}")
+    items: list[InputItem] = []
+    names: dict[str, int] = {}
+    for uri, rel in sorted(found):
+        stem, suffix = posixpath.splitext(rel.replace(os.sep, "/"))
+        names[stem] = names.get(stem, 0) + 1
+        name = stem if names[stem] == 1 else f"{stem}{suffix.replace('.', '_')}"
+        kind = "video" if suffix.lower() in video_exts else "image"
+        pts = ""
+        if kind == "image" and use_annotations:
+            side = annotations.sidecar_stem(uri) + annotations.PTS_SUFFIX
+            pts = side if (storage.is_s3(uri) and storage.exists(side)) or \
+                (not storage.is_s3(uri) and Path(side).is_file()) else ""
+        items.append(InputItem(uri=uri, name=name, kind=kind, pts=pts))
+    return items
+
+
+# -- finding faces -------------------------------------------------------------------------------
+@dataclass
+class FoundFace:
+    landmarks: np.ndarray  # (68, 2) photo pixels
+    box: tuple[float, float, float, float]
+    score: float | None
+    source: str
+
+
+class FaceFinder:
+    """Faces in a photo, as the preprocessing finds them (models loaded on first use)."""
+
+    def __init__(self, cfg) -> None:  # cfg: preprocessing.config.PreprocessConfig
+        self.cfg = cfg
+        self._detector = None
+        self._landmarker = None
+
+    def decode(self, data: bytes) -> np.ndarray:
+        from preprocessing.decode import decode_image
+
+        c = self.cfg
+        return decode_image(data, min_size=c.min_image_size, max_pixels=c.max_pixels,
+                            max_bytes=int(c.max_file_mb * 2**20)).rgb
+
+    def find(self, rgb: np.ndarray, pts: bytes | None = None) -> tuple[list[FoundFace], list[str]]:
+        """Every face, main first, and the reasons faces were dropped (implausible fits).
+        pts: an annotation (68 points) of the main face, used instead of the models."""
+        from preprocessing import annotations
+        from preprocessing.detect import make_detector
+        from preprocessing.landmarks import Landmarker, landmark_box, plausible
+
+        h, w = rgb.shape[:2]
+        if pts is not None:
+            lmk = annotations.read_pts(pts)
+            candidates = [FoundFace(lmk, landmark_box(lmk), None, "annotation")]
+        else:
+            if self._detector is None:
+                self._detector, self._landmarker = make_detector(self.cfg), Landmarker()
+            candidates = [FoundFace(self._landmarker(rgb, f.box), f.box, float(f.score),
+                                    f"dlib-68 on {self.cfg.detector}")
+                          for f in self._detector(rgb)]
+        faces, dropped = [], []
+        for i, face in enumerate(candidates):
+            why = plausible(face.landmarks, w, h)
+            if why:
+                dropped.append(f"face {i}: {why}")
+            else:
+                faces.append(face)
+        return faces, dropped
+
+
+def crop_face(rgb: np.ndarray, lmk: np.ndarray, size: int, scale: float
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's input crop: (S, S, 3) uint8, the photo->crop (2, 3) transform and the
+    landmarks in the crop's [-1, 1] image convention (68, 2)."""
+    from preprocessing.crop import apply_affine, crop_transform, to_normalised, warp
+
+    transform = crop_transform(lmk, size, scale)
+    crop = warp(rgb, lmk, size, scale)
+    return crop, transform, to_normalised(apply_affine(transform, lmk), size)
+
+
+# -- one input -----------------------------------------------------------------------------------
+def _atomic_json(path: Path, payload: dict) -> None:
+    from recon.mesh_io import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
+
+
+def read_marker(out: str, name: str) -> dict | None:
+    uri = storage.join(out, name, MARKER)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (ValueError, OSError):
+        return None
+
+
+def is_done(out: str, name: str) -> bool:
+    marker = read_marker(out, name)
+    return marker is not None and marker.get("status") in FINAL
+
+
+class InputReconstructor:
+    """Reconstructs inputs one by one into ``out`` (a folder or s3:// prefix)."""
+
+    def __init__(self, recon, finder: FaceFinder, out: str, batch_size: int = 8,
+                 video_every: int = 1, video_max_frames: int | None = None) -> None:
+        self.recon, self.finder, self.out = recon, finder, str(out)
+        self.batch_size = batch_size
+        self.video_every, self.video_max_frames = video_every, video_max_frames
+
+    def __call__(self, item: InputItem) -> dict[str, Any]:
+        """Write the input's folder (marker last) and return its result."""
+        started = time.perf_counter()
+        local_out = not storage.is_s3(self.out)
+        stage = Path(self.out) / item.name if local_out else Path(
+            tempfile.mkdtemp(prefix="wildface-recon-"))
+        if local_out and stage.exists():
+            shutil.rmtree(stage)  # an interrupted or failed attempt: start clean
+        stage.mkdir(parents=True, exist_ok=True)
+        result: dict[str, Any] = {"input": item.uri, "name": item.name, "kind": item.kind,
+                                  "status": "ok", "reason": "", "faces": [], "failed_faces": []}
+        from preprocessing.decode import Rejected
+
+        try:
+            if item.kind == "video":
+                self._video(item, stage, result)
+            else:
+                self._image(item, stage, result)
+        except (_Rejected, Rejected) as err:
+            result.update(status="rejected", reason=str(err))
+        except Exception as err:  # noqa: BLE001 - recorded; the other inputs go on
+            log.exception("reconstructing %s failed", item.uri)
+            result.update(status="error", reason=f"{type(err).__name__}: {err}")
+        result["model"] = self.recon.info.as_dict()
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        _atomic_json(stage / MARKER, result)
+        if not local_out:
+            files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != MARKER)
+            for p in files + [stage / MARKER]:  # the marker last
+                storage.put_file(p, storage.join(self.out, item.name,
+                                                 p.relative_to(stage).as_posix()))
+            shutil.rmtree(stage, ignore_errors=True)
+        return result
+
+    def _image(self, item: InputItem, stage: Path, result: dict) -> None:
+        import torch
+
+        from recon.reconstruct import write_face
+
+        rgb = self.finder.decode(storage.read_bytes(item.uri))
+        pts = storage.read_bytes(item.pts) if item.pts else None
+        faces, dropped = self.finder.find(rgb, pts)
+        result["failed_faces"] = [{"face": d.split(":")[0], "reason": d.split(": ", 1)[-1]}
+                                  for d in dropped]
+        if not faces:
+            raise _Rejected("no face found" if not dropped else "; ".join(dropped))
+        r = self.recon
+        for start in range(0, len(faces), self.batch_size):
+            chunk = faces[start:start + self.batch_size]
+            crops = [crop_face(rgb, f.landmarks, r.image_size, r.crop_scale) for f in chunk]
+            batch = np.stack([c[0] for c in crops])
+            try:
+                rec = r.reconstruct(batch)
+            except Exception as err:  # noqa: BLE001 - these faces fail, the others go on
+                for k in range(len(chunk)):
+                    result["failed_faces"].append({"face": f"face {start + k}",
+                                                   "reason": f"{type(err).__name__}: {err}"})
+                continue
+            x = r.to_tensor(batch)
+            for k, (face, (_, transform, lmk)) in enumerate(zip(chunk, crops)):
+                folder = f"face_{start + k:02d}"
+                write_face(stage / folder, r, rec, k, x[k], torch.from_numpy(lmk), extra={
+                    "source": item.uri, "face_index": start + k,
+                    "detection": {"box": [round(float(v), 2) for v in face.box],
+                                  "score": face.score, "landmarks_from": face.source},
+                    "landmarks_photo": np.round(face.landmarks, 2).tolist(),
+                    "crop_transform": np.round(transform, 6).tolist(),
+                    "crop_size": r.image_size, "crop_scale": r.crop_scale})
+                result["faces"].append(folder)
+        if not result["faces"]:
+            raise _Rejected("; ".join(f["reason"] for f in result["failed_faces"]))
+
+    def _video(self, item: InputItem, stage: Path, result: dict) -> None:
+        from recon.video import read_frames, video_fps
+
+        r = self.recon
+        rows: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="wildface-video-") as tmp:
+            path = Path(item.uri)
+            if storage.is_s3(item.uri):
+                path = Path(tmp) / posixpath.basename(item.uri)
+                path.write_bytes(storage.read_bytes(item.uri))
+            try:
+                fps = video_fps(path)
+            except Exception as err:  # noqa: BLE001 - any decoder refusal
+                raise _Rejected(f"not a readable video: {err}") from None
+            pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+            for i, frame in enumerate(read_frames(path, self.video_every, self.video_max_frames)):
+                index = i * self.video_every
+                faces, dropped = self.finder.find(frame)
+                if not faces:
+                    rows.append({"frame": index, "time_s": index / fps, "status": "no face",
+                                 "reason": "; ".join(dropped) or "no face found"})
+                    continue
+                crop, _, lmk = crop_face(frame, faces[0].landmarks, r.image_size, r.crop_scale)
+                pending.append((index, crop, lmk))
+                if len(pending) == self.batch_size:
+                    self._video_batch(pending, rows, stage, result, fps)
+                    pending = []
+            if pending:
+                self._video_batch(pending, rows, stage, result, fps)
+        if not rows:
+            raise _Rejected("no frames")
+        _write_frames(stage / "frames.parquet", sorted(rows, key=lambda row: row["frame"]))
+        result["frames"] = len(rows)
+        result["frames_ok"] = sum(row["status"] == "ok" for row in rows)
+        if not result["frames_ok"]:
+            raise _Rejected("no face in any frame")
+
+    def _video_batch(self, pending, rows, stage, result, fps) -> None:
+        import torch
+
+        from recon.reconstruct import codes_dict, write_face
+
+        r = self.recon
+        batch = np.stack([p[1] for p in pending])
+        first = not result["faces"]
+        rec = r.reconstruct(batch, render=first)
+        for k, (index, _, _) in enumerate(pending):
+            codes = codes_dict(rec.codes, k)
+            codes["light"] = np.asarray(codes["light"]).ravel().tolist()
+            rows.append({"frame": index, "time_s": index / fps, "status": "ok", "reason": "",
+                         **codes})
+        if first:
+            write_face(stage / "face_00", r, rec, 0, r.to_tensor(batch)[0],
+                       torch.from_numpy(pending[0][2]),
+                       extra={"source": result["input"], "frame": pending[0][0]})
+            result["faces"].append("face_00")
+
+
+class _Rejected(Exception):
+    """An input that cannot be reconstructed (a final, recorded outcome)."""
+
+
+def _write_frames(path: Path, rows: list[dict[str, Any]]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recon.mesh_io import atomic_write_bytes
+
+    keys = ("shape", "tex", "exp", "pose", "cam", "light", "detail")
+    columns: dict[str, list] = {"frame": [], "time_s": [], "status": [], "reason": []}
+    columns.update({k: [] for k in keys})
+    for row in rows:
+        for k in columns:
+            columns[k].append(row.get(k))
+    table = pa.table({k: (pa.array(v, pa.list_(pa.float32())) if k in keys else pa.array(v))
+                      for k, v in columns.items()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# -- the job ------------------------------------------------------------------------------------
+class _RayReconstructor:
+    """Ray Data actor: loads the model and the face finder once, reconstructs items."""
+
+    def __init__(self, model: dict, cfg_json: str, out: str) -> None:
+        import torch
+
+        from flows.config import WildfaceConfig
+        from infra.offline import apply_offline_env
+        from recon.config import FaceModelConfig
+        from recon.reconstruct import load_model
+
+        apply_offline_env()
+        cfg = WildfaceConfig.model_validate_json(cfg_json)
+        storage.configure(cfg.storage)
+        torch.set_num_threads(max(1, int(cfg.reconstruct.cpus_per_worker)))
+        face = FaceModelConfig.model_validate_json(model["face_model_config"]) \
+            if model.get("face_model_config") else None
+        recon = load_model(model["checkpoint"], face_model=face,
+                           recorded_face_model=model.get("face_model") or None,
+                           config_json=model.get("config_json") or None,
+                           device=cfg.reconstruct.device, source=json.loads(model["source"]))
+        rc = cfg.reconstruct
+        self.run = InputReconstructor(recon, FaceFinder(cfg.preprocess), out, rc.batch_size,
+                                      rc.video_every, rc.video_max_frames)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["uri"])
+        results = [self.run(InputItem(**{k: str(batch[k][i]) for k in batch})) for i in range(n)]
+        return {"name": np.array([r["name"] for r in results]),
+                "status": np.array([r["status"] for r in results]),
+                "reason": np.array([r["reason"] for r in results])}
+
+
+def run_batch(inputs: Iterable[str], out: str, model: str, cfg, *, use_ray: bool = False,
+              face_model: str | None = None, tracking_uri: str | None = None,
+              progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+    """Reconstruct every input into ``out`` (see the module doc); skip finished ones.
+
+    model: ``--model`` (:mod:`flows.model_uri`); cfg: ``WildfaceConfig``; face_model: a
+    configured face model that must match the model's; progress(done, total, result) after
+    each input. Returns and writes ``OUT/summary.json``: counts by status and the failures.
+    """
+    from flows.model_uri import resolve_model
+    from recon.config import FaceModelConfig
+
+    storage.configure(cfg.storage)
+    pc = cfg.preprocess
+    out_prefix = str(out).rstrip("/") + "/" if storage.is_s3(out) else str(Path(out).resolve()) + os.sep
+    items = [it for it in list_inputs(inputs, pc.extensions, pc.use_annotations)
+             if not (it.uri if storage.is_s3(it.uri) else str(Path(it.uri).resolve())
+                     ).startswith(out_prefix)]  # never our own outputs
+    todo = [it for it in items if not is_done(out, it.name)]
+    log.info("%d inputs, %d already done, %d to reconstruct", len(items),
+             len(items) - len(todo), len(todo))
+    started = time.perf_counter()
+    rc = cfg.reconstruct
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
+        files = resolve_model(model, tmp, tracking_uri)
+        configured = FaceModelConfig(path=face_model) if face_model else None
+
+        def report(result: dict) -> None:
+            results.append(result)
+            log.info("reconstructed %d/%d inputs (%s: %s)", len(results), len(todo),
+                     result["name"], result["status"])
+            if progress is not None:
+                progress(len(results), len(todo), result)
+
+        if todo and not use_ray:
+            import torch
+
+            from recon.reconstruct import load_model
+
+            torch.set_num_threads(rc.threads)
+            recon = load_model(files.checkpoint, face_model=configured,
+                               recorded_face_model=files.face_model,
+                               config_json=files.config_json, device=rc.device,
+                               source=files.source)
+            run = InputReconstructor(recon, FaceFinder(pc), out, rc.batch_size,
+                                     rc.video_every, rc.video_max_frames)
+            for item in todo:
+                report(run(item))
+        elif todo:
+            _run_ray(todo, out, files, configured, cfg, report)
+    summary = _summary(out, items, time.perf_counter() - started, len(todo))
+    return summary
+
+
+def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
+             report: Callable[[dict], None]) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    rc = cfg.reconstruct
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
+        if rc.ray_address:
+            ray.init(address=rc.ray_address, **kwargs)
+        else:
+            ray.init(**kwargs)
+        started = True
+    model = {"checkpoint": str(files.checkpoint),
+             "face_model": str(files.face_model) if files.face_model else "",
+             "config_json": files.config_json or "", "source": json.dumps(files.source),
+             "face_model_config": configured.model_dump_json() if configured else ""}
+    try:
+        ds = ray.data.from_items([it.as_dict() for it in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(_RayReconstructor, fn_constructor_args=(model, cfg.model_dump_json(),
+                                                                    str(out)),
+                            batch_size=1, batch_format="numpy",
+                            compute=ActorPoolStrategy(size=min(rc.workers, len(todo))),
+                            num_cpus=rc.cpus_per_worker)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["name"])):
+                report({"name": str(batch["name"][i]), "status": str(batch["status"][i]),
+                        "reason": str(batch["reason"][i])})
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _summary(out: str, items: list[InputItem], seconds: float, processed: int) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    failures = []
+    for it in items:
+        marker = read_marker(out, it.name)
+        status = marker.get("status", "missing") if marker else "missing"
+        counts[status] = counts.get(status, 0) + 1
+        if status != "ok":
+            failures.append({"input": it.uri, "name": it.name, "status": status,
+                             "reason": (marker or {}).get("reason", "no result")})
+        elif marker.get("failed_faces"):
+            failures.extend({"input": it.uri, "name": it.name, "status": "face failed", **f}
+                            for f in marker["failed_faces"])
+    summary = {"inputs": len(items), "processed": processed, "counts": counts,
+               "failures": failures, "seconds": round(seconds, 2), "out": str(out)}
+    storage.write_bytes(storage.join(out, SUMMARY), json.dumps(summary, indent=1).encode())
+    return summary
+
+
+__all__ = ["FINAL", "FaceFinder", "InputItem", "InputReconstructor", "MARKER", "crop_face",
+           "is_done", "list_inputs", "read_marker", "run_batch"]
