@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +32,7 @@ from recon.evaluation.now_io import (
     read_pp,
 )
 from recon.evaluation.point_to_mesh import MeshDistance
+from recon.mesh_io import atomic_write_bytes as _atomic_bytes
 
 CURVE_STEP_MM = 0.01
 
@@ -148,18 +148,6 @@ def _score_one(args: tuple[str, str, NowImage, EvaluationConfig]) -> tuple[NowIm
     except ValueError as e:  # includes NowFormatError: a bad prediction is a recorded rejection
         return image, None, f"invalid prediction: {e}"
     return image, res.distances.astype(np.float32), ""
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_parquet(path: Path, rows: list[tuple[NowImage, np.ndarray]]) -> None:

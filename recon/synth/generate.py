@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from recon.render import DecaRenderer, PerspectiveCamera, ndc_to_image, weak_per
 from recon.render.cameras import image_to_pixel
 from recon.synth.backgrounds import background
 from recon.synth.occluders import Occluder, random_occluder
+from recon.mesh_io import atomic_write_bytes as _atomic_bytes
 
 IMAGES_DIR = "images"
 LABELS_FILE = "labels.csv"
@@ -235,18 +235,6 @@ def _skin_faces(assets) -> np.ndarray:
 
 
 # -- files --------------------------------------------------------------------------------------
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _encode(image: np.ndarray, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt, **kw)
