@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from flows.config import WildfaceConfig, load_config
@@ -67,3 +68,14 @@ def train_tiny(out: Path, synth: Path, coarse_steps: int, detail_steps: int = 2,
     detail = Trainer(d_cfg, "detail", out / "detail", store, device="cpu",
                      coarse_checkpoint=coarse.checkpoint).run()
     return Path(detail.checkpoint)
+
+
+# Shared module-scoped fixtures: a tiny synthetic set and an untrained checkpoint.
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return make_synth(tmp_path_factory.mktemp("synth"), identities=2, images=2, size=96)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "detail-000000000.pt")

@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reconstruct_fixtures import checkpoint, synth  # noqa: F401 (fixtures)
 from reconstruct_fixtures import make_synth, tiny_config, untrained_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_NOW = ["evaluation.workers=1", "evaluation.refine_iters=3"]
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return make_synth(tmp_path_factory.mktemp("synth"), identities=2, images=2, size=96)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "detail-000000000.pt")
 
 
 def test_predict_writes_a_now_set_that_evaluate_now_scores(synth, checkpoint, tmp_path):

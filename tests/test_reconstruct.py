@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from reconstruct_fixtures import checkpoint, synth  # noqa: F401 (fixtures)
 from reconstruct_fixtures import make_synth, tiny_config, train_tiny, untrained_checkpoint
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return make_synth(tmp_path_factory.mktemp("synth"), identities=2, images=2, size=96)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "detail-000000000.pt")
 
 
 def _inputs(synth: Path, root: Path) -> Path:
