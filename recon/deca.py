@@ -29,7 +29,7 @@ from recon.config import FaceModelConfig, NetworkConfig
 from recon.face_assets import FaceModelAssets
 from recon.flame import FLAME, FlameOutput
 from recon.networks import CodeLayout, CoarseEncoder, DetailDecoder, Encoder
-from recon.render import (DecaRenderer, ndc_to_image, sample_texture, shade_grey,
+from recon.render import (DecaRenderer, RenderOutput, ndc_to_image,
                           vertex_normals, weak_perspective_project)
 from recon.render.shading import SH_CONSTANTS
 
@@ -80,12 +80,14 @@ class Reconstruction:
     With ``render=True``: ``albedo`` (B, 3, Ha, Wa) UV albedo; ``images`` (B, 3, H, W) coarse
     lit render (albedo x SH shading, black background); ``alpha`` (B, 1, H, W) coverage;
     ``face_mask`` (B, 1, H, W) the face region of the render (UV face mask x alpha; no gradient);
-    ``normal_images`` and ``shading_images`` (B, 3, H, W); ``uv_grid`` (B, H, W, 2) UV
-    lookup of each pixel; ``shape_images`` (B, 3, H, W) grey shaded coarse shape.
+    ``coarse_render`` the renderer's ``RenderOutput``, from which the properties
+    ``normal_images`` and ``shading_images`` (B, 3, H, W), ``uv_grid`` (B, H, W, 2) UV
+    lookup of each pixel and ``shape_images`` (B, 3, H, W) grey shaded coarse shape are
+    scattered on first use.
     With detail (``codes.detail`` set): ``uv_displacement`` (B, 1, S, S);
     ``uv_detail_normals`` (B, 3, S, S); ``uv_detail_vertices`` (B, 3, S, S) position map of
     the detailed surface (the dense detailed mesh); and, when rendering,
-    ``images_detail`` / ``shape_detail_images`` (B, 3, H, W).
+    ``images_detail`` and ``detail_render`` (its ``shape_detail_images`` (B, 3, H, W)).
     """
 
     codes: Codes
@@ -98,15 +100,33 @@ class Reconstruction:
     images: torch.Tensor | None = None
     alpha: torch.Tensor | None = None
     face_mask: torch.Tensor | None = None
-    normal_images: torch.Tensor | None = None
-    shading_images: torch.Tensor | None = None
-    uv_grid: torch.Tensor | None = None
-    shape_images: torch.Tensor | None = None
     uv_displacement: torch.Tensor | None = None
     uv_detail_normals: torch.Tensor | None = None
     uv_detail_vertices: torch.Tensor | None = None
     images_detail: torch.Tensor | None = None
-    shape_detail_images: torch.Tensor | None = None
+    # the renderer's outputs: the image maps below are scattered from them on first use
+    coarse_render: RenderOutput | None = None
+    detail_render: RenderOutput | None = None
+
+    @property
+    def normal_images(self) -> torch.Tensor | None:
+        return None if self.coarse_render is None else self.coarse_render.normal_images
+
+    @property
+    def shading_images(self) -> torch.Tensor | None:
+        return None if self.coarse_render is None else self.coarse_render.shading_images
+
+    @property
+    def uv_grid(self) -> torch.Tensor | None:
+        return None if self.coarse_render is None else self.coarse_render.uv_grid
+
+    @property
+    def shape_images(self) -> torch.Tensor | None:
+        return None if self.coarse_render is None else self.coarse_render.shape_images
+
+    @property
+    def shape_detail_images(self) -> torch.Tensor | None:
+        return None if self.detail_render is None else self.detail_render.shape_images
 
 
 def _non_persistent(module: nn.Module) -> None:
@@ -244,18 +264,13 @@ class DECA(nn.Module):
     def _render_coarse(self, rec: Reconstruction, light: torch.Tensor) -> None:
         albedo = self.albedo(rec.codes.tex.float())
         out = self.renderer.render(rec.vertices, rec.vertices_ndc, albedo, light)
-        B = albedo.shape[0]
         rec.albedo = albedo
-        rec.images, rec.alpha = out["images"], out["alpha"]
-        rec.normal_images, rec.shading_images = out["normal_images"], out["shading_images"]
-        rec.uv_grid = out["uv_grid"]
+        rec.images, rec.alpha, rec.coarse_render = out.images, out.alpha, out
         # A selection mask, without gradient (DECA samples it with a detached grid): a live
         # one lets the geometry move the face region's border off pixels it renders badly,
         # a systematic pull on the shape codes.
         with torch.no_grad():
-            rec.face_mask = sample_texture(self.uv_face_mask.expand(B, -1, -1, -1),
-                                           rec.uv_grid) * rec.alpha
-        rec.shape_images = shade_grey(out["normal_images"], out["alpha"])
+            rec.face_mask = out.sample(self.uv_face_mask)
 
     def _add_detail(self, rec: Reconstruction, uv_z: torch.Tensor, light: torch.Tensor,
                     render: bool) -> None:
@@ -269,8 +284,7 @@ class DECA(nn.Module):
         if render:
             out = self.renderer.render(rec.vertices, rec.vertices_ndc, rec.albedo, light,
                                        detail_normals_uv=rec.uv_detail_normals)
-            rec.images_detail = out["images"]
-            rec.shape_detail_images = shade_grey(out["normal_images"], out["alpha"])
+            rec.images_detail, rec.detail_render = out.images, out
 
     def reconstruct(self, images: torch.Tensor, with_detail: bool = True,
                     render: bool = True) -> Reconstruction:

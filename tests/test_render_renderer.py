@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from recon.render import (DecaRenderer, PerspectiveCamera, draw_landmarks, interpolate,
-                          ndc_to_image, rasterize, sh_shading, vertex_normals,
+                          ndc_to_image, rasterize, sample_texture, sample_texture_packed,
+                          sh_shading, sh_shading_packed, vertex_normals,
                           weak_perspective_project)
 from render_reference import demo_head, grid_mesh, rotation_y, t64, uv_sphere
 
@@ -82,6 +83,37 @@ def test_sh_constants_and_shading():
     want = sum(k[i] * basis[i][None] * sh[0, i][:, None, None] for i in range(9))
     got = sh_shading(t64(n), t64(sh))[0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-7)
+
+
+def test_packed_texture_lookup_equals_grid_sample_per_image():
+    """The stacked-maps lookup equals grid_sample on each map, values and gradients,
+    including points beyond the border (clamped, never reading the neighbouring map)."""
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W, P = 3, 2, 5, 7, 200
+    tex = torch.rand(B, C, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    grid = ((torch.rand(P, 2, generator=g, dtype=torch.float64) - 0.5) * 2.4).requires_grad_()
+    batch = torch.randint(0, B, (P,), generator=g)
+    got = sample_texture_packed(tex, grid, batch)
+    want = torch.cat([sample_texture(tex[b:b + 1], grid[batch == b].view(1, 1, -1, 2))
+                      [0, :, 0].t() for b in range(B)])
+    order = torch.cat([(batch == b).nonzero().squeeze(1) for b in range(B)])
+    torch.testing.assert_close(got[order], want)
+    w = torch.rand(P, C, generator=g, dtype=torch.float64)
+    g1 = torch.autograd.grad((got[order] * w[order]).sum(), (tex, grid))
+    g2 = torch.autograd.grad((want * w[order]).sum(), (tex, grid))
+    torch.testing.assert_close(g1[0], g2[0])
+    torch.testing.assert_close(g1[1], g2[1])
+
+
+def test_packed_sh_shading_equals_image_shading():
+    g = torch.Generator().manual_seed(1)
+    n = torch.nn.functional.normalize(torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64), dim=1)
+    sh = torch.randn(2, 9, 3, generator=g, dtype=torch.float64)
+    want = sh_shading(n, sh)  # (2, 3, 4, 5)
+    packed = n.permute(0, 2, 3, 1).reshape(-1, 3)
+    batch = torch.arange(2).repeat_interleave(20)
+    got = sh_shading_packed(packed, sh, batch)
+    torch.testing.assert_close(got, want.permute(0, 2, 3, 1).reshape(-1, 3))
 
 
 def test_texture_and_world2uv_identity_layout():

@@ -11,16 +11,18 @@ from recon.render.interpolate import (face_normals, interpolate, interpolate_pac
                                       vertex_normals)
 from recon.render.overlay import draw_landmarks
 from recon.render.rasterize import Fragments, barycentric_step, rasterize
-from recon.render.renderer import DecaRenderer, render_grey, shade_grey
-from recon.render.shading import directional_shading, sh_basis, sh_shading
-from recon.render.texture import sample_texture, uv_to_grid
+from recon.render.renderer import DecaRenderer, RenderOutput, render_grey, shade_grey
+from recon.render.shading import directional_shading, sh_basis, sh_shading, sh_shading_packed
+from recon.render.texture import sample_texture, sample_texture_packed, uv_to_grid
 from recon.render.uv import UVRasterizer, grid_normals
 
 __all__ = [
-    "BackendUnavailable", "DecaRenderer", "Fragments", "PerspectiveCamera", "UVRasterizer",
+    "BackendUnavailable", "DecaRenderer", "Fragments", "PerspectiveCamera", "RenderOutput",
+    "UVRasterizer",
     "available_backends", "barycentric_step", "directional_shading", "draw_landmarks",
     "face_normals", "get_backend", "grid_normals", "image_to_pixel", "interpolate",
     "interpolate_packed", "ndc_to_image", "ndc_to_pixel", "rasterize", "render_grey",
-    "sample_texture", "sh_basis", "sh_shading", "shade_grey", "uv_to_grid",
+    "sample_texture", "sample_texture_packed", "sh_basis", "sh_shading",
+    "sh_shading_packed", "shade_grey", "uv_to_grid",
     "vertex_normals", "weak_perspective_project",
 ]

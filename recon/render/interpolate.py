@@ -50,7 +50,8 @@ def interpolate(fragments: Fragments, faces: torch.Tensor, attrs: torch.Tensor
 def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """verts: (B, V, 3), faces: (F, 3) -> (B, F, 3) unnormalised, length = 2 x area,
     pointing to the side from which the triangle is counter-clockwise."""
-    v0, v1, v2 = (verts[:, faces[:, k]] for k in range(3))
+    B, F = verts.shape[0], faces.shape[0]
+    v0, v1, v2 = verts.index_select(1, faces.reshape(-1)).view(B, F, 3, 3).unbind(2)
     return torch.cross(v1 - v0, v2 - v0, dim=-1)
 
 

@@ -1,6 +1,9 @@
 """A DECA-style renderer composed of the parts of ``recon.render``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
@@ -8,8 +11,9 @@ from recon.render.cameras import ndc_to_pixel
 from recon.render.interpolate import (interpolate_corners_packed, interpolate_packed,
                                       scatter_packed, vertex_normals)
 from recon.render.rasterize import DEFAULT_CHUNK_PAIRS, Fragments, rasterize
-from recon.render.shading import GREY_ALBEDO, directional_shading, sh_shading
-from recon.render.texture import sample_texture, uv_to_grid
+from recon.render.shading import (GREY_ALBEDO, directional_shading, sh_shading,
+                                  sh_shading_packed)
+from recon.render.texture import sample_texture, sample_texture_packed, uv_to_grid
 from recon.render.uv import UVRasterizer, grid_normals
 
 
@@ -39,6 +43,71 @@ def render_grey(verts_world: torch.Tensor, verts_ndc: torch.Tensor, faces: torch
     frags = rasterize(verts_ndc, faces, image_size, cull_backfaces, backend)
     normals = _normalize(interpolate_packed(frags, vertex_normals(verts_world, faces)), -1)
     return shade_grey(scatter_packed(frags, normals), frags.mask), frags
+
+
+@dataclass(eq=False)
+class RenderOutput:
+    """What ``DecaRenderer.render`` returns. The per-pixel work is done on the P covered
+    pixels only (packed, ``fragments.pix`` order); full images are scattered on first use.
+
+    Always computed: ``images`` (B, 3, H, W) = albedo x shading (+ background outside the
+    face), ``alpha`` (B, 1, H, W) coverage (no gradient, as DECA), ``fragments``.
+    Packed (P, C): ``albedo_packed``, ``normals_packed`` (unit, world), ``shading_packed``,
+    ``grid_packed`` (UV ``grid_sample`` coordinates).
+    On first access (B, C, H, W), 0 where no face is visible: ``albedo_images``,
+    ``normal_images``, ``shading_images`` (1 everywhere for an unlit render),
+    ``shape_images`` (DECA's grey shape look of these normals); ``uv_grid`` (B, H, W, 2).
+    Also readable as ``out["images"]`` etc.
+    """
+
+    fragments: Fragments
+    images: torch.Tensor
+    albedo_packed: torch.Tensor
+    normals_packed: torch.Tensor
+    shading_packed: torch.Tensor | None
+    grid_packed: torch.Tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor | Fragments:
+        return getattr(self, name)
+
+    @cached_property
+    def alpha(self) -> torch.Tensor:
+        return self.fragments.mask
+
+    @property
+    def pix_to_face(self) -> torch.Tensor:
+        return self.fragments.pix_to_face
+
+    @cached_property
+    def albedo_images(self) -> torch.Tensor:
+        return scatter_packed(self.fragments, self.albedo_packed)
+
+    @cached_property
+    def normal_images(self) -> torch.Tensor:
+        return scatter_packed(self.fragments, self.normals_packed)
+
+    @cached_property
+    def shading_images(self) -> torch.Tensor:
+        if self.shading_packed is None:
+            return torch.ones_like(self.albedo_images)
+        return scatter_packed(self.fragments, self.shading_packed)
+
+    @cached_property
+    def uv_grid(self) -> torch.Tensor:
+        return scatter_packed(self.fragments, self.grid_packed).permute(0, 2, 3, 1)
+
+    @cached_property
+    def shape_images(self) -> torch.Tensor:
+        grey = directional_shading(self.normals_packed[:, :, None, None])[:, :, 0, 0]
+        return scatter_packed(self.fragments, GREY_ALBEDO * grey)
+
+    def sample(self, texture: torch.Tensor) -> torch.Tensor:
+        """A UV map (B or 1, C, Huv, Wuv) looked up at every covered pixel: (B, C, H, W),
+        0 where no face is visible."""
+        B = self.fragments.shape[0]
+        values = sample_texture_packed(texture.expand(B, -1, -1, -1), self.grid_packed,
+                                       self.fragments.batch_packed)
+        return scatter_packed(self.fragments, values)
 
 
 class DecaRenderer(torch.nn.Module):
@@ -78,7 +147,7 @@ class DecaRenderer(torch.nn.Module):
     def render(self, verts_world: torch.Tensor, verts_ndc: torch.Tensor,
                albedo: torch.Tensor, lights: torch.Tensor | None,
                detail_normals_uv: torch.Tensor | None = None,
-               background: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               background: torch.Tensor | None = None) -> RenderOutput:
         """Textured, SH-lit render (DECA's ``render``).
 
         verts_world: (B, V, 3) posed mesh (its normals light the surface); verts_ndc:
@@ -86,35 +155,22 @@ class DecaRenderer(torch.nn.Module):
         lights: (B, 9, 3) SH coefficients or None (unlit: images = albedo);
         detail_normals_uv: (B, 3, Huv, Wuv) replaces the coarse normals if given;
         background: (B, 3, H, W) composited where no face is visible.
-
-        Returns: ``images`` (B,3,H,W) = albedo x shading (x alpha, + background),
-        ``alpha`` (B,1,H,W) coverage (no gradient, as DECA), ``albedo_images``,
-        ``shading_images``, ``normal_images`` (unit world normals, 0 outside),
-        ``uv_grid`` (B,H,W,2) ``grid_sample`` coordinates of each pixel in UV maps (0
-        outside: always mask with alpha), ``pix_to_face`` (B,H,W), ``fragments``.
+        Returns a ``RenderOutput`` (images, alpha and the other maps, see there).
         """
         frags = self.rasterize(verts_ndc)
-        alpha = frags.mask
-        grid = scatter_packed(frags, interpolate_corners_packed(
-            frags, self.corner_grid.to(verts_ndc.dtype)))  # (B, 2, H, W)
-        uv_grid = grid.permute(0, 2, 3, 1)
-        albedo_images = sample_texture(albedo, uv_grid) * alpha
+        batch = frags.batch_packed
+        grid = interpolate_corners_packed(frags, self.corner_grid.to(verts_ndc.dtype))  # (P, 2)
+        albedo_p = sample_texture_packed(albedo, grid, batch)
         if detail_normals_uv is not None:
-            normal_images = _normalize(sample_texture(detail_normals_uv, uv_grid), 1) * alpha
+            normals = _normalize(sample_texture_packed(detail_normals_uv, grid, batch), -1)
         else:
-            n = interpolate_packed(frags, vertex_normals(verts_world, self.faces))
-            normal_images = scatter_packed(frags, _normalize(n, -1))
-        if lights is not None:
-            shading_images = sh_shading(normal_images, lights)
-            images = albedo_images * shading_images
-        else:
-            shading_images = torch.ones_like(albedo_images)
-            images = albedo_images
+            normals = _normalize(interpolate_packed(frags, vertex_normals(verts_world, self.faces)), -1)
+        shading = None if lights is None else sh_shading_packed(normals, lights, batch)
+        images = scatter_packed(frags, albedo_p if shading is None else albedo_p * shading)
         if background is not None:
-            images = images + background * (1.0 - alpha)
-        return {"images": images, "alpha": alpha, "albedo_images": albedo_images,
-                "shading_images": shading_images, "normal_images": normal_images,
-                "uv_grid": uv_grid, "pix_to_face": frags.pix_to_face, "fragments": frags}
+            images = images + background * (1.0 - frags.mask)
+        return RenderOutput(fragments=frags, images=images, albedo_packed=albedo_p,
+                            normals_packed=normals, shading_packed=shading, grid_packed=grid)
 
     def render_shape(self, verts_world: torch.Tensor, verts_ndc: torch.Tensor,
                      detail_normals_uv: torch.Tensor | None = None,

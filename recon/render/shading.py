@@ -50,6 +50,23 @@ def sh_shading(normals: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
     return torch.bmm(sh.transpose(1, 2).to(basis.dtype), basis).view(B, 3, H, W)
 
 
+def sh_shading_packed(normals: torch.Tensor, sh: torch.Tensor, batch: torch.Tensor
+                      ) -> torch.Tensor:
+    """``sh_shading`` at scattered points (the covered pixels of a packed render).
+
+    normals: (P, 3) unit normals; sh: (B, 9, 3); batch: (P,) long, each point's image,
+    sorted ascending (as ``Fragments.batch_packed``). Returns (P, 3).
+    One (P_b, 9) x (9, 3) product per image: a per-point gather of the lights would move
+    27 floats per pixel.
+    """
+    if sh.dim() != 3 or sh.shape[1:] != (9, 3):
+        raise ValueError(f"sh must be (B, 9, 3), got {tuple(sh.shape)}")
+    basis = sh_basis(normals.unsqueeze(-1)).squeeze(-1)  # (P, 9)
+    counts = torch.bincount(batch, minlength=sh.shape[0]).tolist()
+    light = sh.to(basis.dtype)
+    return torch.cat([part @ light[b] for b, part in enumerate(basis.split(counts))])
+
+
 def directional_shading(normals: torch.Tensor,
                         directions=GREY_LIGHT_DIRECTIONS,
                         intensity: float = GREY_LIGHT_INTENSITY) -> torch.Tensor:

@@ -19,3 +19,28 @@ def sample_texture(texture: torch.Tensor, uv_grid: torch.Tensor) -> torch.Tensor
     """
     return F.grid_sample(texture, uv_grid.to(texture.dtype), mode="bilinear",
                          padding_mode="border", align_corners=False)
+
+
+def sample_texture_packed(texture: torch.Tensor, grid: torch.Tensor, batch: torch.Tensor
+                          ) -> torch.Tensor:
+    """``sample_texture`` at scattered points: the covered pixels of a packed render.
+
+    texture: (B, C, Huv, Wuv); grid: (P, 2) ``grid_sample`` coordinates; batch: (P,) long,
+    the map each point reads. Returns (P, C), equal to ``sample_texture`` at those pixels
+    (bilinear, ``align_corners=False``, border padding).
+
+    One ``grid_sample`` over the maps stacked vertically, (1, C, B*Huv, Wuv): each point's
+    row coordinate is clamped into its own map first (what border padding does), so no
+    sample blends two maps; the work is per covered pixel, not per image pixel.
+    """
+    B, C, H, W = texture.shape
+    g = grid.to(texture.dtype)
+    # texel coordinates (centres at integers), clamped as border padding clamps them
+    px = ((g[:, 0] + 1.0) * W - 1.0).mul(0.5).clamp(0.0, W - 1.0)
+    py = ((g[:, 1] + 1.0) * H - 1.0).mul(0.5).clamp(0.0, H - 1.0) + batch.to(g.dtype) * H
+    stacked_grid = torch.stack([(2.0 * px + 1.0) / W - 1.0, (2.0 * py + 1.0) / (B * H) - 1.0],
+                               dim=-1)
+    stacked = texture.transpose(0, 1).reshape(1, C, B * H, W)
+    out = F.grid_sample(stacked, stacked_grid.view(1, 1, -1, 2), mode="bilinear",
+                        padding_mode="border", align_corners=False)  # (1, C, 1, P)
+    return out.view(C, -1).t()

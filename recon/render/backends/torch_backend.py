@@ -47,7 +47,8 @@ def face_ids(
     if F == 0 or B == 0:
         return torch.full((B, height, width), -1, dtype=torch.long, device=device)
     vp = verts_pix.detach().to(torch.float32)
-    tri = vp[:, faces]  # (B, F, 3 corners, 3 coords)
+    # index_select, not advanced indexing: several times faster on CPU
+    tri = vp.index_select(1, faces.reshape(-1)).view(B, F, 3, 3)  # (B, F, 3 corners, 3 coords)
     x, y = tri[..., 0], tri[..., 1]
     area = (x[..., 1] - x[..., 0]) * (y[..., 2] - y[..., 0]) - \
         (y[..., 1] - y[..., 0]) * (x[..., 2] - x[..., 0])  # (B, F), rows downward
@@ -62,9 +63,11 @@ def face_ids(
     ymax = torch.floor(y.amax(-1).clamp(-1.0, big)).to(torch.int64).clamp_(max=height - 1)
     w, h = xmax - xmin + 1, ymax - ymin + 1
     valid &= (w > 0) & (h > 0)
-    # Bucket = (ceil log2 h, ceil log2 w); invalid faces sort last and are dropped.
-    lw = torch.ceil(torch.log2(w.clamp(min=1).to(torch.float32))).to(torch.int64)
-    lh = torch.ceil(torch.log2(h.clamp(min=1).to(torch.float32))).to(torch.int64)
+    # Bucket = (ceil log2 h, ceil log2 w), at least 2 x 2: 1-pixel-wide buckets would add
+    # ~10 more bucket passes for ~3 % fewer candidate pairs (FLAME-like meshes).
+    # Invalid faces sort last and are dropped.
+    lw = torch.ceil(torch.log2(w.clamp(min=2).to(torch.float32))).to(torch.int64)
+    lh = torch.ceil(torch.log2(h.clamp(min=2).to(torch.float32))).to(torch.int64)
     bucket = torch.where(valid, lh * 64 + lw, 1 << 20).reshape(-1)
     order = torch.argsort(bucket, stable=True)
     n = int(valid.sum())
@@ -74,24 +77,25 @@ def face_ids(
     bucket = bucket[sel]
 
     # Per-face data gathered once in bucket order, so each chunk is a slice.
-    t = tri.reshape(-1, 3, 3)[sel]
-    x, y, z = t[..., 0], t[..., 1], t[..., 2]  # (n, 3)
-    box = torch.stack([xmin, ymin, w, h], dim=-1).reshape(-1, 4)[sel]
+    t = tri.reshape(-1, 3, 3).index_select(0, sel)
+    x, y, z = t.unbind(-1)  # (n, 3)
+    box = torch.stack([xmin, ymin, w, h], dim=-1).reshape(-1, 4).index_select(0, sel)
     x0, y0 = box[:, 0], box[:, 1]
-    area = area.reshape(-1)[sel]
+    area = area.reshape(-1).index_select(0, sel)
     batch = torch.div(sel, F, rounding_mode="floor")
     local = sel - batch * F
     # Edge k is opposite corner k and runs corner k+1 -> k+2; its canonical start is the
     # corner with the lower vertex index.
-    c1, c2 = [1, 2, 0], [2, 0, 1]
-    swap = (faces[:, c1] > faces[:, c2])[local]  # (n, 3)
-    xa = torch.where(swap, x[:, c2], x[:, c1])
-    ya = torch.where(swap, y[:, c2], y[:, c1])
+    # corner k+1 / k+2 of every k: roll the corner axis
+    swap = (faces.roll(-1, 1) > faces.roll(1, 1)).index_select(0, local)  # (n, 3)
+    x1, x2, y1, y2 = x.roll(-1, 1), x.roll(1, 1), y.roll(-1, 1), y.roll(1, 1)
+    xa = torch.where(swap, x2, x1)
+    ya = torch.where(swap, y2, y1)
     # Orientation sign folded into the edge vectors so "inside" is all edge values >= 0;
     # negating a factor negates the product exactly, keeping shared edges watertight.
     sgn = torch.where(swap, -1.0, 1.0) * torch.sign(area)[:, None]
-    ex = sgn * (torch.where(swap, x[:, c1], x[:, c2]) - xa)
-    ey = sgn * (torch.where(swap, y[:, c1], y[:, c2]) - ya)
+    ex = sgn * (torch.where(swap, x1, x2) - xa)
+    ey = sgn * (torch.where(swap, y1, y2) - ya)
     # Depth plane z(col, row) = z0 + gx (col - x0) + gy (row - y0) from the barycentrics;
     # edge value E_k(p) = ex_k (py - ya_k) - ey_k (px - xa_k) has gradient (-ey_k, ex_k).
     zk = z / area.abs()[:, None]
