@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flows.config import load_config
+from flows.config import load_config, with_stage_weights
 from recon.evaluation.alignment import umeyama
 from recon.synth import generate, iter_samples, load_params
 from recon.training.data import CropAugment, SampleStore, iter_eval_batches
@@ -146,7 +146,7 @@ def main() -> None:
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
-    cfg = load_config(args.config, overrides)
+    cfg = with_stage_weights(load_config(args.config, overrides), "coarse")
     report: dict = {"machine": f"{platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}"}
     with tempfile.TemporaryDirectory() as tmp:

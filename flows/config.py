@@ -21,6 +21,7 @@ from recon.evaluation.config import EvaluationConfig, PromotionConfig
 from infra.config import ServicesConfig, StorageConfig
 from preprocessing.config import PreprocessConfig
 from flows.jobs_config import EvaluateFlowConfig, ReconstructConfig, RetrainConfig
+from infra.model_store import resolve_identity_weights, resolve_perceptual_weights
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -106,3 +107,16 @@ def load_config(
         return WildfaceConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+
+
+def with_stage_weights(cfg: WildfaceConfig, stage: str) -> WildfaceConfig:
+    """``cfg`` with the pretrained network that training ``stage`` builds given as a local,
+    checked file: the identity network (coarse stage, ``loss.identity`` > 0) or VGG19 (detail
+    stage, ``loss.mrf`` > 0) from the model store when its ``weights`` is not set, since
+    ``recon`` loads files only. Call it where the trainer runs: a Ray worker resolves into
+    its own machine's store cache."""
+    if stage == "coarse" and cfg.loss.identity > 0:
+        return cfg.model_copy(update={"identity": resolve_identity_weights(cfg.identity)})
+    if stage == "detail" and cfg.loss.mrf > 0:
+        return cfg.model_copy(update={"perceptual": resolve_perceptual_weights(cfg.perceptual)})
+    return cfg

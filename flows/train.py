@@ -38,7 +38,6 @@ exit abruptly once (when ``marker`` does not exist yet; it is created first) aft
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -56,7 +55,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import tracking  # noqa: E402
 from flows.ray_cluster import init_ray, run_storage, scaling_config  # noqa: E402
-from flows.config import WildfaceConfig, load_config  # noqa: E402
+from flows.config import WildfaceConfig, load_config, with_stage_weights  # noqa: E402
 from infra import storage  # noqa: E402
 from infra.config import RayConfig  # noqa: E402
 from recon.training.trainer import TrainerCallback  # noqa: E402
@@ -128,14 +127,9 @@ def rank_store(data: str, rank: int, world: int, n_identities: int):
             return SampleStore.from_samples(iter_samples(data, set(mine))), True
         return SampleStore.from_samples(iter_samples(data)), False
 
-    from preprocessing.shards import iter_samples, shard_urls
+    from preprocessing.shards import iter_samples, read_split
 
-    urls = sorted(shard_urls(data, "train"))
-    if not urls:
-        raise FileNotFoundError(f"no train-*.tar shards under {data}/shards")
-    ids_uri = storage.join(data, "identities.json")
-    identities = (json.loads(storage.read_bytes(ids_uri)).get("train")
-                  if storage.exists(ids_uri) else None)
+    urls, identities = read_split(data, "train")
     if world > 1 and len(urls) >= world:
         store = SampleStore.from_samples(iter_samples(urls[rank::world]), identities)
         if len(store.identities) >= n_identities:
@@ -146,12 +140,14 @@ def rank_store(data: str, rank: int, world: int, n_identities: int):
 def figure_batch(data: str, store, cfg: WildfaceConfig, n: int) -> dict:
     """A fixed set of ``n`` images for the figures: the first of the validation split when
     the data has one, else of ``store`` (evaluation crop, sorted keys)."""
+    from preprocessing.shards import iter_samples, read_split
     from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 
     source = store
     if not is_synth_folder(data):
         try:
-            source = SampleStore.from_shards(data, "val")
+            urls, identities = read_split(data, "val")
+            source = SampleStore.from_samples(iter_samples(urls), identities)
         except (FileNotFoundError, OSError, ValueError):
             source = store
     d = cfg.data
@@ -279,9 +275,10 @@ def train_loop(lc: dict[str, Any]) -> None:
 
     from recon.training.trainer import Trainer
 
-    cfg = WildfaceConfig.model_validate_json(lc["config_json"])
     stage: Stage = lc["stage"]
-    storage.configure(cfg.storage)
+    cfg = WildfaceConfig.model_validate_json(lc["config_json"])
+    storage.configure(cfg.storage)  # before the weights: the model store may be on s3://
+    cfg = with_stage_weights(cfg, stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

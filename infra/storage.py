@@ -1,6 +1,7 @@
 """Local paths and ``s3://`` URIs behind one small API, with atomic writes.
 
-Local writes go to a temporary file in the target folder and are renamed into place; S3
+Local writes go to a temporary file in the target folder and are renamed into place
+(:func:`recon.mesh_io.atomic_writer`, fsynced for ``write_bytes``); S3
 objects only become visible when a ``put_object`` or a multipart upload completes, so a
 reader never sees half an object in either case. The S3 endpoint comes from
 :class:`infra.config.StorageConfig` (``configure``) or ``$AWS_ENDPOINT_URL``.
@@ -13,11 +14,11 @@ import functools
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 from infra.config import StorageConfig
+from recon.mesh_io import atomic_write_bytes, atomic_writer
 
 _config = StorageConfig()
 
@@ -94,18 +95,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         bucket, key = split_s3(str(uri))
         _client().put_object(Bucket=bucket, Key=key, Body=data)
         return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(uri, data, fsync=True)
 
 
 def upload_fileobj(fileobj: IO[bytes], uri: str) -> None:
@@ -126,16 +116,8 @@ def put_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
         with open(local, "rb") as f:
             upload_fileobj(f, str(uri))
         return
-    dst = Path(uri)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(local, "rb") as src, atomic_writer(uri) as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def exists(uri: str | os.PathLike) -> bool:

@@ -1,8 +1,8 @@
 """Annotations beside an image, used instead of the models when present.
 
 ``dir/<identity>/<name>.<ext>`` may have ``<name>.pts`` (iBUG PTS, 68 points, 1-based
-pixel coordinates as in 300-W) and ``<name>.mask.png`` (8-bit skin mask of the photo's
-size, > 127 = skin).
+pixel coordinates as in 300-W; the format lives in :mod:`recon.landmarks_io`) and
+``<name>.mask.png`` (8-bit skin mask of the photo's size, > 127 = skin).
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image
 
 from preprocessing.decode import Rejected
+from recon import landmarks_io
+from recon.landmarks_io import PTS_SUFFIX, write_pts
 
-PTS_SUFFIX = ".pts"
 MASK_SUFFIX = ".mask.png"
 
 
@@ -29,23 +30,12 @@ def is_sidecar(uri: str) -> bool:
 
 
 def read_pts(data: bytes) -> np.ndarray:
-    """PTS bytes -> (68, 2) float32, 0-based pixel coordinates."""
+    """PTS bytes -> (68, 2) float32, 0-based pixel coordinates; an unreadable file is a
+    rejection of its image."""
     try:
-        text = data.decode("utf-8", errors="strict")
-        body = text[text.index("{") + 1:text.index("}")]
-        pts = np.array([[float(v) for v in line.split()] for line in body.strip().splitlines()
-                        if line.strip()], dtype=np.float32)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise Rejected(f"unreadable .pts annotation: {err}") from None
-    if pts.shape != (68, 2):
-        raise Rejected(f".pts annotation has shape {pts.shape}, expected (68, 2)")
-    return pts - 1.0
-
-
-def write_pts(lmk: np.ndarray) -> bytes:
-    """(68, 2) 0-based pixel coordinates -> PTS bytes (1-based)."""
-    lines = [f"{x + 1:.3f} {y + 1:.3f}" for x, y in np.asarray(lmk, dtype=np.float64)]
-    return ("version: 1\nn_points: 68\n{\n" + "\n".join(lines) + "\n}\n").encode()
+        return landmarks_io.read_pts(data)
+    except ValueError as err:
+        raise Rejected(str(err)) from None
 
 
 def read_mask(data: bytes, width: int, height: int) -> np.ndarray:
@@ -58,3 +48,8 @@ def read_mask(data: bytes, width: int, height: int) -> np.ndarray:
     if img.size != (width, height):
         raise Rejected(f"mask annotation is {img.size}, photo is {(width, height)}")
     return np.where(np.asarray(img.convert("L")) > 127, 255, 0).astype(np.uint8)
+
+
+# write_pts and PTS_SUFFIX are recon.landmarks_io's, re-exported for the sidecars' users.
+__all__ = ["MASK_SUFFIX", "PTS_SUFFIX", "is_sidecar", "read_mask", "read_pts", "sidecar_stem",
+           "write_pts"]

@@ -7,6 +7,7 @@ local path only: ``face-alignment`` (SFD .pth) and ``insightface`` (RetinaFace/S
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,44 +79,63 @@ class DlibDetector:
         return _filter(faces, self.cfg)
 
 
-class SFDDetector:
-    """face-alignment's S3FD from a local ``.pth`` (``detector_weights``)."""
+# A loaded optional model: (H, W, 3) uint8 BGR image -> rows ``x0, y0, x1, y1, score, ...``
+# in that image's pixels.
+FindBoxes = Callable[[np.ndarray], Iterable[np.ndarray]]
 
-    def __init__(self, cfg: PreprocessConfig):
+
+def _load_sfd(weights: str) -> FindBoxes:
+    from face_alignment.detection.sfd.sfd_detector import SFDDetector
+
+    det = SFDDetector(device="cpu", path_to_detector=weights)
+    return lambda bgr: det.detect_from_image(bgr) or []
+
+
+def _load_insightface(weights: str) -> FindBoxes:
+    from insightface.model_zoo import get_model
+
+    det = get_model(weights, providers=["CPUExecutionProvider"])
+    det.prepare(ctx_id=-1, input_size=(640, 640))
+    return lambda bgr: det.detect(bgr)[0]
+
+
+@dataclass(frozen=True)
+class OptionalBackend:
+    """A detector from an optional package, with weights from a local file: ``load(weights
+    path)`` imports the package and returns the model as :data:`FindBoxes`."""
+
+    name: str  # PreprocessConfig.detector
+    weights: str  # what preprocess.detector_weights must be, for the error message
+    extra: str  # the pip extra that installs the package
+    load: Callable[[str], FindBoxes]
+
+
+OPTIONAL_BACKENDS = {b.name: b for b in (
+    OptionalBackend("face-alignment", "SFD .pth", "face-alignment", _load_sfd),
+    OptionalBackend("insightface", "RetinaFace/SCRFD .onnx", "insightface", _load_insightface),
+)}
+
+
+class OptionalDetector:
+    """An :class:`OptionalBackend` behind the :class:`Detector` interface: downscaled input,
+    boxes back in the photo's pixels, filtered like the dlib ones."""
+
+    def __init__(self, cfg: PreprocessConfig, backend: OptionalBackend):
         if not cfg.detector_weights:
-            raise ValueError("detector 'face-alignment' needs preprocess.detector_weights (SFD .pth)")
+            raise ValueError(f"detector {backend.name!r} needs preprocess.detector_weights "
+                             f"({backend.weights})")
         try:
-            from face_alignment.detection.sfd.sfd_detector import SFDDetector as _SFD
+            self._detect = backend.load(cfg.detector_weights)
         except ImportError as err:
-            raise ImportError("detector 'face-alignment' needs: pip install 'wildface[face-alignment]'") from err
+            raise ImportError(f"detector {backend.name!r} needs: pip install "
+                              f"'wildface[{backend.extra}]'") from err
         self.cfg = cfg
-        self._det = _SFD(device="cpu", path_to_detector=cfg.detector_weights)
 
     def __call__(self, rgb: np.ndarray) -> list[Face]:
         small, scale = _downscale(rgb, self.cfg.detect_max_side)
-        dets = self._det.detect_from_image(small[..., ::-1].copy()) or []
-        faces = [Face(box=tuple(float(v) / scale for v in d[:4]), score=float(d[4])) for d in dets]
-        return _filter(faces, self.cfg)
-
-
-class InsightfaceDetector:
-    """insightface RetinaFace/SCRFD from a local ``.onnx`` (``detector_weights``)."""
-
-    def __init__(self, cfg: PreprocessConfig):
-        if not cfg.detector_weights:
-            raise ValueError("detector 'insightface' needs preprocess.detector_weights (.onnx)")
-        try:
-            from insightface.model_zoo import get_model
-        except ImportError as err:
-            raise ImportError("detector 'insightface' needs: pip install 'wildface[insightface]'") from err
-        self.cfg = cfg
-        self._det = get_model(cfg.detector_weights, providers=["CPUExecutionProvider"])
-        self._det.prepare(ctx_id=-1, input_size=(640, 640))
-
-    def __call__(self, rgb: np.ndarray) -> list[Face]:
-        small, scale = _downscale(rgb, self.cfg.detect_max_side)
-        bboxes, _ = self._det.detect(small[..., ::-1].copy())
-        faces = [Face(box=tuple(float(v) / scale for v in b[:4]), score=float(b[4])) for b in bboxes]
+        rows = self._detect(small[..., ::-1].copy())  # both backends take BGR
+        faces = [Face(box=tuple(float(v) / scale for v in r[:4]), score=float(r[4]))
+                 for r in rows]
         return _filter(faces, self.cfg)
 
 
@@ -132,7 +152,5 @@ def make_detector(cfg: PreprocessConfig) -> Detector:
         return DlibDetector(cfg, cnn=False)
     if cfg.detector == "dlib-cnn":
         return DlibDetector(cfg, cnn=True)
-    if cfg.detector == "face-alignment":
-        return SFDDetector(cfg)
-    return InsightfaceDetector(cfg)
+    return OptionalDetector(cfg, OPTIONAL_BACKENDS[cfg.detector])
 

@@ -53,6 +53,19 @@ def shard_urls(output: str, split: str) -> list[str]:
             if u.rsplit("/", 1)[-1].startswith(prefix) and u.endswith(".tar")]
 
 
+def read_split(output: str, split: str) -> tuple[list[str], dict[str, list[str]] | None]:
+    """A preprocessing output's ``split`` -> (its shard URLs, sorted; its identity lists from
+    ``identities.json``, None without that file). FileNotFoundError when it has no shards.
+    Training holds a split as ``SampleStore.from_samples(iter_samples(urls), identities)``."""
+    urls = sorted(shard_urls(output, split))
+    if not urls:
+        raise FileNotFoundError(f"no {split}-*.tar shards under {storage.join(output, 'shards')}")
+    ids_uri = storage.join(output, "identities.json")
+    identities = (json.loads(storage.read_bytes(ids_uri)).get(split)
+                  if storage.exists(ids_uri) else None)
+    return urls, identities
+
+
 def webdataset(urls: str | list[str], shuffle: int = 0, resampled: bool = False,
                seed: int = 0):
     """A ``webdataset.WebDataset`` yielding decoded samples (usable in a torch DataLoader;

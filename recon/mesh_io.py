@@ -1,25 +1,48 @@
-"""Mesh files: OBJ (UVs, texture and normal map through an .mtl) and PLY; atomic writes."""
+"""Mesh files: OBJ (UVs, texture and normal map through an .mtl) and PLY; atomic writes.
+
+:func:`atomic_writer` / :func:`atomic_write_bytes` are the project's one temp-file-and-rename
+writer (also behind training checkpoints and ``infra.storage``'s local files). The temporary
+file is ``.<name>.<random>.tmp`` in the target folder: hidden, and skipped by
+``infra.storage.list_files``.
+"""
 from __future__ import annotations
 
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+@contextmanager
+def atomic_writer(path: str | os.PathLike, fsync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file in the same folder, renamed
+    onto ``path`` when the block ends without error, deleted when it raises. A reader never
+    sees a partial file. ``fsync``: flush it to disk before the rename, so the new file also
+    survives a machine crash (checkpoints, stored objects)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path, fsync=fsync) as fh:
+        fh.write(data)
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

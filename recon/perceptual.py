@@ -17,10 +17,10 @@ import torchvision
 from torch import nn
 
 from recon.config import PerceptualConfig
+from recon.weights_file import checked_weights_file
 
 log = logging.getLogger(__name__)
 
-STORE_NAME = "vgg19"
 # Indices of the ReLU outputs in torchvision's ``vgg19().features``.
 LAYERS = {"relu3_2": 13, "relu4_2": 22}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,24 +98,17 @@ class VGG19Features(nn.Module):
 
 def build_perceptual_network(cfg: PerceptualConfig, device: torch.device | str = "cpu"
                              ) -> VGG19Features:
-    """VGG19 features from ``cfg.weights``, else the model store's 'vgg19' entry, else the
-    random-init fallback (refused when ``cfg.require_pretrained``)."""
-    # Imported here: only weight resolution needs the (stdlib-only) model store.
-    from infra.model_store import ModelStore, verify_file
+    """VGG19 features from the local file ``cfg.weights`` (checked against
+    ``weights_sha256`` when given), else the random-init fallback (refused when
+    ``cfg.require_pretrained``).
 
+    A config that leaves ``weights`` to the model store's 'vgg19' entry is resolved by the
+    caller first (``infra.model_store.resolve_perceptual_weights``; the CLI and flows do it)."""
     path: Path | None = None
     if cfg.weights is not None:
-        path = Path(cfg.weights).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"perceptual.weights: file not found: {path}")
-        if cfg.weights_sha256:
-            verify_file(path, cfg.weights_sha256, label=f"perceptual.weights ({path})")
-    else:
-        store = ModelStore(cfg.store)
-        if store.has(STORE_NAME):
-            path = store.path(STORE_NAME)
-        elif cfg.require_pretrained:
-            raise FileNotFoundError(
-                "perceptual.require_pretrained is set but no VGG19 weights are configured "
-                f"(perceptual.weights) nor in the model store {store.root} as {STORE_NAME!r}")
+        path = checked_weights_file(cfg.weights, cfg.weights_sha256, "perceptual.weights")
+    elif cfg.require_pretrained:
+        raise FileNotFoundError(
+            "perceptual.require_pretrained is set but no VGG19 weights file is given "
+            "(perceptual.weights, or the model store's 'vgg19' entry)")
     return VGG19Features(path, seed=cfg.random_seed).to(device)

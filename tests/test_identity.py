@@ -14,12 +14,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from infra.model_store import FACENET_NAME, ChecksumMismatchError, ModelStore, fetch_from_packages
+from infra.model_store import (FACENET_NAME, ModelStore, ModelStoreError, fetch_from_packages,
+                               resolve_identity_weights)
 from recon.config import IdentityConfig
 from recon.identity.facenet import FaceNetIdentity, find_packaged_graph, prewhiten
 from recon.identity.network import build_identity_network
 from recon.identity.protobuf_graph import parse_graph, read_graph, strip_control_inputs
 from recon.losses.identity import identity_loss
+from recon.weights_file import ChecksumMismatchError
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-identity"
 # Face boxes (left, top, right, bottom) from dlib's HOG detector on these fixed images.
@@ -62,7 +64,8 @@ def facenet_store() -> ModelStore:
 @pytest.fixture(scope="session")
 def facenet(facenet_store: ModelStore) -> FaceNetIdentity:
     torch.set_num_threads(2)
-    net = build_identity_network(IdentityConfig(backend="facenet", store=facenet_store.root))
+    cfg = resolve_identity_weights(IdentityConfig(backend="facenet", store=facenet_store.root))
+    net = build_identity_network(cfg)
     assert isinstance(net, FaceNetIdentity)
     return net
 
@@ -215,8 +218,23 @@ def test_identity_loss_backpropagates_to_render_only(facenet: FaceNetIdentity,
     assert all(not p.requires_grad for p in facenet.parameters())
 
 
+def test_store_entry_resolves_to_its_checked_file(facenet_store: ModelStore, tmp_path) -> None:
+    cfg = IdentityConfig(store=facenet_store.root)
+    resolved = resolve_identity_weights(cfg)
+    assert resolved.weights == str(facenet_store.path(FACENET_NAME))
+    assert resolved.model_copy(update={"weights": None}) == cfg  # nothing else changes
+    given = IdentityConfig(weights=str(tmp_path / "mine.safetensors"), store=facenet_store.root)
+    assert resolve_identity_weights(given) == given  # a file in config wins
+    assert resolve_identity_weights(IdentityConfig(backend="none")).weights is None
+    with pytest.raises(ModelStoreError, match="'vggface2-resnet50' is not in the store"):
+        resolve_identity_weights(IdentityConfig(backend="vggface2", store=facenet_store.root))
+    # recon loads files only: an unresolved store config is an error, not a store lookup.
+    with pytest.raises(ValueError, match="identity.weights is not set"):
+        build_identity_network(cfg)
+
+
 def test_factory_frozen_interface(facenet_store: ModelStore) -> None:
-    net = build_identity_network(IdentityConfig(store=facenet_store.root))
+    net = build_identity_network(resolve_identity_weights(IdentityConfig(store=facenet_store.root)))
     assert net is not None and net.embedding_dim == 512 and not net.training
     net.train()  # a frozen recogniser stays in eval mode
     assert not net.training and not any(m.training for m in net.modules())

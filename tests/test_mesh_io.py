@@ -1,11 +1,12 @@
-"""OBJ / PLY writing and reading."""
+"""OBJ / PLY writing and reading; the atomic writer behind every file write."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from recon.mesh_io import read_obj, read_ply, write_obj, write_ply
+from recon.mesh_io import (atomic_write_bytes, atomic_writer, read_obj, read_ply, write_obj,
+                           write_ply)
 
 V = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0.5]], dtype=np.float32)
 F = np.array([[0, 1, 2], [0, 2, 3]])
@@ -68,3 +69,21 @@ def test_texture_requires_uvs(tmp_path):
     with pytest.raises(ValueError, match="needs uvs"):
         write_obj(tmp_path / "x.obj", V, F, texture=np.zeros((2, 2, 3), np.uint8))
     assert not (tmp_path / "x.obj").exists()
+
+
+def test_atomic_writer_replaces_the_file_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "new" / "f.bin"
+    atomic_write_bytes(target, b"old")  # creates the folder
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_writer(target) as fh:
+            fh.write(b"half")
+            raise RuntimeError("crash")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["f.bin"]  # no temporary left
+    with atomic_writer(target, fsync=True) as fh:
+        fh.write(b"new")
+        assert target.read_bytes() == b"old"  # nothing visible before the block ends
+        [tmp] = [p for p in target.parent.iterdir() if p.name != "f.bin"]
+        assert tmp.name.startswith(".f.bin.") and tmp.name.endswith(".tmp")  # hidden
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in target.parent.iterdir()] == ["f.bin"]

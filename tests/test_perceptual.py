@@ -8,9 +8,11 @@ import pytest
 import torch
 import torchvision
 
-from infra.model_store import ChecksumMismatchError, ModelStore
+from flows.config import load_config, with_stage_weights
+from infra.model_store import ModelStore, ModelStoreError, resolve_perceptual_weights
 from recon.config import PerceptualConfig
 from recon.perceptual import LAYERS, VGG19Features, build_perceptual_network
+from recon.weights_file import ChecksumMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +76,32 @@ def test_build_from_config_store_and_checksum(vgg_file, tmp_path, caplog) -> Non
     assert build_perceptual_network(PerceptualConfig(weights=str(path))).pretrained
     with pytest.raises(ChecksumMismatchError):
         build_perceptual_network(PerceptualConfig(weights=str(path), weights_sha256="a" * 64))
-    empty = str(tmp_path / "empty-store")
+    with pytest.raises(FileNotFoundError, match="perceptual.weights: file not found"):
+        build_perceptual_network(PerceptualConfig(weights=str(tmp_path / "missing.pth")))
     with pytest.raises(FileNotFoundError, match="require_pretrained"):
-        build_perceptual_network(PerceptualConfig(store=empty, require_pretrained=True))
+        build_perceptual_network(PerceptualConfig(require_pretrained=True))
+
+    # A store without 'vgg19' leaves the config alone: random-init features, logged.
+    empty = PerceptualConfig(store=str(tmp_path / "empty-store"))
+    assert resolve_perceptual_weights(empty) == empty
     with caplog.at_level(logging.WARNING, logger="recon.perceptual"):
-        assert not build_perceptual_network(PerceptualConfig(store=empty)).pretrained
+        assert not build_perceptual_network(resolve_perceptual_weights(empty)).pretrained
     assert "random-init" in caplog.text
+
     store = ModelStore(tmp_path / "store")
     store.add("vgg19", path, source="test")
-    net = build_perceptual_network(PerceptualConfig(store=store.root, require_pretrained=True))
+    cfg = resolve_perceptual_weights(PerceptualConfig(store=store.root, require_pretrained=True))
+    assert cfg.weights == str(store.path("vgg19"))
+    net = build_perceptual_network(cfg)
     assert net.pretrained and net.weights_source == str(store.path("vgg19"))
+    given = PerceptualConfig(weights=str(path), store=store.root)
+    assert resolve_perceptual_weights(given) == given  # a file in config wins
+
+    # The flows resolve the store for the stage that builds the network, and only then.
+    run = load_config(None, {"perceptual.store": store.root, "identity.store": str(tmp_path)})
+    assert with_stage_weights(run, "detail").perceptual.weights == str(store.path("vgg19"))
+    assert with_stage_weights(run, "detail").identity == run.identity
+    with pytest.raises(ModelStoreError, match="facenet-casia-webface"):
+        with_stage_weights(run, "coarse")  # the coarse stage needs the identity network's
+    off = run.model_copy(update={"loss": run.loss.model_copy(update={"mrf": 0.0})})
+    assert with_stage_weights(off, "detail").perceptual.weights is None

@@ -8,17 +8,12 @@ import pytest
 
 from flows.config import ConfigError
 
-TINY = """
-face_model: {n_shape: 20, n_exp: 10, n_tex: 10}
-model: {backbone: mobilenet_v3_small, hidden: 32, image_size: 64, uv_size: 32, n_detail: 8}
-loss: {identity: 0.0, mrf: 0.0}
-train: {identities_per_batch: 2, images_per_identity: 2, detail_identities_per_batch: 2,
-        detail_images_per_identity: 2, steps: 2, pretrain_steps: 1, checkpoint_every: 2,
-        amp: false, lr: 1.0e-3}
-ray: {num_cpus: 2, num_workers: 1, cpus_per_worker: 1}
-tracking: {log_every: 1, figure_every: 2, figure_images: 2}
-synth: {identities: 6, images_per_identity: 3, image_size: 128}
-"""
+# Added to conftest.E2E_BASE (the `e2e` fixture): one Ray worker, a bigger synthetic set.
+E2E_CONFIG = {
+    "train": {"steps": 2, "pretrain_steps": 1},
+    "ray": {"num_cpus": 2, "num_workers": 1, "cpus_per_worker": 1},
+    "synth": {"identities": 6, "images_per_identity": 3, "image_size": 128},
+}
 
 
 def test_pipeline_validates_config_before_any_work(tmp_path):
@@ -37,33 +32,20 @@ def test_pipeline_validates_config_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end(tmp_path):
-    import ray
-    import torch
+def test_pipeline_end_to_end(e2e, prefect_server):
     from mlflow.tracking import MlflowClient
-    from prefect.testing.utilities import prefect_test_harness
 
-    from flows.config import load_config
     from flows.pipeline import _copy_tree, pipeline
     from recon.synth import generate
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
-    cfg = load_config(config)
-    torch.set_num_threads(2)
-    generate(tmp_path / "synth", cfg.synth, cfg.face_model)
-    held = cfg.synth.model_copy(update={"identities": 2, "seed": 99})
-    generate(tmp_path / "heldout", held, cfg.face_model)
-    _copy_tree(tmp_path / "synth" / "images", tmp_path / "input")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    try:
-        with prefect_test_harness(server_startup_timeout=300):
-            out = pipeline(input=str(tmp_path / "input"), out=str(tmp_path / "out"),
-                           config=str(config), overrides=[f"ray.storage_path={tmp_path / 'ray'}"],
-                           heldout=str(tmp_path / "heldout"), use_ray_preprocess=False,
-                           tracking_uri=uri)
-    finally:
-        ray.shutdown()
+    root, uri = e2e.root, e2e.tracking_uri
+    held = e2e.cfg.synth.model_copy(update={"identities": 2, "seed": 99})
+    generate(root / "heldout", held, e2e.cfg.face_model)
+    _copy_tree(e2e.data / "images", root / "input")
+    out = pipeline(input=str(root / "input"), out=str(root / "out"),
+                   config=str(e2e.config), overrides=[f"ray.storage_path={root / 'ray'}"],
+                   heldout=str(root / "heldout"), use_ray_preprocess=False,
+                   tracking_uri=uri)
     assert out["preprocess"]["shards_written"] >= 1
     assert out["coarse"]["step"] == 2 and out["detail"]["step"] == 2
     ev = out["evaluation"]
@@ -81,5 +63,5 @@ def test_pipeline_end_to_end(tmp_path):
     assert run.data.metrics["heldout_shape_error_median_mm"] == \
         pytest.approx(ev["heldout_shape_error_median_mm"])
     assert run.data.tags["wildface.manifest_sha256"] == version.tags["manifest_sha256"] != "none"
-    assert sorted(p.name for p in Path(tmp_path / "out" / "eval" / "meshes").glob("*.obj"))
-    assert (tmp_path / "out" / "train" / "detail" / "figures" / "detail.png").is_file()
+    assert sorted(p.name for p in Path(root / "out" / "eval" / "meshes").glob("*.obj"))
+    assert (root / "out" / "train" / "detail" / "figures" / "detail.png").is_file()

@@ -1,6 +1,7 @@
 """Per-image stages against real photos and known geometry (fast, no Ray)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
 from preprocessing.crop import apply_affine, crop_transform, from_normalised, to_normalised, warp
 from preprocessing.decode import Rejected, decode_image
-from preprocessing.detect import make_detector
+from preprocessing.detect import OptionalBackend, OptionalDetector, make_detector
 from preprocessing.identity import cluster, folder_identity, read_labels
 from preprocessing.landmarks import LEFT_EYE, MOUTH_OUTER, RIGHT_EYE, Landmarker, plausible
 from preprocessing.split import split_identities
@@ -88,6 +89,44 @@ def test_decode_modes_keep_the_picture(tmp_path, t1):
         # Luminance correlation with the original: right orientation and a sane scale.
         got = rgb @ np.array([0.299, 0.587, 0.114])
         assert np.corrcoef(got.ravel(), lum.ravel())[0, 1] > 0.9, rel
+
+
+def test_optional_detector_maps_boxes_to_the_photo_and_filters():
+    """The optional backends' adapter: BGR input downscaled to detect_max_side, boxes scaled
+    back to the photo's pixels, low scores and small faces dropped, best score first."""
+    seen = []
+
+    def load(weights):
+        assert weights == "model.onnx"
+
+        def find(bgr):
+            seen.append(bgr)
+            return np.array([[10, 20, 60, 80, 0.9],      # kept
+                             [100, 50, 150, 100, 0.95],  # kept, best
+                             [0, 0, 4, 4, 0.99],         # 16 px in the photo: too small
+                             [150, 60, 200, 110, 0.2]])  # score below min_score
+        return find
+
+    cfg = PreprocessConfig(detector="insightface", detector_weights="model.onnx",
+                           detect_max_side=250, min_score=0.5)
+    rgb = np.zeros((500, 1000, 3), np.uint8)
+    rgb[..., 0] = 255  # red
+    faces = OptionalDetector(cfg, OptionalBackend("stub", "a file", "stub", load))(rgb)
+    [bgr] = seen
+    assert bgr.shape == (125, 250, 3)
+    assert (bgr[..., 2] == 255).all() and (bgr[..., 0] == 0).all()
+    assert [f.box for f in faces] == [(400, 200, 600, 400), (40, 80, 240, 320)]
+    assert [f.score for f in faces] == [0.95, 0.9]
+
+
+@pytest.mark.parametrize("name, package", [("face-alignment", "face_alignment"),
+                                           ("insightface", "insightface")])
+def test_optional_detectors_need_weights_and_their_package(name, package, monkeypatch):
+    with pytest.raises(ValueError, match="preprocess.detector_weights"):
+        make_detector(PreprocessConfig(detector=name))
+    monkeypatch.setitem(sys.modules, package, None)  # not installed, whatever this machine has
+    with pytest.raises(ImportError, match=rf"pip install 'wildface\[{name}\]'"):
+        make_detector(PreprocessConfig(detector=name, detector_weights="weights.bin"))
 
 
 def test_crop_transform_matches_warp_and_normalised_convention():

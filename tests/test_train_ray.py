@@ -20,18 +20,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = """
-face_model: {n_shape: 20, n_exp: 10, n_tex: 10}
-model: {backbone: mobilenet_v3_small, hidden: 32, image_size: 64, uv_size: 32, n_detail: 8}
-loss: {identity: 0.0, mrf: 0.0}
-train: {identities_per_batch: 2, images_per_identity: 2, detail_identities_per_batch: 2,
-        detail_images_per_identity: 2, steps: 4, pretrain_steps: 2, checkpoint_every: 2,
-        amp: false, lr: 1.0e-3}
-ray: {num_cpus: 2, num_workers: 2, cpus_per_worker: 1, max_failures: 2,
-      storage_path: "s3://wfruns/ray"}
-tracking: {log_every: 1, figure_every: 2, figure_images: 2}
-synth: {identities: 8, images_per_identity: 3, image_size: 96}
-"""
+# Added to conftest.E2E_BASE (the `e2e` fixture): two Ray workers, checkpoints on S3.
+E2E_CONFIG = {
+    "train": {"steps": 4, "pretrain_steps": 2},
+    "ray": {"num_cpus": 2, "num_workers": 2, "cpus_per_worker": 1, "max_failures": 2,
+            "storage_path": "s3://wfruns/ray"},
+    "synth": {"identities": 8, "images_per_identity": 3, "image_size": 96},
+}
 RUN = "test-coarse"
 
 
@@ -42,17 +37,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Config file, synthetic data, a moto S3 server with the runs bucket, an MLflow store,
-    and Ray shut down at the end."""
-    import torch
+def s3_server():
+    """A moto S3 server on 127.0.0.1, its endpoint and test credentials in the environment."""
     from moto.server import ThreadedMotoServer
 
-    from flows.config import load_config
-    from infra import storage
-    from recon.synth import generate
-
-    root = tmp_path_factory.mktemp("ray")
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
@@ -60,24 +48,25 @@ def env(tmp_path_factory):
                                             "AWS_ENDPOINT_URL")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    config = root / "tiny.yaml"
-    config.write_text(TINY)
-    cfg = load_config(config)
-    storage.configure(cfg.storage)
-    storage._client().create_bucket(Bucket="wfruns")
-    torch.set_num_threads(2)
-    generate(root / "synth", cfg.synth, cfg.face_model)
-    yield {"root": root, "config": config, "data": str(root / "synth"),
-           "uri": f"sqlite:///{root / 'mlflow.db'}"}
-    import ray
-
-    ray.shutdown()
+    yield
     server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def env(s3_server, e2e):
+    """The tiny run (``e2e``; Ray is shut down before the S3 server stops) and its runs
+    bucket."""
+    from infra import storage
+
+    storage.configure(e2e.cfg.storage)
+    storage._client().create_bucket(Bucket="wfruns")
+    return {"root": e2e.root, "config": e2e.config, "data": str(e2e.data),
+            "uri": e2e.tracking_uri}
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +129,16 @@ def test_killed_worker_resumes_from_last_checkpoint(env, faulty_coarse):
     assert Path(result.figure).is_file()
 
 
-def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse):
+def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse, prefect_server):
     import mlflow
     from mlflow.tracking import MlflowClient
     from PIL import Image
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.train import train
 
-    with prefect_test_harness(server_startup_timeout=300):
-        out = train(data=env["data"], out=str(env["root"] / "out-2"), config=str(env["config"]),
-                    coarse_overrides=["train.steps=6"], detail_overrides=["train.steps=2"],
-                    run_name=RUN.removesuffix("-coarse"), tracking_uri=env["uri"])
+    out = train(data=env["data"], out=str(env["root"] / "out-2"), config=str(env["config"]),
+                coarse_overrides=["train.steps=6"], detail_overrides=["train.steps=2"],
+                run_name=RUN.removesuffix("-coarse"), tracking_uri=env["uri"])
     assert out["coarse"]["resumed_from"] == 4 and out["coarse"]["step"] == 6
     assert out["detail"]["step"] == 2 and out["detail"]["resumed_from"] is None
 

@@ -1,12 +1,15 @@
 """The single-process trainer: learning, checkpoints, bit-identical resume (CPU)."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 from flows.config import load_config
 from recon.config import SynthConfig
-from recon.training.checkpoint import list_checkpoints, load_checkpoint
+from recon.training.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint,
+                                       save_checkpoint)
 from recon.training.data import SampleStore
 from recon.training.trainer import Trainer, TrainerCallback
 
@@ -110,6 +113,18 @@ def test_resume_is_bit_identical(store, tmp_path):
     ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "coarse-000000006.pt")
     assert ckpt["step"] == 6 and ckpt["face_model"] == second.model.face_model_name
     assert '"train"' in ckpt["config"]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
+    path = checkpoint_path(tmp_path, "coarse", 2)
+    kw = dict(stage="coarse", step=2, model={"w": torch.ones(2)}, optimizer={},
+              config_json="{}", face_model="tiny")
+    save_checkpoint(path, **kw)
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        # torch.save fails part-way through: a lambda cannot be pickled
+        save_checkpoint(path, **{**kw, "step": 3}, extra={"bad": lambda: 0})
+    assert load_checkpoint(path, stage="coarse")["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_interrupted_run_resumes_at_the_last_checkpoint(store, tmp_path):

@@ -161,7 +161,7 @@ def test_store_reads_preprocessing_shards(tmp_path):
 
     from PIL import Image
 
-    from preprocessing.shards import shard_bytes
+    from preprocessing.shards import iter_samples, read_split, shard_bytes
 
     def enc(arr, fmt):
         buf = io.BytesIO()
@@ -180,14 +180,20 @@ def test_store_reads_preprocessing_shards(tmp_path):
     (tmp_path / "shards" / "train-000000.tar").write_bytes(shard_bytes(raw))
     (tmp_path / "identities.json").write_text(json.dumps(
         {"train": {"p0": ["k0", "k1"], "p1": ["k2", "k3"]}, "val": {}}))
-    store = SampleStore.from_shards(tmp_path, "train")
+    urls, identities = read_split(str(tmp_path), "train")
+    assert identities == {"p0": ["k0", "k1"], "p1": ["k2", "k3"]}
+    store = SampleStore.from_samples(iter_samples(urls), identities)
     assert sorted(store.records) == ["k0", "k1", "k2", "k3"]
     assert store.identities == {"p0": ["k0", "k1"], "p1": ["k2", "k3"]}
     rec = store.records["k2"]
     assert rec.image.shape == (32, 32, 3)
     assert np.array_equal(rec.landmarks, _sample("k2", "p1", 32, 2)["landmarks"])
-    with pytest.raises(FileNotFoundError):
-        SampleStore.from_shards(tmp_path, "val")
+    with pytest.raises(FileNotFoundError, match="no val-"):
+        read_split(str(tmp_path), "val")
+    (tmp_path / "identities.json").unlink()  # then the samples' meta names the identities
+    urls, identities = read_split(str(tmp_path), "train")
+    assert identities is None
+    assert SampleStore.from_samples(iter_samples(urls)).identities == store.identities
 
 
 def test_loader_workers_do_not_change_the_stream():

@@ -38,7 +38,7 @@ def train(
         return
     import torch
 
-    from flows.config import ConfigError, load_config
+    from flows.config import ConfigError, load_config, with_stage_weights
     from recon.synth.generate import PARAMS_FILE
     from recon.training.data import SampleStore
     from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
@@ -47,6 +47,7 @@ def train(
         cfg = load_config(config, list(overrides or []))
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
+    cfg = with_stage_weights(cfg, stage)
     if torch.device(device or "cpu").type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     if (Path(data) / PARAMS_FILE).is_file():
@@ -54,7 +55,10 @@ def train(
 
         store = SampleStore.from_samples(iter_samples(data))
     else:
-        store = SampleStore.from_shards(data, "train")
+        from preprocessing import shards
+
+        urls, identities = shards.read_split(data, "train")
+        store = SampleStore.from_samples(shards.iter_samples(urls), identities)
     typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
 
     class Printer(TrainerCallback):

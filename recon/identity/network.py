@@ -6,28 +6,23 @@ embeddings and is differentiable w.r.t. the images. It does its own centre crop,
 the backbone's input size and normalisation, so callers pass the 224x224 face crops
 (rendered or real) as they are.
 
-``build_identity_network(cfg, device)`` builds the configured backend, or returns None when
-``cfg.backend == "none"``.
+``build_identity_network(cfg, device)`` builds the configured backend from the local file
+``cfg.weights``, or returns None when ``cfg.backend == "none"``. A config that leaves
+``weights`` to the model store is resolved by the caller first (``infra.model_store.
+resolve_identity_weights``; the CLI and flows do it), so this package never reads the store.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recon.config import IdentityConfig
+from recon.weights_file import checked_weights_file
 
 log = logging.getLogger(__name__)
-
-# Model-store entry used when ``IdentityConfig.weights`` is not set, per backend.
-STORE_NAMES = {
-    "facenet": "facenet-casia-webface",
-    "vggface2": "vggface2-resnet50",
-    "arcface": "arcface",
-}
 
 
 class IdentityNetwork(nn.Module):
@@ -84,31 +79,20 @@ class IdentityNetwork(nn.Module):
         return F.normalize(self.embed(x), dim=1)
 
 
-def _resolve_weights(cfg: IdentityConfig) -> Path:
-    """The weights file for ``cfg``: an explicit path (checked against ``weights_sha256``
-    when given), else the backend's model-store entry (checked against the manifest)."""
-    # Imported here: the store is stdlib-only local code (+ infra.storage for s3://), and
-    # only this resolution step needs it.
-    from infra.model_store import ModelStore, verify_file
-
-    if cfg.weights is not None:
-        path = Path(cfg.weights).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"identity.weights: file not found: {path}")
-        if cfg.weights_sha256:
-            verify_file(path, cfg.weights_sha256, label=f"identity.weights ({path})")
-        return path
-    return ModelStore(cfg.store).path(STORE_NAMES[cfg.backend])
-
-
 def build_identity_network(cfg: IdentityConfig, device: torch.device | str = "cpu"
                            ) -> IdentityNetwork | None:
     """The configured, frozen identity network on ``device``; None if the backend is 'none'.
 
-    Weights always come from local files (config path or model store), never a download."""
+    Weights come from the local file ``cfg.weights`` (checked against ``weights_sha256``
+    when given), never a download."""
     if cfg.backend == "none":
         return None
-    path = _resolve_weights(cfg)
+    if cfg.weights is None:
+        raise ValueError(
+            f"identity.weights is not set: give the {cfg.backend} weights file, or resolve "
+            "the backend's model-store entry first (the wildface CLI and flows do; see "
+            "docs/weights.md)")
+    path = checked_weights_file(cfg.weights, cfg.weights_sha256, "identity.weights")
     options = {} if cfg.crop_fraction is None else {"crop_fraction": cfg.crop_fraction}
     net: IdentityNetwork
     if cfg.backend == "facenet":

@@ -25,6 +25,7 @@ from scipy.spatial.transform import Rotation
 from recon.albedo import AlbedoModel
 from recon.config import FaceModelConfig, SynthConfig
 from recon.flame import FLAME
+from recon.landmarks_io import PTS_SUFFIX, write_pts
 from recon.render import DecaRenderer, PerspectiveCamera, ndc_to_image, weak_perspective_project
 from recon.render.cameras import image_to_pixel
 from recon.synth.backgrounds import background
@@ -36,8 +37,7 @@ LABELS_FILE = "labels.csv"
 PARAMS_FILE = "params.json"
 NOW_DIR = "now"
 NOW_IMAGE_ROOT = "NoW_Dataset/final_release_version/iphone_pictures"  # EvaluationConfig default
-PTS_SUFFIX = ".pts"  # preprocessing.annotations' sidecars
-MASK_SUFFIX = ".mask.png"
+MASK_SUFFIX = ".mask.png"  # preprocessing.annotations' skin-mask sidecar
 MM_PER_UNIT = 1000.0  # face model units are metres; NoW scans are in mm
 
 
@@ -248,7 +248,6 @@ def generate(out: str | os.PathLike, cfg: SynthConfig | None = None,
     Returns a summary dict (counts, paths, ``seconds`` spent rendering and writing, after
     the face model is loaded). ``progress(done, total)`` is called per batch.
     """
-    from preprocessing.annotations import write_pts  # the annotated-input format's owner
     from recon.evaluation.now_io import NowImage, write_image_list, write_pp
     from recon.mesh_io import write_obj
 

@@ -19,11 +19,12 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from recon.mesh_io import atomic_writer
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^(coarse|detail)-(\d{9})\.pt$")
@@ -84,10 +85,9 @@ def save_checkpoint(
     scaler: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temp file in the same folder, then rename). ``extra``:
-    more top-level entries (plain types and tensors), e.g. the step object's state."""
+    """Write a checkpoint atomically (temp file in the same folder, fsync, then rename).
+    ``extra``: more top-level entries (plain types and tensors), e.g. the step object's state."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT_VERSION, "stage": stage, "step": int(step), "skipped": int(skipped),
         "model": model, "optimizer": optimizer, "scaler": scaler, "config": config_json,
@@ -97,16 +97,9 @@ def save_checkpoint(
     if clash:
         raise ValueError(f"extra entries clash with the checkpoint's own: {sorted(clash)}")
     payload.update(extra or {})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # fsync: a resumed run must find a complete file even after a machine crash.
+    with atomic_writer(path, fsync=True) as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -1,12 +1,13 @@
 """Training data: identity-grouped batches (N identities x K images) with DECA's crop-scale
 augmentation, collated into the training steps' batch dict.
 
-Pure PyTorch + numpy. Samples come as decoded dicts (``preprocessing.shards``' format): ``image`` (H, W, 3) uint8
-(a 256x256 crop at 1.8 x the landmark box), ``landmarks`` (68, 2) in the crop's [-1, 1] image
-convention (x right, y down, -1/+1 = outer image edges), ``mask`` (H, W) uint8 and ``meta``.
-Any framing works: crops are recomputed from the landmark box. :meth:`SampleStore.from_shards` reads tar shards through
-``preprocessing.shards`` (imported lazily, so ``recon`` stays independent of preprocessing);
-:meth:`SampleStore.from_samples` takes any iterable of sample dicts.
+Pure PyTorch + numpy. Samples come as decoded dicts (``preprocessing.shards``' format):
+``image`` (H, W, 3) uint8 (a 256x256 crop at 1.8 x the landmark box), ``landmarks`` (68, 2)
+in the crop's [-1, 1] image convention (x right, y down, -1/+1 = outer image edges), ``mask``
+(H, W) uint8 and ``meta``. Any framing works: crops are recomputed from the landmark box.
+:meth:`SampleStore.from_samples` takes any iterable of sample dicts: the caller reads them
+(``preprocessing.shards.iter_samples`` for tar shards, ``recon.synth.iter_samples`` for a
+synthetic set), so this module never touches files.
 
 Determinism: the batches of an epoch depend only on ``(seed, epoch)``, and the augmentation of
 batch ``i`` only on ``(seed, i)``, never on the number of loader workers or ranks, so a resumed
@@ -19,10 +20,8 @@ names of the split), images of one identity consecutive (K of them).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -241,8 +240,8 @@ class SampleStore:
 
     Held in memory as uint8 (~260 kB per 256x256 sample: fine for the demo and for tens of
     thousands of images; larger sets need more memory per worker). Identity lists come from
-    ``identities.json`` when given (keys missing from the shards are dropped), else from each
-    sample's ``meta["identity"]``.
+    ``identities`` when given (a split of the preprocessing's ``identities.json``; keys
+    missing from the samples are dropped), else from each sample's ``meta["identity"]``.
     """
 
     def __init__(self, records: Iterable[Record],
@@ -268,22 +267,6 @@ class SampleStore:
     def from_samples(cls, samples: Iterable[Mapping],
                      identities: Mapping[str, Sequence[str]] | None = None) -> "SampleStore":
         return cls((record_from_sample(s) for s in samples), identities)
-
-    @classmethod
-    def from_shards(cls, root: str | Path, split: str = "train") -> "SampleStore":
-        """Read ``root/shards/{split}-*.tar`` and ``root/identities.json`` (the preprocessing
-        output, local path) through ``preprocessing.shards.iter_samples``."""
-        from preprocessing.shards import iter_samples, shard_urls  # lazy: recon must not need it
-
-        root = Path(root)
-        urls = sorted(shard_urls(str(root), split))
-        if not urls:
-            raise FileNotFoundError(f"no {split}-*.tar shards under {root / 'shards'}")
-        identities = None
-        ids_path = root / "identities.json"
-        if ids_path.is_file():
-            identities = json.loads(ids_path.read_text()).get(split)
-        return cls.from_samples(iter_samples(urls), identities)
 
     def batch(self, keys: Sequence[str], augment: CropAugment, train: bool,
               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
