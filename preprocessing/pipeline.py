@@ -20,6 +20,7 @@ import logging
 import posixpath
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -184,9 +185,11 @@ def _ray_init(cfg: PreprocessConfig) -> bool:
 
 
 def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
-                   storage_cfg: StorageConfig, use_ray: bool = True) -> dict[str, int]:
+                   storage_cfg: StorageConfig, use_ray: bool = True,
+                   on_progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Run the per-image stages over ``items`` on a Ray Data actor pool (or in this process
-    when ``use_ray`` is False). Returns counts by status."""
+    when ``use_ray`` is False). ``on_progress(done, total)`` is called after each batch.
+    Returns counts by status."""
     counts: dict[str, int] = defaultdict(int)
     if not items:
         return dict(counts)
@@ -201,6 +204,8 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
             for s in out["status"]:
                 counts[str(s)] += 1
             log.info("processed %d/%d images", start + len(chunk), len(items))
+            if on_progress:
+                on_progress(start + len(chunk), len(items))
         return dict(counts)
 
     import ray
@@ -220,6 +225,8 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
                 counts[str(s)] += 1
             done += len(batch["status"])
             log.info("processed %d/%d images", done, len(items))
+            if on_progress:
+                on_progress(done, len(items))
     finally:
         if started:
             ray.shutdown()

@@ -21,8 +21,8 @@ from preprocessing.config import PreprocessConfig
 from preprocessing.crop import apply_affine, crop_transform, to_normalised, warp
 from preprocessing.decode import Rejected, decode_image
 from preprocessing.detect import make_detector
-from preprocessing.landmarks import Landmarker, landmark_box, plausible
-from preprocessing.skin_mask import skin_mask
+from preprocessing.landmarks import landmark_box, make_landmarker, plausible
+from preprocessing.skin_mask import make_masker
 
 
 def _png(gray: np.ndarray) -> bytes:
@@ -47,7 +47,8 @@ class SampleMaker:
     def __init__(self, cfg: PreprocessConfig):
         self.cfg = cfg
         self.detector = make_detector(cfg)
-        self.landmarker = Landmarker()
+        self.landmarker = make_landmarker(cfg)
+        self.masker = make_masker(cfg)
         if cfg.embedding == "dlib":
             from preprocessing.identity import Embedder
 
@@ -104,7 +105,7 @@ class SampleMaker:
             if not faces:
                 raise Rejected("no face found")
             lmk = self._timed("landmarks", self.landmarker, rgb, faces[0].box)
-            meta["landmark_source"] = f"dlib-68 on {cfg.detector}"
+            meta["landmark_source"] = f"{self.landmarker.name} on {cfg.detector}"
             meta["detector_score"] = round(float(faces[0].score), 4)
         why = plausible(lmk, w, h)
         if why:
@@ -119,8 +120,8 @@ class SampleMaker:
             mask = warp(photo_mask, lmk, cfg.crop_size, cfg.crop_scale, nearest=True)
             meta["mask_source"] = "annotation"
         else:
-            mask = self._timed("mask", skin_mask, crop, lmk_crop, cfg.skin_colour_sigma)
-            meta["mask_source"] = "landmark polygon + skin colour"
+            mask = self._timed("mask", self.masker, crop, lmk_crop)
+            meta["mask_source"] = self.masker.source
         if self.embedder is not None:
             record["embedding"] = self._timed("embed", self.embedder, rgb, lmk).tolist()
         meta["transform"] = np.round(transform, 6).tolist()

@@ -1,16 +1,21 @@
-"""Skin mask without a face-parsing network (none can be had offline).
+"""Skin masks of the crop: by default from the landmarks, without a network; or from a
+face-parsing network given as a local file (``mask: segmentation``,
+:mod:`preprocessing.face_parsing`).
 
-The landmark face polygon (jaw + brows lifted towards the forehead) minus eyes, brows and
-mouth, refined by a per-image skin colour model: a Gaussian in YCrCb chroma fitted
-robustly (median / MAD) to the polygon's pixels, keeping pixels within ``sigma``. Hair,
-glasses and shadows over the polygon drop out. When the colour model would keep less than
-a third of the polygon (odd lighting, grey images) the polygon alone is used.
+The default: the landmark face polygon (jaw + brows lifted towards the forehead) minus
+eyes, brows and mouth, refined by a per-image skin colour model: a Gaussian in YCrCb chroma
+fitted robustly (median / MAD) to the polygon's pixels, keeping pixels within ``sigma``.
+Hair, glasses and shadows over the polygon drop out. When the colour model would keep less
+than a third of the polygon (odd lighting, grey images) the polygon alone is used.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import cv2
 import numpy as np
 
+from preprocessing.config import PreprocessConfig
 from preprocessing.landmarks import (JAW, LEFT_BROW, LEFT_EYE, MOUTH_OUTER, RIGHT_BROW,
                                      RIGHT_EYE)
 
@@ -57,3 +62,31 @@ def skin_mask(crop: np.ndarray, lmk: np.ndarray, sigma: float) -> np.ndarray:
     if (refined > 0).sum() < inside.sum() / 3:
         return poly
     return refined
+
+
+class SkinMasker(Protocol):
+    source: str  # recorded in the sample's meta as the mask source
+
+    def __call__(self, crop: np.ndarray, lmk: np.ndarray) -> np.ndarray:
+        """crop: (S, S, 3) uint8 RGB; lmk: (68, 2) crop pixels -> (S, S) uint8 {0, 255}."""
+        ...
+
+
+class LandmarkSkinMask:
+    """:func:`skin_mask` behind the mask interface."""
+
+    source = "landmark polygon + skin colour"
+
+    def __init__(self, sigma: float):
+        self.sigma = sigma
+
+    def __call__(self, crop: np.ndarray, lmk: np.ndarray) -> np.ndarray:
+        return skin_mask(crop, lmk, self.sigma)
+
+
+def make_masker(cfg: PreprocessConfig) -> SkinMasker:
+    if cfg.mask == "segmentation":
+        from preprocessing.face_parsing import SegmentationSkinMask  # imports torch
+
+        return SegmentationSkinMask(cfg)
+    return LandmarkSkinMask(cfg.skin_colour_sigma)

@@ -33,10 +33,10 @@ def detect(
     from flows.config import load_config
     from preprocessing.decode import Rejected, decode_image
     from preprocessing.detect import make_detector
-    from preprocessing.landmarks import Landmarker
+    from preprocessing.landmarks import make_landmarker
 
     cfg = load_config(config).preprocess
-    detector, landmarker = make_detector(cfg), Landmarker()
+    detector, landmarker = make_detector(cfg), make_landmarker(cfg)
     results = []
     for path in images:
         entry: dict = {"image": str(path)}
