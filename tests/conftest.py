@@ -1,8 +1,10 @@
 """Fixtures shared by the end-to-end tests on Ray, Prefect and MLflow (test_pipeline.py,
 test_train_ray.py): one tiny run's config, synthetic data and MLflow store, Ray shut down
-after the module, and a temporary Prefect server."""
+after the module, a temporary Prefect server, and a moto S3 server (also test_storage.py)."""
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,3 +75,32 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=300):
         yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_s3() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; test credentials and its endpoint (``AWS_ENDPOINT_URL``)
+    in the environment while the module runs. Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

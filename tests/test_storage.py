@@ -2,8 +2,6 @@
 pipeline reading and writing s3://."""
 from __future__ import annotations
 
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,32 +10,13 @@ from infra import storage
 from infra.config import StorageConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", multipart_threshold_mb=5)
+def s3(moto_s3):
+    cfg = StorageConfig(endpoint_url=moto_s3, multipart_threshold_mb=5)
     storage.configure(cfg)
     storage._client().create_bucket(Bucket="wfb")
     yield cfg
     storage.configure(StorageConfig())
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
 
 
 def test_local_atomic_write_list_exists(tmp_path):

@@ -12,7 +12,6 @@ Few Ray runs on purpose (each costs ~40 s of fixed overhead on 2 cores):
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -30,35 +29,8 @@ E2E_CONFIG = {
 RUN = "test-coarse"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on 127.0.0.1, its endpoint and test credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    yield
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def env(s3_server, e2e):
+def env(moto_s3, e2e):
     """The tiny run (``e2e``; Ray is shut down before the S3 server stops) and its runs
     bucket."""
     from infra import storage
