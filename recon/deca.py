@@ -180,7 +180,7 @@ class DECA(nn.Module):
 
         self.coarse_encoder = CoarseEncoder(
             network.backbone, self.layout, network.hidden, network.backbone_weights,
-            cam_init=self._initial_camera(network.init_face_fraction),
+            cam_init=self.initial_camera(network.init_face_fraction),
             # constant SH band = 1 / its basis constant: unit grey irradiance
             light_init=1.0 / SH_CONSTANTS[0],
         )
@@ -190,7 +190,7 @@ class DECA(nn.Module):
                                             network.max_z)
 
     @torch.no_grad()
-    def _initial_camera(self, fraction: float) -> tuple[float, float, float]:
+    def initial_camera(self, fraction: float) -> tuple[float, float, float]:
         """Camera that centres the template's landmarks, their box spanning ``fraction``
         of the crop."""
         lmk = self.flame.template_output().landmarks2d[0, :, :2]
