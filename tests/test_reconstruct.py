@@ -158,16 +158,20 @@ def test_batch_on_ray(synth, checkpoint, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~3 min idle; much longer on a shared 2-core box
 def test_trained_model_recovers_known_parameters(tmp_path):
-    """Trained briefly on a tiny synthetic set, the model recovers the known 2D landmarks of
-    its images clearly better than the untrained model.
+    """Trained briefly on a tiny synthetic set, the model recovers the known head pose and
+    2D landmarks of its images within a tolerance.
 
-    Tolerance: landmark / pose level, relative to the untrained model. The run is DECA's
-    pretraining phase only (landmark losses + regularisers, no rendering: cheap steps) for
-    150 steps on 16 images (deterministic on CPU: seeded data and init). That is enough to
-    fit the 2D landmarks (0.083 vs 0.144 untrained, crop units [-1, 1]), not yet the head
-    pose (yaw error 18.8 vs 21.7 degrees), let alone 10 shape components of a procedural
-    head. Required: mean 2D landmark error below 70% of the untrained model's, and a yaw
-    error no worse than the untrained model's."""
+    The run is DECA's pretraining phase (landmark losses + regularisers, no rendering: cheap
+    steps) for 1000 steps on 16 images of 4 people (deterministic on CPU: seeded data and
+    init), read back through the reconstruct path (crop from the annotated landmarks, model
+    loaded from its checkpoint). Measured: landmarks 0.058 (untrained 0.144, crop units
+    [-1, 1], i.e. ~1.9 px in the 64 px crop); head rotation error (Euler xyz of the global
+    axis-angle) yaw 8.0 degrees (untrained 21.8: the data's mean |yaw|, up to 40), pitch 6.6
+    and roll 3.7 (untrained 7.1 and 5.0: the data's pitch and roll are small, within 15 and
+    10 degrees, and barely learned in this budget). Tolerances: landmarks < 0.065 and below
+    half the untrained error; yaw < 10 degrees and below half the untrained error; pitch and
+    roll no worse than untrained. Shape is not asserted: 10 components of the demo head move
+    the landmarks less than this fit's error (docs/training.md)."""
     from scipy.spatial.transform import Rotation
 
     from flows.reconstruct import crop_face
@@ -176,32 +180,34 @@ def test_trained_model_recovers_known_parameters(tmp_path):
 
     torch.set_num_threads(2)
     synth = make_synth(tmp_path / "synth", identities=4, images=4, size=96, seed=11)
-    cfg = tiny_config(**{"train.pretrain_steps": 150, "train.lr": 1e-3})
-    trained = load_model(train_tiny(tmp_path / "train", synth, coarse_steps=150, cfg=cfg))
+    cfg = tiny_config(**{"train.pretrain_steps": 1000, "train.lr": 1e-3})
+    trained = load_model(train_tiny(tmp_path / "train", synth, coarse_steps=1000, cfg=cfg))
     untrained = load_model(untrained_checkpoint(tmp_path / "u" / "detail-000000000.pt"))
     params = load_params(synth)["images"]
     from PIL import Image
 
-    crops, targets, yaws = [], [], []
+    crops, targets, angles = [], [], []
     for key, p in sorted(params.items()):
         rgb = np.asarray(Image.open(synth / "images" / f"{key}.jpg").convert("RGB"))
         crop, _, lmk = crop_face(rgb, np.asarray(p["landmarks_px"]), 64, trained.crop_scale)
         crops.append(crop)
         targets.append(lmk)
-        yaws.append(Rotation.from_rotvec(p["pose"][:3]).as_euler("xyz", degrees=True)[1])
-    crops, targets = np.stack(crops), torch.as_tensor(np.stack(targets))
+        angles.append(Rotation.from_rotvec(p["pose"][:3]).as_euler("xyz", degrees=True))
+    crops, targets, angles = np.stack(crops), torch.as_tensor(np.stack(targets)), np.stack(angles)
 
     def errors(model):
         rec = model.reconstruct(crops, render=False)
         lmk = (rec.landmarks2d - targets).norm(dim=-1).mean().item()
-        yaw = Rotation.from_rotvec(rec.codes.pose[:, :3].numpy()).as_euler("xyz", degrees=True)[:, 1]
-        return lmk, float(np.abs(yaw - np.asarray(yaws)).mean())
+        pred = Rotation.from_rotvec(rec.codes.pose[:, :3].numpy()).as_euler("xyz", degrees=True)
+        return lmk, np.abs(pred - angles).mean(0)
 
-    lmk_t, yaw_t = errors(trained)
-    lmk_u, yaw_u = errors(untrained)
-    print(f"landmarks {lmk_t:.4f} (untrained {lmk_u:.4f}), yaw {yaw_t:.2f} deg (untrained {yaw_u:.2f})")
-    assert lmk_t < 0.7 * lmk_u, (lmk_t, lmk_u)
-    assert yaw_t < yaw_u, (yaw_t, yaw_u)
+    lmk_t, rot_t = errors(trained)
+    lmk_u, rot_u = errors(untrained)
+    print(f"landmarks {lmk_t:.4f} (untrained {lmk_u:.4f}); pitch/yaw/roll error {rot_t.round(2)} "
+          f"deg (untrained {rot_u.round(2)})")
+    assert lmk_t < 0.065 and lmk_t < 0.5 * lmk_u, (lmk_t, lmk_u)
+    assert rot_t[1] < 10.0 and rot_t[1] < 0.5 * rot_u[1], (rot_t, rot_u)
+    assert rot_t[0] <= rot_u[0] and rot_t[2] <= rot_u[2], (rot_t, rot_u)
 
 
 def test_video_gives_a_per_frame_table(checkpoint, tmp_path):
