@@ -219,8 +219,9 @@ class DataConfig(StrictModel):
 class RenderConfig(StrictModel):
     """The differentiable renderer (``recon.render``): sizes and the face-id backend."""
 
-    backend: Literal["torch", "pytorch3d", "nvdiffrast"] = Field(
-        "torch", description="face-id pass; pytorch3d / nvdiffrast are optional installs"
+    backend: Literal["auto", "torch", "numba", "pytorch3d", "nvdiffrast"] = Field(
+        "auto", description="face-id pass: auto = numba on CPU, torch on GPU; "
+        "pytorch3d / nvdiffrast are optional installs"
     )
     image_size: int = Field(224, ge=8, description="rendered image side (DECA: 224)")
     uv_size: int = Field(256, ge=8, description="UV map side (DECA: 256)")

@@ -149,7 +149,7 @@ class DECA(nn.Module):
         face_model: FaceModelConfig | None = None,
         network: NetworkConfig | None = None,
         assets: FaceModelAssets | None = None,
-        render_backend: str = "torch",
+        render_backend: str = "auto",
     ) -> None:
         super().__init__()
         face_model = face_model or FaceModelConfig()

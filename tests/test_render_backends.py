@@ -56,3 +56,12 @@ def test_pytorch3d_parity(cull):
 @pytest.mark.parametrize("cull", [False, True])
 def test_nvdiffrast_parity(cull):
     _check_parity("nvdiffrast", "cuda", cull)
+
+
+def test_auto_backend_is_numba_on_cpu_and_identical_to_torch():
+    """The CPU default (numba) gives the torch backend's ids bit for bit, culled or not."""
+    v, f = _sphere_batch("cpu")
+    for cull in (False, True):
+        ref = rasterize(v, f, 96, cull_backfaces=cull, backend="torch").pix_to_face
+        for name in ("auto", "numba"):
+            assert torch.equal(rasterize(v, f, 96, cull_backfaces=cull, backend=name).pix_to_face, ref)

@@ -1,7 +1,9 @@
 """Rasterizer against an independent brute-force float64 z-buffer, watertightness,
-robustness to bad triangles, bounded memory and gradients (float64 gradcheck)."""
+robustness to bad triangles, bounded memory and gradients (float64 gradcheck); every test
+runs with the torch and the numba face-id backends."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -10,11 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from recon.render import interpolate, rasterize
+from recon.render import interpolate
+from recon.render import rasterize as _rasterize
 from render_reference import (check_against_reference, grid_mesh, reference_zbuffer,
                               rotation_y, soup, t64, to_pixels, uv_sphere)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+rasterize = _rasterize
+
+
+@pytest.fixture(autouse=True, params=["torch", "numba"])
+def backend(request, monkeypatch):
+    """Each test once per CPU face-id backend (an explicit ``backend=`` still wins)."""
+    monkeypatch.setattr(sys.modules[__name__], "rasterize",
+                        functools.partial(_rasterize, backend=request.param))
+    return request.param
 
 
 def _rasterize_np(verts, faces, size, **kw):
@@ -161,9 +173,9 @@ def test_large_triangles_memory_bounded():
         v[:, :, 2] = rng.uniform(-1, 1, (n, 1))
         f = torch.arange(3 * n).view(n, 3)
         vt = torch.as_tensor(v.reshape(1, -1, 3))
-        rasterize(vt[:, :30], f[:10], 96)  # warm up allocator / imports
+        rasterize(vt[:, :30], f[:10], 96, backend="torch")  # warm up allocator / imports
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        frags = rasterize(vt, f, 96, chunk_pairs=1 << 18)
+        frags = rasterize(vt, f, 96, chunk_pairs=1 << 18, backend="torch")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
         best = int(np.argmax(v[:, 0, 2]))
         print(peak, int((frags.pix_to_face == best).sum()))
@@ -227,7 +239,7 @@ def test_chunking_and_row_bands_do_not_change_the_result():
     v, f = soup(rng, 40)
     vt = torch.as_tensor(v, dtype=torch.float32)[None]
     ft = torch.as_tensor(f)
-    ref = rasterize(vt, ft, 64)
+    ref = rasterize(vt, ft, 64, backend="torch")
     for chunk in (1024, 4096):  # < one big triangle's box: rows are cut into bands
-        assert torch.equal(rasterize(vt, ft, 64, chunk_pairs=chunk).pix_to_face,
+        assert torch.equal(rasterize(vt, ft, 64, chunk_pairs=chunk, backend="torch").pix_to_face,
                            ref.pix_to_face)

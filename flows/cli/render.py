@@ -57,7 +57,8 @@ def render(
     camera: str = typer.Option("auto", "--camera", help=CAMERA_HELP),
     out: Path = typer.Option(..., "--out", help="output .npz (pix_to_face, bary, zbuf)"),
     png: Path | None = typer.Option(None, "--png", help="also write the grey shaded render"),
-    backend: str = typer.Option("torch", "--backend", help="torch | pytorch3d | nvdiffrast"),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto (numba on CPU) | torch | numba | pytorch3d | nvdiffrast"),
     cull: bool = typer.Option(False, "--cull-backfaces", help="skip faces facing away"),
 ) -> None:
     """Rasterize MESH.obj to per-pixel face index, barycentrics and depth."""

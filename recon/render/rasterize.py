@@ -1,7 +1,7 @@
 """Rasterization in two stages.
 
-1. A backend (``torch``, ``pytorch3d`` or ``nvdiffrast``) finds the nearest triangle at each
-   pixel centre (non-differentiable).
+1. A backend (``auto``, ``torch``, ``numba``, ``pytorch3d`` or ``nvdiffrast``) finds the
+   nearest triangle at each pixel centre (non-differentiable).
 2. A shared differentiable step recomputes the winning triangle's barycentrics and depth
    from the vertex positions, so gradients w.r.t. vertices flow through the barycentrics
    and are identical whichever backend found the ids.
@@ -88,7 +88,7 @@ def rasterize(
     faces: torch.Tensor,
     image_size: int | tuple[int, int],
     cull_backfaces: bool = False,
-    backend: str = "torch",
+    backend: str = "auto",
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
 ) -> Fragments:
     """Rasterize a batch of meshes sharing one topology.

@@ -34,7 +34,7 @@ def shade_grey(normal_images: torch.Tensor, alpha: torch.Tensor,
 
 
 def render_grey(verts_world: torch.Tensor, verts_ndc: torch.Tensor, faces: torch.Tensor,
-                image_size: int | tuple[int, int], backend: str = "torch",
+                image_size: int | tuple[int, int], backend: str = "auto",
                 cull_backfaces: bool = False) -> tuple[torch.Tensor, Fragments]:
     """Grey shaded render of any mesh (no UVs needed; what ``wildface render`` writes).
 
@@ -121,7 +121,7 @@ class DecaRenderer(torch.nn.Module):
     """
 
     def __init__(self, faces: torch.Tensor, uv_coords: torch.Tensor, uv_faces: torch.Tensor,
-                 image_size: int = 224, uv_size: int = 256, backend: str = "torch",
+                 image_size: int = 224, uv_size: int = 256, backend: str = "auto",
                  cull_backfaces: bool = False, chunk_pairs: int = DEFAULT_CHUNK_PAIRS):
         super().__init__()
         self.image_size = int(image_size)
