@@ -6,7 +6,8 @@ watertight; the depth plane of the winning triangle; the packed ``(ordered depth
 (2^32 - 1 - face id)`` key, nearest wins and exact ties go to the lowest id), the same
 bounding boxes, and the same skipped triangles (non-finite, zero area, culled, overflowing
 depth plane). What changes is the cost: per image, a loop over each triangle's box instead
-of ~1000 tensor operations, images in parallel (``numba.prange``). CPU only; the compiled
+of ~1000 tensor operations, images in parallel (``numba.prange``, on as many threads as
+``torch.get_num_threads()``). CPU only; the compiled
 kernel is cached on disk after the first call (a few seconds).
 """
 from __future__ import annotations
@@ -138,5 +139,8 @@ def face_ids(
     fc = np.ascontiguousarray(faces.detach().to(torch.int64).numpy())
     out = np.empty((B, height * width), dtype=np.int64)
     if B:
+        # as many threads as torch's intra-op pool: a Ray worker or test limited to one
+        # thread must not get a second pool spinning on the same cores
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         _face_ids(vp, fc, int(height), int(width), bool(cull_backfaces), out)
     return torch.from_numpy(out).view(B, height, width)
