@@ -238,9 +238,10 @@ def main() -> None:
     print(f"  shape-code norm: predicted {report['shape_code_norm_predicted']:.2f}, "
           f"true {report['shape_code_norm_true']:.2f} (mean over held-out images)")
     print(f"  training: {result.step} steps in {train_s:.0f} s")
-    print(f"identity signal: landmark loss of the mean shape {signal['landmark_loss_of_mean_shape']:.4f}"
-          f" vs shape prior at the truth {signal['shape_prior_at_truth']:.4f}"
-          f" (reg_shape {cfg.loss.reg_shape:g}; prior > signal: the optimum leans to the mean shape)")
+    data, prior = signal["landmark_loss_of_mean_shape"], signal["shape_prior_at_truth"]
+    print(f"identity signal: landmark loss of the mean shape {data:.4f} vs shape prior at the "
+          f"truth {prior:.4f} (reg_shape {cfg.loss.reg_shape:g})"
+          + ("; prior > signal: the optimum leans to the mean shape" if prior > data else ""))
 
     timings = [step_time("demo", args.timing_steps, args.device, [])]
     if not args.skip_paper:
