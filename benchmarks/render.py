@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--backend", default="auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
