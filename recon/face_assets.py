@@ -11,11 +11,12 @@ components first, then the expression components; coefficients are in standard-d
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from recon.mesh_io import atomic_writer
 
 FORMAT_VERSION = 1
 
@@ -168,14 +169,8 @@ class FaceModelAssets:
         arrays["expression_names"] = np.array(self.expression_names, dtype=np.str_).reshape(-1)
         for k, m in self.masks.items():
             arrays[f"mask__{k}"] = m
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as fh:
+            np.savez(fh, **arrays)
         return path
 
     @classmethod

@@ -18,12 +18,13 @@ the inner ones: the crop formula relies on this).
 from __future__ import annotations
 
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from recon.mesh_io import atomic_write_bytes, atomic_writer
 
 #: NoW challenge folder -> short name used in metrics.
 CHALLENGES: dict[str, str] = {
@@ -101,15 +102,7 @@ def image_list_path(dataset_dir: str | os.PathLike, split: str) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_image_list(path: str | os.PathLike, images: list[NowImage]) -> Path:
@@ -249,12 +242,6 @@ def write_prediction(
     lmk = _check_landmarks(landmarks, base / f"{image.stem}.npy")
     mesh_path = write_obj(base / f"{image.stem}.obj", verts, faces)
     lmk_path = base / f"{image.stem}.npy"
-    fd, tmp = tempfile.mkstemp(prefix=lmk_path.name + ".", suffix=".tmp", dir=base)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, lmk)
-        os.replace(tmp, lmk_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(lmk_path) as fh:
+        np.save(fh, lmk)
     return PredictionFiles(Path(mesh_path), lmk_path)
