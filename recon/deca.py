@@ -70,6 +70,17 @@ class Codes:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def _render_map(render: str, name: str) -> property:
+    """A read-only ``Reconstruction`` attribute: map ``name`` of its ``render`` output
+    (scattered to a full image on first access), None when that render was not made."""
+
+    def get(rec: "Reconstruction") -> torch.Tensor | None:
+        out = getattr(rec, render)
+        return None if out is None else getattr(out, name)
+
+    return property(get, doc=f"``{render}.{name}`` or None")
+
+
 @dataclass
 class Reconstruction:
     """What ``decode`` returns (B images, V vertices, H x W renders, S x S UV maps).
@@ -108,25 +119,11 @@ class Reconstruction:
     coarse_render: RenderOutput | None = None
     detail_render: RenderOutput | None = None
 
-    @property
-    def normal_images(self) -> torch.Tensor | None:
-        return None if self.coarse_render is None else self.coarse_render.normal_images
-
-    @property
-    def shading_images(self) -> torch.Tensor | None:
-        return None if self.coarse_render is None else self.coarse_render.shading_images
-
-    @property
-    def uv_grid(self) -> torch.Tensor | None:
-        return None if self.coarse_render is None else self.coarse_render.uv_grid
-
-    @property
-    def shape_images(self) -> torch.Tensor | None:
-        return None if self.coarse_render is None else self.coarse_render.shape_images
-
-    @property
-    def shape_detail_images(self) -> torch.Tensor | None:
-        return None if self.detail_render is None else self.detail_render.shape_images
+    normal_images = _render_map("coarse_render", "normal_images")
+    shading_images = _render_map("coarse_render", "shading_images")
+    uv_grid = _render_map("coarse_render", "uv_grid")
+    shape_images = _render_map("coarse_render", "shape_images")
+    shape_detail_images = _render_map("detail_render", "shape_images")
 
 
 def _non_persistent(module: nn.Module) -> None:

@@ -158,10 +158,11 @@ def test_batch_and_non_square_match_single_images():
         check_against_reference(vb[b], f, 40, 56, frags, b=b)
 
 
-def test_large_triangles_memory_bounded():
+def test_large_triangles_memory_bounded(backend):
     # 800 triangles each covering the whole 96x96 image: 7.4M candidate pairs if
-    # enumerated at once (~700 MB measured); in chunks of 2^18 pairs the peak stays small.
-    code = textwrap.dedent("""
+    # enumerated at once (~700 MB measured); in chunks of 2^18 pairs the peak stays small
+    # (torch); the numba loop needs no candidate buffer at all.
+    code = textwrap.dedent(f"""
         import resource, numpy as np, torch
         torch.set_num_threads(1)
         from recon.render import rasterize
@@ -173,9 +174,9 @@ def test_large_triangles_memory_bounded():
         v[:, :, 2] = rng.uniform(-1, 1, (n, 1))
         f = torch.arange(3 * n).view(n, 3)
         vt = torch.as_tensor(v.reshape(1, -1, 3))
-        rasterize(vt[:, :30], f[:10], 96, backend="torch")  # warm up allocator / imports
+        rasterize(vt[:, :30], f[:10], 96, backend="{backend}")  # warm up allocator / imports
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        frags = rasterize(vt, f, 96, chunk_pairs=1 << 18, backend="torch")
+        frags = rasterize(vt, f, 96, chunk_pairs=1 << 18, backend="{backend}")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
         best = int(np.argmax(v[:, 0, 2]))
         print(peak, int((frags.pix_to_face == best).sum()))
@@ -239,7 +240,7 @@ def test_chunking_and_row_bands_do_not_change_the_result():
     v, f = soup(rng, 40)
     vt = torch.as_tensor(v, dtype=torch.float32)[None]
     ft = torch.as_tensor(f)
-    ref = rasterize(vt, ft, 64, backend="torch")
-    for chunk in (1024, 4096):  # < one big triangle's box: rows are cut into bands
+    ref = rasterize(vt, ft, 64)  # the backend under test, unchunked
+    for chunk in (1024, 4096):  # < one big triangle's box: torch cuts rows into bands
         assert torch.equal(rasterize(vt, ft, 64, chunk_pairs=chunk, backend="torch").pix_to_face,
                            ref.pix_to_face)

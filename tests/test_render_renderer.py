@@ -103,6 +103,9 @@ def test_packed_texture_lookup_equals_grid_sample_per_image():
     g2 = torch.autograd.grad((want * w[order]).sum(), (tex, grid))
     torch.testing.assert_close(g1[0], g2[0])
     torch.testing.assert_close(g1[1], g2[1])
+    # one map shared by every image (B = 1): every point reads it
+    shared = sample_texture_packed(tex[1:2], grid, batch)
+    torch.testing.assert_close(shared, sample_texture(tex[1:2], grid.view(1, 1, -1, 2))[0, :, 0].t())
 
 
 def test_packed_sh_shading_equals_image_shading():

@@ -5,15 +5,13 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 
 from recon.render.cameras import ndc_to_pixel
 from recon.render.interpolate import (interpolate_corners_packed, interpolate_packed,
                                       scatter_packed, vertex_normals)
 from recon.render.rasterize import DEFAULT_CHUNK_PAIRS, Fragments, rasterize
-from recon.render.shading import (GREY_ALBEDO, directional_shading, sh_shading,
-                                  sh_shading_packed)
-from recon.render.texture import sample_texture, sample_texture_packed, uv_to_grid
+from recon.render.shading import GREY_ALBEDO, directional_shading, sh_shading_packed
+from recon.render.texture import sample_texture_packed, uv_to_grid
 from recon.render.uv import UVRasterizer, grid_normals
 
 
@@ -21,16 +19,23 @@ def _normalize(x: torch.Tensor, dim: int, eps: float = 1e-12) -> torch.Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
 
 
-def shade_grey(normal_images: torch.Tensor, alpha: torch.Tensor,
+def shade_grey(normals: torch.Tensor, batch: torch.Tensor,
                lights: torch.Tensor | None = None) -> torch.Tensor:
-    """DECA's grey shape look: albedo 180/255 under DECA's five directional lights, or
-    under SH ``lights`` (B, 9, 3) if given. normal_images: (B, 3, H, W) unit normals;
-    alpha: (B, 1, H, W). Returns (B, 3, H, W), black background."""
+    """DECA's grey shape look at the covered pixels of a packed render: albedo 180/255
+    under DECA's five directional lights, or under SH ``lights`` (B, 9, 3) if given.
+    normals: (P, 3) unit normals; batch: (P,) sorted image index. Returns (P, 3)."""
     if lights is None:
-        shading = directional_shading(normal_images)
+        shading = directional_shading(normals[:, :, None, None])[:, :, 0, 0]
     else:
-        shading = sh_shading(normal_images, lights)
-    return GREY_ALBEDO * shading * alpha
+        shading = sh_shading_packed(normals, lights, batch)
+    return GREY_ALBEDO * shading
+
+
+def coarse_normals_packed(frags: Fragments, verts_world: torch.Tensor, faces: torch.Tensor
+                          ) -> torch.Tensor:
+    """(P, 3) unit vertex normals of ``verts_world`` (B, V, 3) interpolated at the covered
+    pixels of ``frags``."""
+    return _normalize(interpolate_packed(frags, vertex_normals(verts_world, faces)), -1)
 
 
 def render_grey(verts_world: torch.Tensor, verts_ndc: torch.Tensor, faces: torch.Tensor,
@@ -39,10 +44,10 @@ def render_grey(verts_world: torch.Tensor, verts_ndc: torch.Tensor, faces: torch
     """Grey shaded render of any mesh (no UVs needed; what ``wildface render`` writes).
 
     verts_world: (B, V, 3) for the normals; verts_ndc: (B, V, 3). Returns the image
-    (B, 3, H, W) in [0, 1] and the fragments."""
+    (B, 3, H, W) in [0, 1], black background, and the fragments."""
     frags = rasterize(verts_ndc, faces, image_size, cull_backfaces, backend)
-    normals = _normalize(interpolate_packed(frags, vertex_normals(verts_world, faces)), -1)
-    return shade_grey(scatter_packed(frags, normals), frags.mask), frags
+    normals = coarse_normals_packed(frags, verts_world, faces)
+    return scatter_packed(frags, shade_grey(normals, frags.batch_packed)), frags
 
 
 @dataclass(eq=False)
@@ -98,15 +103,13 @@ class RenderOutput:
 
     @cached_property
     def shape_images(self) -> torch.Tensor:
-        grey = directional_shading(self.normals_packed[:, :, None, None])[:, :, 0, 0]
-        return scatter_packed(self.fragments, GREY_ALBEDO * grey)
+        return scatter_packed(self.fragments,
+                              shade_grey(self.normals_packed, self.fragments.batch_packed))
 
     def sample(self, texture: torch.Tensor) -> torch.Tensor:
         """A UV map (B or 1, C, Huv, Wuv) looked up at every covered pixel: (B, C, H, W),
         0 where no face is visible."""
-        B = self.fragments.shape[0]
-        values = sample_texture_packed(texture.expand(B, -1, -1, -1), self.grid_packed,
-                                       self.fragments.batch_packed)
+        values = sample_texture_packed(texture, self.grid_packed, self.fragments.batch_packed)
         return scatter_packed(self.fragments, values)
 
 
@@ -159,12 +162,8 @@ class DecaRenderer(torch.nn.Module):
         """
         frags = self.rasterize(verts_ndc)
         batch = frags.batch_packed
-        grid = interpolate_corners_packed(frags, self.corner_grid.to(verts_ndc.dtype))  # (P, 2)
+        grid, normals = self._surface(frags, verts_world, detail_normals_uv)
         albedo_p = sample_texture_packed(albedo, grid, batch)
-        if detail_normals_uv is not None:
-            normals = _normalize(sample_texture_packed(detail_normals_uv, grid, batch), -1)
-        else:
-            normals = _normalize(interpolate_packed(frags, vertex_normals(verts_world, self.faces)), -1)
         shading = None if lights is None else sh_shading_packed(normals, lights, batch)
         images = scatter_packed(frags, albedo_p if shading is None else albedo_p * shading)
         if background is not None:
@@ -179,14 +178,18 @@ class DecaRenderer(torch.nn.Module):
         With detail_normals_uv (B, 3, Huv, Wuv) the detail normals are shown; lights
         (B, 9, 3) SH, else DECA's five grey directional lights."""
         frags = self.rasterize(verts_ndc)
+        _, normals = self._surface(frags, verts_world, detail_normals_uv)
+        return scatter_packed(frags, shade_grey(normals, frags.batch_packed, lights))
+
+    def _surface(self, frags: Fragments, verts_world: torch.Tensor,
+                 detail_normals_uv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """At the covered pixels: (P, 2) UV ``grid_sample`` coordinates and (P, 3) unit
+        normals, the detail normal map's (B, 3, Huv, Wuv) if given, else the mesh's."""
+        grid = interpolate_corners_packed(frags, self.corner_grid.to(verts_world.dtype))
         if detail_normals_uv is None:
-            n = interpolate_packed(frags, vertex_normals(verts_world, self.faces))
-            normal_images = scatter_packed(frags, _normalize(n, -1))
-        else:
-            grid = scatter_packed(frags, interpolate_corners_packed(
-                frags, self.corner_grid.to(verts_ndc.dtype))).permute(0, 2, 3, 1)
-            normal_images = _normalize(sample_texture(detail_normals_uv, grid), 1)
-        return shade_grey(normal_images, frags.mask, lights)
+            return grid, coarse_normals_packed(frags, verts_world, self.faces)
+        normals = sample_texture_packed(detail_normals_uv, grid, frags.batch_packed)
+        return grid, _normalize(normals, -1)
 
     # -- UV space ----------------------------------------------------------------------
     def world2uv(self, attrs: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,10 @@ def sample_texture_packed(texture: torch.Tensor, grid: torch.Tensor, batch: torc
                           ) -> torch.Tensor:
     """``sample_texture`` at scattered points: the covered pixels of a packed render.
 
-    texture: (B, C, Huv, Wuv); grid: (P, 2) ``grid_sample`` coordinates; batch: (P,) long,
-    the map each point reads. Returns (P, C), equal to ``sample_texture`` at those pixels
-    (bilinear, ``align_corners=False``, border padding).
+    texture: (B, C, Huv, Wuv), or (1, C, Huv, Wuv): one map shared by every image;
+    grid: (P, 2) ``grid_sample`` coordinates; batch: (P,) long, the map each point reads.
+    Returns (P, C), equal to ``sample_texture`` at those pixels (bilinear,
+    ``align_corners=False``, border padding).
 
     One ``grid_sample`` over the maps stacked vertically, (1, C, B*Huv, Wuv): each point's
     row coordinate is clamped into its own map first (what border padding does), so no
@@ -37,7 +38,9 @@ def sample_texture_packed(texture: torch.Tensor, grid: torch.Tensor, batch: torc
     g = grid.to(texture.dtype)
     # texel coordinates (centres at integers), clamped as border padding clamps them
     px = ((g[:, 0] + 1.0) * W - 1.0).mul(0.5).clamp(0.0, W - 1.0)
-    py = ((g[:, 1] + 1.0) * H - 1.0).mul(0.5).clamp(0.0, H - 1.0) + batch.to(g.dtype) * H
+    py = ((g[:, 1] + 1.0) * H - 1.0).mul(0.5).clamp(0.0, H - 1.0)
+    if B > 1:
+        py = py + batch.to(g.dtype) * H
     stacked_grid = torch.stack([(2.0 * px + 1.0) / W - 1.0, (2.0 * py + 1.0) / (B * H) - 1.0],
                                dim=-1)
     stacked = texture.transpose(0, 1).reshape(1, C, B * H, W)
