@@ -33,7 +33,10 @@ Ray: a local Ray is started in this process (``ray.num_cpus``, dashboard if
 always launched from the driver / flow process, never from inside a Ray task.
 
 Fault injection for tests: ``WILDFACE_FAULT="rank=1,step=3,marker=/tmp/x"`` makes that rank
-exit abruptly once (when ``marker`` does not exist yet; it is created first) after that step.
+exit abruptly once (when ``marker`` does not exist yet; it is created first) after that step,
+as soon as Ray's controller has registered a checkpoint. Ray collects reports by polling the
+workers (every 2 s); a death before that poll loses the pending report, which would make the
+test check Ray's timing instead of our resume.
 """
 from __future__ import annotations
 
@@ -196,6 +199,21 @@ def _parse_fault(spec: str | None) -> dict[str, str] | None:
     return dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
 
 
+def _wait_for_registered_checkpoint(timeout_s: float = 120.0) -> None:
+    """Block until Ray's checkpoint manager has written its snapshot (it does so on every
+    registered checkpoint), or ``timeout_s`` passes."""
+    import pyarrow.fs
+    import ray.train
+
+    st = ray.train.get_context().get_storage()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = st.storage_filesystem.get_file_info(st.checkpoint_manager_snapshot_path)
+        if info.type != pyarrow.fs.FileType.NotFound:
+            return
+        time.sleep(0.2)
+
+
 class RayReport(TrainerCallback):
     """Hands each checkpoint to Ray Train (rank 0) and keeps every rank's ``report`` calls in
     step; optional one-shot fault injection (:data:`FAULT_ENV`)."""
@@ -224,6 +242,7 @@ class RayReport(TrainerCallback):
             marker = Path(f["marker"])
             if not marker.exists():
                 marker.write_text(f"killed rank {self.rank} after step {step}\n")
+                _wait_for_registered_checkpoint()
                 os._exit(1)  # an abrupt worker death, as a lost node would be
 
     def on_checkpoint(self, path: Path) -> None:
