@@ -7,6 +7,7 @@ resident set during the runs; GPU: torch.cuda.max_memory_allocated). CPU runs us
 ``--reps`` runs after a warm-up; on a shared machine the minimum is the better estimate.
 
     .venv/bin/python benchmarks/render.py [--device cpu|cuda] [--batch 1 8 32] [--reps 10]
+        [--backend auto|torch|numba|...] [--pytorch-ops]
 
 Figures are recorded in docs/renderer.md with the machine they came from.
 """
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--pytorch-ops", action="store_true",
+                    help="the PyTorch versions of the differentiable ops instead of numba_ops")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -74,7 +77,11 @@ def main() -> None:
     from recon.config import FaceModelConfig
     from recon.flame import FLAME
     from recon.flame_io import load_face_model
-    from recon.render import DecaRenderer, rasterize, weak_perspective_project
+    from recon.render import DecaRenderer, numba_ops, rasterize, weak_perspective_project
+
+    pytorch_ops = numba_ops.reference_ops()
+    if args.pytorch_ops:
+        pytorch_ops.__enter__()  # for the whole run
 
     assets = load_face_model(FaceModelConfig())
     flame = FLAME(assets).to(device)
@@ -84,7 +91,9 @@ def main() -> None:
     print(f"demo head: {assets.v_template.shape[0]} vertices, {assets.faces.shape[0]} faces; "
           f"{args.size}x{args.size}, uv 256; device {device}"
           + (f", {args.threads} threads" if device.type == "cpu" else "")
-          + f"; backend {args.backend}; median / min of {args.reps} runs, ms per image")
+          + f"; backend {args.backend}"
+          + ("; PyTorch differentiable ops" if args.pytorch_ops else "")
+          + f"; median / min of {args.reps} runs, ms per image")
     print(f"{'B':>3} {'rasterize':>16} {'render fwd':>16} {'render fwd+bwd':>16} "
           f"{'peak MiB':>9} {'covered':>8}")
     for B in args.batch:

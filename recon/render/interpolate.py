@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from recon.render import numba_ops
 from recon.render.rasterize import Fragments
 
 
@@ -11,17 +12,30 @@ def interpolate_packed(fragments: Fragments, attrs: torch.Tensor) -> torch.Tenso
     B, V, C = attrs.shape
     if V != fragments.num_verts:
         raise ValueError(f"attrs has {V} vertices, the rasterized mesh {fragments.num_verts}")
-    a = attrs.reshape(B * V, C).index_select(0, fragments.vert_idx.reshape(-1))
-    return torch.einsum("pk,pkc->pc", fragments.bary_packed.to(attrs.dtype),
-                        a.view(-1, 3, C))
+    return _interpolate_rows(attrs.reshape(B * V, C), fragments.vert_idx,
+                             fragments.bary_packed.to(attrs.dtype), fragments.segments)
 
 
 def interpolate_corners_packed(fragments: Fragments, corner_attrs: torch.Tensor
                                ) -> torch.Tensor:
     """Per-face-corner attributes (e.g. UVs through ``uv_faces``), shared by the batch:
     corner_attrs (F, 3, C) -> (P, C) at the covered pixels."""
-    a = corner_attrs.index_select(0, fragments.face_packed)  # (P, 3, C)
-    return torch.einsum("pk,pkc->pc", fragments.bary_packed.to(a.dtype), a)
+    F, _, C = corner_attrs.shape
+    rows = fragments.face_packed[:, None] * 3 + torch.arange(3, device=corner_attrs.device)
+    # every image reads the same rows: one run for the gradient scatter
+    whole = torch.tensor([0, rows.shape[0]])
+    return _interpolate_rows(corner_attrs.reshape(F * 3, C), rows,
+                             fragments.bary_packed.to(corner_attrs.dtype), whole)
+
+
+def _interpolate_rows(values: torch.Tensor, rows: torch.Tensor, bary: torch.Tensor,
+                      segments: torch.Tensor) -> torch.Tensor:
+    """values: (N, C); rows: (P, 3) indices into values; bary: (P, 3) -> (P, C).
+    ``segments``: runs of P whose rows no other run reads (see ``numba_ops.Interpolate``)."""
+    if numba_ops.usable(values, bary):
+        return numba_ops.Interpolate.apply(values, rows, bary, segments)
+    a = values.index_select(0, rows.reshape(-1)).view(-1, 3, values.shape[1])
+    return torch.einsum("pk,pkc->pc", bary, a)
 
 
 def scatter_packed(fragments: Fragments, values: torch.Tensor, fill: float = 0.0
@@ -59,8 +73,11 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor, eps: float = 1e-12
                    ) -> torch.Tensor:
     """Area-weighted vertex normals, unit length (as DECA). verts: (B, V, 3) -> (B, V, 3).
     Vertices in no triangle get a zero normal."""
-    fn = face_normals(verts, faces)
-    n = torch.zeros_like(verts)
-    for k in range(3):
-        n = n.index_add(1, faces[:, k], fn)
+    if numba_ops.usable(verts):
+        n = numba_ops.VertexNormalSums.apply(verts, faces)
+    else:
+        fn = face_normals(verts, faces)
+        n = torch.zeros_like(verts)
+        for k in range(3):
+            n = n.index_add(1, faces[:, k], fn)
     return n / n.norm(dim=-1, keepdim=True).clamp_min(eps)

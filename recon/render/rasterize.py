@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 
+from recon.render import numba_ops
 from recon.render.backends import get_backend
 from recon.render.cameras import ndc_to_pixel
 
@@ -69,6 +70,11 @@ class Fragments:
         """(P,) batch index of each covered pixel."""
         B, H, W = self.shape
         return torch.div(self.pix, H * W, rounding_mode="floor")
+
+    @cached_property
+    def segments(self) -> torch.Tensor:
+        """(B + 1,) start of each image's run of covered pixels (they are sorted by image)."""
+        return numba_ops.image_segments(self.batch_packed, self.shape[0])
 
     @cached_property
     def mask(self) -> torch.Tensor:
@@ -121,7 +127,8 @@ def barycentric_step(verts_ndc: torch.Tensor, faces: torch.Tensor,
 
     The vertices are taken relative to the pixel centre in float64 before anything else, so
     float32 input loses no precision to the NDC -> pixel scaling (barycentrics stay within
-    ~1e-6 of a float64 computation on non-sliver triangles); the rest runs in the input dtype.
+    ~1e-6 of a float64 computation on non-sliver triangles); the rest runs in the input dtype
+    (``numba_ops``, used for CPU tensors: all in float64).
     """
     B, H, W = pix_to_face.shape
     V = verts_ndc.shape[1]
@@ -130,8 +137,21 @@ def barycentric_step(verts_ndc: torch.Tensor, faces: torch.Tensor,
     batch = torch.div(pix, H * W, rounding_mode="floor")
     face = flat[pix]
     vert_idx = faces[face] + (batch * V)[:, None]  # (P, 3)
+    if numba_ops.usable(verts_ndc):
+        bary, zp = numba_ops.Barycentrics.apply(verts_ndc.reshape(-1, 3), vert_idx, pix,
+                                                numba_ops.image_segments(batch, B), H, W)
+    else:
+        bary, zp = _barycentrics(verts_ndc, vert_idx, pix, H, W)
+    return Fragments(pix_to_face=pix_to_face, pix=pix, face_packed=face, vert_idx=vert_idx,
+                     bary_packed=bary, z_packed=zp, num_verts=V)
+
+
+def _barycentrics(verts_ndc: torch.Tensor, vert_idx: torch.Tensor, pix: torch.Tensor,
+                  H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version of ``numba_ops.Barycentrics``: (P, 3) barycentrics and (P,) depth of
+    each covered pixel's centre (``pix``, flat into B*H*W) in its triangle ``vert_idx``."""
     tri = verts_ndc.reshape(-1, 3).index_select(0, vert_idx.reshape(-1)).view(-1, 3, 3)
-    rem = pix - batch * (H * W)
+    rem = torch.remainder(pix, H * W)
     row = torch.div(rem, W, rounding_mode="floor")
     col = rem - row * W
     # pixel centre in NDC and vertex offsets from it, in pixels (x right, rows down)
@@ -146,5 +166,4 @@ def barycentric_step(verts_ndc: torch.Tensor, faces: torch.Tensor,
     e = torch.stack([x1 * y2 - y1 * x2, x2 * y0 - y2 * x0, x0 * y1 - y0 * x1], dim=-1)
     bary = e / e.sum(-1, keepdim=True)
     zp = (bary * tri[..., 2]).sum(-1)
-    return Fragments(pix_to_face=pix_to_face, pix=pix, face_packed=face, vert_idx=vert_idx,
-                     bary_packed=bary, z_packed=zp, num_verts=V)
+    return bary, zp

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from recon.render import numba_ops
+
 _PI = math.pi
 # Standard constants of the first 9 real SH basis functions, each multiplied by the
 # Lambertian convolution factor (pi, 2pi/3, pi/4), as DECA.
@@ -61,9 +63,13 @@ def sh_shading_packed(normals: torch.Tensor, sh: torch.Tensor, batch: torch.Tens
     """
     if sh.dim() != 3 or sh.shape[1:] != (9, 3):
         raise ValueError(f"sh must be (B, 9, 3), got {tuple(sh.shape)}")
+    light = sh.to(normals.dtype)
+    if numba_ops.usable(normals, light):
+        return numba_ops.SHShading.apply(normals, light, batch,
+                                         numba_ops.image_segments(batch, sh.shape[0]),
+                                         SH_CONSTANTS)
     basis = sh_basis(normals.unsqueeze(-1)).squeeze(-1)  # (P, 9)
     counts = torch.bincount(batch, minlength=sh.shape[0]).tolist()
-    light = sh.to(basis.dtype)
     return torch.cat([part @ light[b] for b, part in enumerate(basis.split(counts))])
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from recon.render import numba_ops
+
 
 def uv_to_grid(uv: torch.Tensor) -> torch.Tensor:
     """Texture coordinates (u right, v UP, in [0, 1]; OBJ ``vt``) -> ``grid_sample``
@@ -36,6 +38,9 @@ def sample_texture_packed(texture: torch.Tensor, grid: torch.Tensor, batch: torc
     """
     B, C, H, W = texture.shape
     g = grid.to(texture.dtype)
+    if numba_ops.usable(texture, g):
+        return numba_ops.SampleTexture.apply(texture, g, batch,
+                                             numba_ops.image_segments(batch, B))
     # texel coordinates (centres at integers), clamped as border padding clamps them
     px = ((g[:, 0] + 1.0) * W - 1.0).mul(0.5).clamp(0.0, W - 1.0)
     py = ((g[:, 1] + 1.0) * H - 1.0).mul(0.5).clamp(0.0, H - 1.0)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from recon.render.backends import BackendUnavailable
+from recon.render.numba_ops import match_torch_threads
 
 try:
     import numba
@@ -139,8 +140,6 @@ def face_ids(
     fc = np.ascontiguousarray(faces.detach().to(torch.int64).numpy())
     out = np.empty((B, height * width), dtype=np.int64)
     if B:
-        # as many threads as torch's intra-op pool: a Ray worker or test limited to one
-        # thread must not get a second pool spinning on the same cores
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        match_torch_threads()
         _face_ids(vp, fc, int(height), int(width), bool(cull_backfaces), out)
     return torch.from_numpy(out).view(B, height, width)
