@@ -19,24 +19,33 @@ import numpy as np
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike, fsync: bool = False) -> Iterator[BinaryIO]:
-    """A binary file to write ``path`` through: a temporary file in the same folder, renamed
-    onto ``path`` when the block ends without error, deleted when it raises. A reader never
-    sees a partial file. ``fsync``: flush it to disk before the rename, so the new file also
-    survives a machine crash (checkpoints, stored objects)."""
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path in ``path``'s folder to write through (for writers that take a file
+    name, e.g. a video encoder; ``suffix``: for writers that choose the format by it),
+    renamed onto ``path`` when the block ends without error, deleted when it raises. A reader
+    never sees a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_writer(path: str | os.PathLike, fsync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through (see :func:`atomic_path`). ``fsync``: flush
+    it to disk before the rename, so the new file also survives a machine crash
+    (checkpoints, stored objects)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:

@@ -1,14 +1,15 @@
 """Video frames in and out with imageio (FFmpeg from imageio-ffmpeg's bundled binary for MP4
 and other containers, Pillow for GIF). Frames are (H, W, 3) uint8 RGB. Writes are atomic
-(temporary file in the same folder, then rename)."""
+(``recon.mesh_io.atomic_path``)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from recon.mesh_io import atomic_path
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 ANIMATION_SUFFIXES = (".gif",)
@@ -77,11 +78,8 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     suffix = path.suffix.lower()
     if suffix not in (".mp4", ".gif"):
         raise ValueError(f"{path}: write .mp4 or .gif")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
     n = 0
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         if suffix == ".gif":
             from PIL import Image
 
@@ -91,7 +89,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
                 images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
                                duration=round(1000.0 / fps), loop=0)
         else:
-            with iio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264",
+            with iio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264",
                                 pixelformat="yuv420p", macro_block_size=1,
                                 ffmpeg_log_level="error") as writer:
                 for frame in frames:
@@ -99,10 +97,6 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
                     n += 1
         if n == 0:
             raise ValueError(f"{path}: no frames to write")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -1,8 +1,6 @@
 """``wildface render MESH.obj``: rasterize a mesh with the project's renderer."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import typer
@@ -39,18 +37,6 @@ def _numbers(text: str, n: int, what: str) -> list[float]:
     return values
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render(
     mesh: Path = typer.Argument(..., metavar="MESH.obj", help="triangle mesh (.obj; polygons are fan-triangulated)"),
     size: int = typer.Option(..., "--size", min=1, max=8192, help="image side N in pixels"),
@@ -65,7 +51,7 @@ def render(
     import numpy as np
     import torch
 
-    from recon.mesh_io import read_obj
+    from recon.mesh_io import atomic_writer, read_obj
     from recon.render import (BackendUnavailable, PerspectiveCamera, render_grey,
                               weak_perspective_project)
 
@@ -103,16 +89,14 @@ def render(
         "bary": frags.bary[0].numpy().astype(np.float32),
         "zbuf": frags.zbuf[0].numpy().astype(np.float32),
     }
-    def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    _atomic_write(out, write_npz)
+    with atomic_writer(out) as fh:
+        np.savez(fh, **arrays)
     if png is not None:
         from PIL import Image
 
         rgb = (image[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        _atomic_write(png, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
+        with atomic_writer(png) as fh:
+            Image.fromarray(rgb).save(fh, format="PNG")
     covered = int((frags.pix_to_face >= 0).sum())
     typer.echo(f"{out}: {size}x{size}, {covered} pixels covered by {faces.shape[0]} faces")
 
