@@ -239,9 +239,9 @@ class StepLogger:
     """Logs the trainer's step terms and figures into one stage run (rank 0 only).
 
     ``on_step(step, terms)`` (the trainer's hook: ``step`` = steps done, ``terms`` = loss
-    terms + ``loss``, ``skipped``, ``step_time_s``, ``images_per_s``): every ``cfg.log_every``
-    steps the mean of each loss term since the last log (``loss/<term>``), the mean step
-    time (``time/step_s``), the samples per second of all ranks (``time/samples_per_s``) and
+    terms + ``loss``, ``skipped``, ``lr``, ``step_time_s``, ``images_per_s``): every
+    ``cfg.log_every`` steps the mean of each loss term since the last log (``loss/<term>``),
+    the mean learning rate (``train/lr``), the mean step time (``time/step_s``), the samples per second of all ranks (``time/samples_per_s``) and
     the skipped-step count (``train/skipped``). ``log_figure`` writes
     ``figures/step_XXXXXXX.png``.
     """
@@ -259,8 +259,9 @@ class StepLogger:
         for k, v in terms.items():
             if k == "skipped":
                 self._skipped = float(v)
-            elif k == "step_time_s":
-                self._sums["time/step_s"] = self._sums.get("time/step_s", 0.0) + float(v)
+            elif k in ("step_time_s", "lr"):
+                name = "time/step_s" if k == "step_time_s" else "train/lr"
+                self._sums[name] = self._sums.get(name, 0.0) + float(v)
             elif k != "images_per_s":
                 self._sums[f"loss/{k}"] = self._sums.get(f"loss/{k}", 0.0) + float(v)
         self._count += 1

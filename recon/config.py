@@ -5,6 +5,7 @@ them. Every model forbids unknown fields so a typo fails before any work starts.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -94,6 +95,11 @@ class TrainConfig(StrictModel):
     """Optimisation. Batches hold N identities x K images (paper: coarse 8 x 4, detail 2 x 3)."""
 
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant (DECA), or cosine decay from `lr` at step 0 to "
+        "`lr x lr_final_ratio` at `steps`"
+    )
+    lr_final_ratio: float = Field(0.01, gt=0, le=1, description="cosine: final lr / lr")
     identities_per_batch: int = Field(8, ge=1, description="N, coarse stage")
     images_per_identity: int = Field(4, ge=1, description="K, coarse stage")
     detail_identities_per_batch: int = Field(2, ge=1, description="N, detail stage")
@@ -107,6 +113,15 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm; None = off")
     seed: int = 0
     checkpoint_every: int = Field(1000, ge=1)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the optimiser step that follows ``step`` completed steps: a
+        function of the step alone, so a resumed run continues the schedule exactly."""
+        if self.lr_schedule == "constant" or self.steps == 0:
+            return self.lr
+        t = min(step, self.steps) / self.steps
+        final = self.lr * self.lr_final_ratio
+        return final + 0.5 * (self.lr - final) * (1.0 + math.cos(math.pi * t))
 
     def batch_shape(self, stage: Literal["coarse", "detail"]) -> tuple[int, int]:
         """(N identities, K images each) for a stage."""

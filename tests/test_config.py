@@ -41,3 +41,17 @@ def test_named_config_files_validate():
 
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         load_config(path)
+
+
+def test_learning_rate_schedules():
+    const = load_config(None, ["train.lr=0.01", "train.steps=100"]).train
+    assert {const.lr_at(s) for s in (0, 50, 100, 500)} == {0.01}
+    cos = load_config(None, ["train.lr=0.01", "train.steps=100", "train.lr_schedule=cosine",
+                             "train.lr_final_ratio=0.1"]).train
+    assert cos.lr_at(0) == pytest.approx(0.01)
+    assert cos.lr_at(50) == pytest.approx(0.0055)  # halfway: the mean of start and end
+    assert cos.lr_at(100) == pytest.approx(0.001) and cos.lr_at(150) == pytest.approx(0.001)
+    rates = [cos.lr_at(s) for s in range(101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ConfigError, match=r"train\.lr_schedule"):
+        load_config(None, ["train.lr_schedule=linear"])

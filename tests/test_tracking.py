@@ -45,10 +45,10 @@ def test_step_logger_means_every_n_steps():
     logger = tracking.StepLogger("unused", "run", TrackingConfig(log_every=2),
                                  batch_size=4, world_size=2, client=_Client())
     logger.on_step(1, {"landmarks": 1.0, "loss": 2.0, "step_time_s": 0.5, "images_per_s": 8.0,
-                       "skipped": 0.0})
+                       "skipped": 0.0, "lr": 1e-3})
     assert logger.client.batches == []
     logger.on_step(2, {"landmarks": 3.0, "loss": 4.0, "step_time_s": 1.5, "images_per_s": 2.7,
-                       "skipped": 1.0})
+                       "skipped": 1.0, "lr": 3e-3})
     (run_id, metrics), = logger.client.batches
     got = {m.key: (m.value, m.step) for m in metrics}
     assert run_id == "run"
@@ -56,7 +56,8 @@ def test_step_logger_means_every_n_steps():
     assert got["time/step_s"] == (1.0, 2)
     assert got["time/samples_per_s"] == (8.0, 2)  # 4 images x 2 ranks per 1 s step
     assert got["train/skipped"] == (1.0, 2)
-    assert "loss/images_per_s" not in got
+    assert got["train/lr"] == (2e-3, 2)
+    assert "loss/images_per_s" not in got and "loss/lr" not in got
     logger.flush(2)  # nothing new: no empty batch
     assert len(logger.client.batches) == 1
 

@@ -95,9 +95,11 @@ def test_coarse_training_decreases_the_loss(synth_root, tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints", "coarse")] == [30]
 
 
-def test_resume_is_bit_identical(store, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_is_bit_identical(store, tmp_path, schedule):
     # resumes inside the landmark-only phase and crosses into the full losses
-    cfg = _cfg(**{"train.steps": 6, "train.checkpoint_every": 3, "train.pretrain_steps": 4})
+    cfg = _cfg(**{"train.steps": 6, "train.checkpoint_every": 3, "train.pretrain_steps": 4,
+                  "train.lr_schedule": schedule})
     full = Record()
     straight = Trainer(cfg, "coarse", tmp_path / "a", store, device="cpu", callbacks=[full])
     straight.run()
@@ -108,6 +110,8 @@ def test_resume_is_bit_identical(store, tmp_path):
     assert second.resumed_from == 3
     second.run()
     assert _losses(second_rec) == {s: _losses(full)[s] for s in (4, 5, 6)}
+    # the rate each step used: the config's schedule (cosine: decays from lr to its end)
+    assert [full.terms[s]["lr"] for s in range(1, 7)] == [cfg.train.lr_at(s) for s in range(6)]
     a, b = _params(straight), _params(second)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "coarse-000000006.pt")

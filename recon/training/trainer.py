@@ -244,12 +244,15 @@ class Trainer:
                     raise RuntimeError(f"data stream at step {index}, trainer at {self.step}")
                 batch = _to(batch, self.device)
                 loss, terms = self.step_fn(batch)
+                lr = self.config.train.lr_at(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
                 self.step_fn.optim_step(loss, self.optimizer, self.scaler, self.sync_grads)
                 self.step += 1
                 n_img = int(batch["images"].shape[0])
                 images += n_img
                 t1 = time.perf_counter()
-                terms = {**terms, "skipped": float(self.step_fn.skipped),
+                terms = {**terms, "skipped": float(self.step_fn.skipped), "lr": lr,
                          "step_time_s": t1 - t0, "images_per_s": n_img / max(t1 - t0, 1e-9)}
                 t0 = t1
                 for cb in self.callbacks:
