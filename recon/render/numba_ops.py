@@ -295,18 +295,20 @@ if numba is not None:
                 gnormals[p, 2] = gbasis[3] + gbasis[5] * x + gbasis[6] * y + 6.0 * gbasis[8] * z
 
     # -- vertex normals ----------------------------------------------------------------
+    @_inline
+    def _edges(verts, b, i0, i1, i2):
+        """Edges a = v1 - v0 and b = v2 - v0 of a triangle of image b, as 6 scalars."""
+        return (verts[b, i1, 0] - verts[b, i0, 0], verts[b, i1, 1] - verts[b, i0, 1],
+                verts[b, i1, 2] - verts[b, i0, 2], verts[b, i2, 0] - verts[b, i0, 0],
+                verts[b, i2, 1] - verts[b, i0, 1], verts[b, i2, 2] - verts[b, i0, 2])
+
     @_pjit
     def _vn_fwd(verts, faces, acc):
         """acc (B, V, 3) += area-weighted face normals (unnormalised)."""
         for b in numba.prange(verts.shape[0]):
             for f in range(faces.shape[0]):
                 i0, i1, i2 = faces[f, 0], faces[f, 1], faces[f, 2]
-                ax = verts[b, i1, 0] - verts[b, i0, 0]
-                ay = verts[b, i1, 1] - verts[b, i0, 1]
-                az = verts[b, i1, 2] - verts[b, i0, 2]
-                bx = verts[b, i2, 0] - verts[b, i0, 0]
-                by = verts[b, i2, 1] - verts[b, i0, 1]
-                bz = verts[b, i2, 2] - verts[b, i0, 2]
+                ax, ay, az, bx, by, bz = _edges(verts, b, i0, i1, i2)
                 nx = ay * bz - az * by
                 ny = az * bx - ax * bz
                 nz = ax * by - ay * bx
@@ -321,12 +323,7 @@ if numba is not None:
         for b in numba.prange(verts.shape[0]):
             for f in range(faces.shape[0]):
                 i0, i1, i2 = faces[f, 0], faces[f, 1], faces[f, 2]
-                ax = verts[b, i1, 0] - verts[b, i0, 0]
-                ay = verts[b, i1, 1] - verts[b, i0, 1]
-                az = verts[b, i1, 2] - verts[b, i0, 2]
-                bx = verts[b, i2, 0] - verts[b, i0, 0]
-                by = verts[b, i2, 1] - verts[b, i0, 1]
-                bz = verts[b, i2, 2] - verts[b, i0, 2]
+                ax, ay, az, bx, by, bz = _edges(verts, b, i0, i1, i2)
                 gx = gacc[b, i0, 0] + gacc[b, i1, 0] + gacc[b, i2, 0]
                 gy = gacc[b, i0, 1] + gacc[b, i1, 1] + gacc[b, i2, 1]
                 gz = gacc[b, i0, 2] + gacc[b, i1, 2] + gacc[b, i2, 2]
