@@ -139,3 +139,53 @@ def test_full_render_matches_pytorch_path():
     for gn, gr in zip(grad_n, grad_r):
         # float32 sums in a different order: compare relative to the gradient's scale
         assert (gn - gr).abs().max() <= 1e-3 * gr.abs().max()
+
+
+def _render_and_grads(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        v, faces, uv, uv_faces = demo_head([(0.1, 0.4 * b - 0.4, 0.0) for b in range(3)])
+        r = DecaRenderer(faces, uv, uv_faces, image_size=48, uv_size=16)
+        g = torch.Generator().manual_seed(6)
+        albedo = torch.rand(3, 3, 16, 16, generator=g).requires_grad_()
+        sh = (0.3 * torch.randn(3, 9, 3, generator=g) + 1.0).requires_grad_()
+        verts = v.clone().requires_grad_()
+        out = r.render(verts, weak_perspective_project(verts, torch.tensor([[7.5, 0.0, 0.0]])),
+                       albedo, sh)["images"]
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    return out.detach(), verts.grad, albedo.grad, sh.grad
+
+
+def test_one_thread_runs_the_serial_build_with_the_same_results():
+    """One torch thread takes the plain-loop build (no OpenMP team: nothing spins on a
+    contended machine); it must give what the parallel build gives. Not to the bit: torch's
+    own ops around them (matmuls, sums) change rounding with the thread count, by ~2e-5 of
+    the scale, as much with the PyTorch ops."""
+    if numba_ops.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one CPU: numba has no parallel build to compare with")
+    calls = []
+    loop = numba_ops._bary_fwd
+    serial, parallel = loop.serial, loop.parallel
+
+    class Spy:
+        def __init__(self, fn, name):
+            self.fn, self.name = fn, name
+
+        def __call__(self, *args):
+            calls.append(self.name)
+            return self.fn(*args)
+
+    loop.serial, loop.parallel = Spy(serial, "serial"), Spy(parallel, "parallel")
+    try:
+        one = _render_and_grads(1)
+        assert set(calls) == {"serial"}
+        calls.clear()
+        two = _render_and_grads(2)
+        assert set(calls) == {"parallel"}
+    finally:
+        loop.serial, loop.parallel = serial, parallel
+    for a, b in zip(one, two):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()

@@ -28,6 +28,7 @@ pixels' contributions and accumulates in the input dtype.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import numpy as np
@@ -63,10 +64,34 @@ def reference_ops() -> Iterator[None]:
         _ENABLED = before
 
 
-def match_torch_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch's intra-op pool: a Ray worker
-    or a test limited to one thread must not get a second pool spinning on the same cores."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+class ParallelLoop:
+    """A ``numba.prange`` loop compiled twice: with OpenMP for several torch threads, as a
+    plain loop for one. Calls run on ``torch.get_num_threads()`` threads (capped by numba's
+    pool), so a Ray worker or a test limited to one thread starts no OpenMP team at all:
+    the pool's idle threads spin-wait, and on a contended machine (Ray workers, CI) that made
+    one-thread training steps 4-6x slower (docs/renderer.md)."""
+
+    def __init__(self, fn) -> None:
+        self.parallel = numba.njit(cache=True, parallel=True)(fn)
+        self.serial = numba.njit(cache=True)(_renamed(fn, "_serial"))
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args):
+        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if threads <= 1:
+            return self.serial(*args)
+        numba.set_num_threads(threads)
+        return self.parallel(*args)
+
+
+def _renamed(fn, suffix: str):
+    """A copy of ``fn`` under another qualified name. Numba names its cache files after the
+    function and keys their index by signature and CPU only, not by compile flags, so the
+    serial and parallel builds of one loop must not share a name."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
+                              fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    return copy
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -88,7 +113,7 @@ def _whole(n: int) -> np.ndarray:
 
 if numba is not None:
     _inline = numba.njit(cache=True, inline="always")
-    _pjit = numba.njit(cache=True, parallel=True)
+    _pjit = ParallelLoop
 
     # -- barycentrics ------------------------------------------------------------------
     @_inline
@@ -353,7 +378,6 @@ class Barycentrics(torch.autograd.Function):
         v, idx, px = _np(verts), _np(vert_idx), _np(pix)
         bary = np.empty((P, 3), dtype=v.dtype)
         z = np.empty(P, dtype=v.dtype)
-        match_torch_threads()
         _bary_fwd(v, idx, px, height, width, bary, z)
         ctx.save_for_backward(verts, vert_idx, pix, segments)
         ctx.size = (height, width)
@@ -367,7 +391,6 @@ class Barycentrics(torch.autograd.Function):
         gb = _np(gbary) if gbary is not None else np.zeros((P, 3), v.dtype)
         gzn = _np(gz) if gz is not None else np.zeros(P, v.dtype)
         gverts = np.zeros(v.shape, dtype=np.float64)
-        match_torch_threads()
         _bary_bwd(v, _np(vert_idx), _np(pix), *ctx.size, _np(segments), gb, gzn, gverts)
         return torch.from_numpy(gverts).to(verts.dtype), None, None, None, None, None
 
@@ -380,7 +403,6 @@ class Interpolate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, idx, bary, segments):
         out = np.empty((idx.shape[0], values.shape[1]), dtype=_np(values).dtype)
-        match_torch_threads()
         _interp_fwd(_np(values), _np(idx), _np(bary), out)
         ctx.save_for_backward(values, idx, bary, segments)
         return torch.from_numpy(out)
@@ -391,7 +413,6 @@ class Interpolate(torch.autograd.Function):
         g = _np(grad)
         i = _np(idx)
         gvalues = gbary = None
-        match_torch_threads()
         if ctx.needs_input_grad[0]:
             gv = np.zeros(values.shape, dtype=g.dtype)
             _interp_bwd_values(i, _np(bary), g, _np(segments), gv)
@@ -411,7 +432,6 @@ class SampleTexture(torch.autograd.Function):
     def forward(ctx, texture, grid, batch, segments):
         tex = _np(texture)
         out = np.empty((grid.shape[0], tex.shape[1]), dtype=tex.dtype)
-        match_torch_threads()
         _tex_fwd(tex, _np(grid), _np(batch), out)
         ctx.save_for_backward(texture, grid, batch, segments)
         return torch.from_numpy(out)
@@ -421,7 +441,6 @@ class SampleTexture(torch.autograd.Function):
         texture, grid, batch, segments = ctx.saved_tensors
         g, gr, bt = _np(grad), _np(grid), _np(batch)
         gtex = ggrid = None
-        match_torch_threads()
         if ctx.needs_input_grad[0]:
             seg = _np(segments) if texture.shape[0] > 1 else _whole(grid.shape[0])
             gt = np.zeros(texture.shape, dtype=g.dtype)
@@ -442,7 +461,6 @@ class SHShading(torch.autograd.Function):
         n = _np(normals)
         out = np.empty(n.shape, dtype=n.dtype)
         k = np.asarray(constants, dtype=n.dtype)
-        match_torch_threads()
         _sh_fwd(n, _np(sh), _np(batch), k, out)
         ctx.save_for_backward(normals, sh, batch, segments)
         ctx.constants = k
@@ -455,7 +473,6 @@ class SHShading(torch.autograd.Function):
         gn = np.empty(n.shape, dtype=n.dtype)
         gsh = np.zeros(sh.shape, dtype=np.float64)
         need_sh = bool(ctx.needs_input_grad[1])
-        match_torch_threads()
         _sh_bwd(n, _np(sh), _np(batch), ctx.constants, _np(grad), _np(segments), need_sh,
                 gn, gsh)
         return (torch.from_numpy(gn), torch.from_numpy(gsh).to(sh.dtype) if need_sh else None,
@@ -470,7 +487,6 @@ class VertexNormalSums(torch.autograd.Function):
     def forward(ctx, verts, faces):
         v = _np(verts)
         acc = np.zeros(v.shape, dtype=v.dtype)
-        match_torch_threads()
         _vn_fwd(v, _np(faces), acc)
         ctx.save_for_backward(verts, faces)
         return torch.from_numpy(acc)
@@ -480,6 +496,5 @@ class VertexNormalSums(torch.autograd.Function):
         verts, faces = ctx.saved_tensors
         v = _np(verts)
         gv = np.zeros(v.shape, dtype=np.float64)
-        match_torch_threads()
         _vn_bwd(v, _np(faces), _np(grad), gv)
         return torch.from_numpy(gv).to(verts.dtype), None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from recon.render.backends import BackendUnavailable
-from recon.render.numba_ops import match_torch_threads
+from recon.render.numba_ops import ParallelLoop
 
 try:
     import numba
@@ -35,7 +35,7 @@ def _ordered(bits: np.int32) -> np.int64:
     return np.int64(bits)
 
 
-@numba.njit(cache=True, parallel=True)
+@ParallelLoop
 def _face_ids(vp: np.ndarray, faces: np.ndarray, height: int, width: int, cull: bool,
               out: np.ndarray) -> None:
     """vp: (B, V, 3) float32 pixel coordinates; faces: (F, 3) int64; out: (B, H*W) int64."""
@@ -140,6 +140,5 @@ def face_ids(
     fc = np.ascontiguousarray(faces.detach().to(torch.int64).numpy())
     out = np.empty((B, height * width), dtype=np.int64)
     if B:
-        match_torch_threads()
         _face_ids(vp, fc, int(height), int(width), bool(cull_backfaces), out)
     return torch.from_numpy(out).view(B, height, width)
