@@ -53,9 +53,13 @@ def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
 
 @torch.no_grad()
 def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, region: np.ndarray,
-                 mean_shape: bool = False, code_norms: list | None = None) -> list[float]:
+                 mean_shape: bool = False, code_norms: list | None = None,
+                 landmark_px: list | None = None) -> list[float]:
     """Per-image aligned neutral-shape error of ``model`` (or of the mean shape).
-    ``code_norms``: if given, gets ``(|predicted code|, |true code|)`` per image appended."""
+    ``code_norms``: if given, gets ``(|predicted code|, |true code|)`` per image appended.
+    ``landmark_px``: if given, gets each image's mean 68-landmark distance (crop pixels)
+    between the model's full reconstruction and the truth appended: how well the fit that
+    identity must show through is done on unseen images."""
     model.eval()
     n_shape = model.flame.n_shape
     errors = []
@@ -63,7 +67,12 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
         if mean_shape:
             shape = torch.zeros(len(keys), n_shape)
         else:
-            shape = model.encode(batch["images"], with_detail=False).shape
+            codes = model.encode(batch["images"], with_detail=False)
+            shape = codes.shape
+            if landmark_px is not None:
+                lmk = model.decode(codes, with_detail=False, render=False).landmarks2d
+                half = batch["images"].shape[-1] / 2  # [-1, 1] image units -> pixels
+                landmark_px += ((lmk - batch["landmarks"]).norm(dim=-1).mean(1) * half).tolist()
         pred = model.neutral(shape).vertices.double().numpy()
         truth_codes = torch.tensor([params["identities"][params["images"][k]["identity"]]["shape"]
                                     for k in keys])
@@ -215,7 +224,9 @@ def main() -> None:
         result = trainer.run()
         train_s = time.perf_counter() - t
         norms: list = []
-        trained = shape_errors(model, test_store, params, augment, region, code_norms=norms)
+        lmk_px: list = []
+        trained = shape_errors(model, test_store, params, augment, region, code_norms=norms,
+                               landmark_px=lmk_px)
     m_mean, m_untrained, m_trained = (float(np.mean(e)) for e in (mean, untrained, trained))
     report.update({
         "config": args.config, "steps": result.step, "train_seconds": train_s,
@@ -229,6 +240,7 @@ def main() -> None:
         **signal,
         "shape_code_norm_predicted": float(np.mean([n[0] for n in norms])),
         "shape_code_norm_true": float(np.mean([n[1] for n in norms])),
+        "held_out_landmark_px": float(np.mean(lmk_px)),
     })
     print(f"neutral-shape error on {len(test_store)} held-out images "
           f"({len(test_store.identities)} identities), face region, after similarity alignment:")
@@ -237,6 +249,8 @@ def main() -> None:
     print(f"  goal trained <= 0.5 x mean shape: {'met' if report['goal_met'] else 'NOT met'}")
     print(f"  shape-code norm: predicted {report['shape_code_norm_predicted']:.2f}, "
           f"true {report['shape_code_norm_true']:.2f} (mean over held-out images)")
+    print(f"  held-out 68-landmark error: {report['held_out_landmark_px']:.2f} px "
+          f"(mean distance in the {cfg.model.image_size} px crop)")
     print(f"  training: {result.step} steps in {train_s:.0f} s")
     data, prior = signal["landmark_loss_of_mean_shape"], signal["shape_prior_at_truth"]
     print(f"identity signal: landmark loss of the mean shape {data:.4f} vs shape prior at the "
