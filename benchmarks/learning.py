@@ -53,10 +53,10 @@ def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
 
 @torch.no_grad()
 def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, region: np.ndarray,
-                 mean_shape: bool = False, code_norms: list | None = None,
+                 mean_shape: bool = False, code_pairs: list | None = None,
                  landmark_px: list | None = None) -> list[float]:
     """Per-image aligned neutral-shape error of ``model`` (or of the mean shape).
-    ``code_norms``: if given, gets ``(|predicted code|, |true code|)`` per image appended.
+    ``code_pairs``: if given, gets ``(predicted code, true code)`` (n_shape,) per image appended.
     ``landmark_px``: if given, gets each image's mean 68-landmark distance (crop pixels)
     between the model's full reconstruction and the truth appended: how well the fit that
     identity must show through is done on unseen images."""
@@ -78,8 +78,8 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
                                     for k in keys])
         truth = model.neutral(truth_codes.float()).vertices.double().numpy()
         errors += [aligned_error(p[region], t[region]) for p, t in zip(pred, truth)]
-        if code_norms is not None:
-            code_norms += zip(shape.norm(dim=1).tolist(), truth_codes.norm(dim=1).tolist())
+        if code_pairs is not None:
+            code_pairs += zip(shape.numpy(), truth_codes.numpy())
     return errors
 
 
@@ -275,9 +275,9 @@ def main() -> None:
         t = time.perf_counter()
         result = trainer.run()
         train_s = time.perf_counter() - t
-        norms: list = []
+        pairs: list = []
         lmk_px: list = []
-        trained = shape_errors(model, test_store, params, augment, region, code_norms=norms,
+        trained = shape_errors(model, test_store, params, augment, region, code_pairs=pairs,
                                landmark_px=lmk_px)
     m_mean, m_untrained, m_trained = (float(np.mean(e)) for e in (mean, untrained, trained))
     report.update({
@@ -290,8 +290,12 @@ def main() -> None:
         "ratio_trained_to_mean": m_trained / m_mean, "ratio_untrained_to_mean": m_untrained / m_mean,
         "goal_met": m_trained <= 0.5 * m_mean,
         **signal,
-        "shape_code_norm_predicted": float(np.mean([n[0] for n in norms])),
-        "shape_code_norm_true": float(np.mean([n[1] for n in norms])),
+        "shape_code_norm_predicted": float(np.mean([np.linalg.norm(p) for p, _ in pairs])),
+        "shape_code_norm_true": float(np.mean([np.linalg.norm(t) for _, t in pairs])),
+        # does the encoder see identity at all? ~0 (noise ~1/sqrt(images)) if not
+        "shape_code_correlation": [
+            float(np.corrcoef([p[i] for p, _ in pairs], [t[i] for _, t in pairs])[0, 1])
+            for i in range(5)],
         "held_out_landmark_px": float(np.mean(lmk_px)),
     })
     print(f"neutral-shape error on {len(test_store)} held-out images "
@@ -301,6 +305,9 @@ def main() -> None:
     print(f"  goal trained <= 0.5 x mean shape: {'met' if report['goal_met'] else 'NOT met'}")
     print(f"  shape-code norm: predicted {report['shape_code_norm_predicted']:.2f}, "
           f"true {report['shape_code_norm_true']:.2f} (mean over held-out images)")
+    print("  correlation of predicted and true shape codes, components 0-4: "
+          + " ".join(f"{r:+.2f}" for r in report["shape_code_correlation"])
+          + f" (|r| below ~{2 / np.sqrt(len(pairs)):.2f} is noise at {len(pairs)} images)")
     print(f"  held-out 68-landmark error: {report['held_out_landmark_px']:.2f} px "
           f"(mean distance in the {cfg.model.image_size} px crop)")
     print(f"  training: {result.step} steps in {train_s:.0f} s")
