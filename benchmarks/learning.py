@@ -10,8 +10,11 @@ with the ground truth, after a similarity (Umeyama) alignment over the face-regi
 - the untrained model (same initialisation, no steps).
 
 Reported: mean per-vertex distance in the model's units (metres; also mm), and the ratio to the
-mean-shape error (goal: trained <= 0.5). Then train step time per image for the demo and paper
-configs (coarse step, full losses, on this machine).
+mean-shape error (goal: trained <= 0.5). Diagnostics: the held-out 68-landmark error (crop
+pixels), the correlation of predicted and true shape codes (does the encoder read identity at
+all), the identity signal against the shape prior, and the landmark-only ceiling (the best ratio
+any estimator reaches from landmarks that precise). Then train step time per image for the demo
+and paper configs (coarse step, full losses, on this machine).
 
     .venv/bin/python benchmarks/learning.py [--steps 600] [--identities 48] [--skip-paper]
 
