@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class ParallelLoop:
     the pool's idle threads spin-wait, and on a contended machine (Ray workers, CI) that made
     one-thread training steps 4-6x slower (docs/renderer.md)."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn: Callable) -> None:
         self.parallel = numba.njit(cache=True, parallel=True)(fn)
         self.serial = numba.njit(cache=True)(_renamed(fn, "_serial"))
         self.__doc__ = fn.__doc__
@@ -84,7 +84,7 @@ class ParallelLoop:
         return self.parallel(*args)
 
 
-def _renamed(fn, suffix: str):
+def _renamed(fn: Callable, suffix: str) -> Callable:
     """A copy of ``fn`` under another qualified name. Numba names its cache files after the
     function and keys their index by signature and CPU only, not by compile flags, so the
     serial and parallel builds of one loop must not share a name."""
