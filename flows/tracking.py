@@ -241,10 +241,13 @@ class StepLogger:
     ``on_step(step, terms)`` (the trainer's hook: ``step`` = steps done, ``terms`` = loss
     terms + ``loss``, ``skipped``, ``lr``, ``step_time_s``, ``images_per_s``): every
     ``cfg.log_every`` steps the mean of each loss term since the last log (``loss/<term>``),
-    the mean learning rate (``train/lr``), the mean step time (``time/step_s``), the samples per second of all ranks (``time/samples_per_s``) and
-    the skipped-step count (``train/skipped``). ``log_figure`` writes
-    ``figures/step_XXXXXXX.png``.
+    the mean learning rate (``train/lr``), the mean step time (``time/step_s``), the samples
+    per second of all ranks (``time/samples_per_s``) and the skipped-step count
+    (``train/skipped``). ``log_figure`` writes ``figures/step_XXXXXXX.png``.
     """
+
+    # step terms that are not losses, logged as their means under these names
+    _NAMES = {"lr": "train/lr", "step_time_s": "time/step_s"}
 
     def __init__(self, uri: str, run_id: str, cfg: TrackingConfig, batch_size: int,
                  world_size: int = 1, client: MlflowClient | None = None) -> None:
@@ -259,11 +262,9 @@ class StepLogger:
         for k, v in terms.items():
             if k == "skipped":
                 self._skipped = float(v)
-            elif k in ("step_time_s", "lr"):
-                name = "time/step_s" if k == "step_time_s" else "train/lr"
-                self._sums[name] = self._sums.get(name, 0.0) + float(v)
             elif k != "images_per_s":
-                self._sums[f"loss/{k}"] = self._sums.get(f"loss/{k}", 0.0) + float(v)
+                name = self._NAMES.get(k, f"loss/{k}")
+                self._sums[name] = self._sums.get(name, 0.0) + float(v)
         self._count += 1
         if step % self.cfg.log_every == 0:
             self.flush(step)
