@@ -12,9 +12,11 @@ with the ground truth, after a similarity (Umeyama) alignment over the face-regi
 Reported: mean per-vertex distance in the model's units (metres; also mm), and the ratio to the
 mean-shape error (goal: trained <= 0.5). Diagnostics: the held-out 68-landmark error (crop
 pixels), the correlation of predicted and true shape codes (does the encoder read identity at
-all), the identity signal against the shape prior, and the landmark-only ceiling (the best ratio
-any estimator reaches from landmarks that precise). Then train step time per image for the demo
-and paper configs (coarse step, full losses, on this machine).
+all), the identity signal against the shape prior, the landmark-only ceiling (the best ratio
+any estimator reaches from landmarks that precise), and the loss optimum (the ratio of codes
+fitted to each held-out image by the coarse loss itself, no encoder: what the losses allow).
+Then train step time per image for the demo and paper configs (coarse step, full losses, on
+this machine).
 
     .venv/bin/python benchmarks/learning.py [--steps 600] [--identities 48] [--skip-paper]
 
@@ -54,6 +56,22 @@ def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(sim.apply(pred) - truth, axis=1).mean())
 
 
+def truth_codes(params: dict, keys: list[str]) -> torch.Tensor:
+    """(B, n_shape) ground-truth shape codes of the images ``keys`` of a synthetic set."""
+    return torch.tensor([params["identities"][params["images"][k]["identity"]]["shape"]
+                         for k in keys], dtype=torch.float32)
+
+
+@torch.no_grad()
+def neutral_errors(model, shape: torch.Tensor, truth: torch.Tensor, region: np.ndarray
+                   ) -> list[float]:
+    """Per-image aligned error of the neutral meshes of ``shape`` against those of
+    ``truth`` (both (B, n_shape)), over the ``region`` vertices."""
+    pred = model.neutral(shape).vertices.double().numpy()
+    true = model.neutral(truth).vertices.double().numpy()
+    return [aligned_error(p[region], t[region]) for p, t in zip(pred, true)]
+
+
 @torch.no_grad()
 def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, region: np.ndarray,
                  mean_shape: bool = False, code_pairs: list | None = None,
@@ -76,13 +94,10 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
                 lmk = model.decode(codes, with_detail=False, render=False).landmarks2d
                 half = batch["images"].shape[-1] / 2  # [-1, 1] image units -> pixels
                 landmark_px += ((lmk - batch["landmarks"]).norm(dim=-1).mean(1) * half).tolist()
-        pred = model.neutral(shape).vertices.double().numpy()
-        truth_codes = torch.tensor([params["identities"][params["images"][k]["identity"]]["shape"]
-                                    for k in keys])
-        truth = model.neutral(truth_codes.float()).vertices.double().numpy()
-        errors += [aligned_error(p[region], t[region]) for p, t in zip(pred, truth)]
+        truth = truth_codes(params, keys)
+        errors += neutral_errors(model, shape, truth, region)
         if code_pairs is not None:
-            code_pairs += zip(shape.numpy(), truth_codes.numpy())
+            code_pairs += zip(shape.numpy(), truth.numpy())
     return errors
 
 
@@ -172,6 +187,52 @@ def landmark_ceiling(model, region: np.ndarray, image_size: int, noise_px: list[
     return out
 
 
+def loss_optimum(model, store: SampleStore, params: dict, augment: CropAugment,
+                 region: np.ndarray, loss_cfg, steps: int, photometric: bool,
+                 max_images: int = 32) -> dict:
+    """Analysis by synthesis: where the coarse losses themselves put each image's shape.
+
+    No encoder: each of the first ``max_images`` held-out images gets free codes (shape,
+    expression, pose, camera, albedo, light; from the mean face, the encoder's initial
+    camera and grey light) that Adam fits to the image by the coarse loss (landmarks, eye
+    and lip closure, regularisers; with ``photometric`` also the masked photometric L1 on
+    the lit render, after a landmark-only first quarter as in training). Returns the mean
+    aligned neutral-shape error of the fitted codes and of the mean shape on those images,
+    and their ratio. An encoder trained on these losses amortises this fit image by image,
+    so its ratio is not expected to beat this one.
+    """
+    from recon.deca import Codes
+    from recon.losses.total import coarse_code_terms, coarse_image_terms
+    from recon.render.shading import SH_CONSTANTS
+
+    keys, batch = next(iter_eval_batches(store, augment, batch_size=max_images))
+    n = len(keys)
+    light = torch.zeros(n, 9, 3)
+    light[:, 0] = 1.0 / SH_CONSTANTS[0]
+    codes = Codes(shape=torch.zeros(n, model.flame.n_shape), tex=torch.zeros(n, model.albedo.n_tex),
+                  exp=torch.zeros(n, model.flame.n_exp), pose=torch.zeros(n, 6),
+                  cam=torch.tensor(model.initial_camera(model.network_config.init_face_fraction)
+                                   ).expand(n, 3).clone(), light=light)
+    free = [v.requires_grad_() for v in codes.as_dict().values() if v is not None]
+    opt = torch.optim.Adam(free, lr=1e-2)
+    for i in range(steps):
+        landmarks_only = not photometric or i < steps // 4
+        rec = model.decode(codes, with_detail=False, render=not landmarks_only)
+        terms = coarse_image_terms(loss_cfg, rec, batch, landmarks_only)
+        terms.update(coarse_code_terms(loss_cfg, codes))
+        opt.zero_grad()
+        torch.stack(list(terms.values())).sum().backward()
+        opt.step()
+        if i == 3 * steps // 4:  # the last quarter at a lower rate settles the fit
+            for group in opt.param_groups:
+                group["lr"] = 2e-3
+    truth = truth_codes(params, keys)
+    fit = float(np.mean(neutral_errors(model, codes.shape.detach(), truth, region)))
+    base = float(np.mean(neutral_errors(model, torch.zeros_like(truth), truth, region)))
+    return {"photometric": photometric, "images": n, "steps": steps, "error": fit,
+            "error_mean_shape": base, "ratio": fit / base}
+
+
 class Progress(TrainerCallback):
     def __init__(self, every: int, reg_shape: float) -> None:
         self.every = every
@@ -236,6 +297,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-paper", action="store_true", help="no paper-config step timing")
     ap.add_argument("--timing-steps", type=int, default=2)
+    ap.add_argument("--optimum-steps", type=int, default=1600,
+                    help="Adam steps of the per-image loss optimum (0: skip it)")
+    ap.add_argument("--optimum-images", type=int, default=32,
+                    help="held-out images the loss optimum fits")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
@@ -275,6 +340,9 @@ def main() -> None:
                                  cfg.loss.reg_shape, cfg.model.init_face_fraction)
         untrained = shape_errors(model, test_store, params, augment, region)
         mean = shape_errors(model, test_store, params, augment, region, mean_shape=True)
+        optimum = [loss_optimum(model, test_store, params, augment, region, cfg.loss,
+                                args.optimum_steps, photometric, args.optimum_images)
+                   for photometric in (False, True) if args.optimum_steps > 0]
         t = time.perf_counter()
         result = trainer.run()
         train_s = time.perf_counter() - t
@@ -318,6 +386,17 @@ def main() -> None:
     print(f"identity signal: landmark loss of the mean shape {data:.4f} vs shape prior at the "
           f"truth {prior:.4f} (reg_shape {cfg.loss.reg_shape:g})"
           + ("; prior > signal: the optimum leans to the mean shape" if prior > data else ""))
+
+    report["loss_optimum"] = optimum
+    if optimum:
+        print(f"loss optimum (analysis by synthesis: codes fitted per image by the coarse "
+              f"loss, no encoder; {optimum[0]['images']} held-out images, "
+              f"{args.optimum_steps} Adam steps): an encoder trained on these losses is not "
+              "expected to beat it")
+        for o in optimum:
+            losses = "+ photometric" if o["photometric"] else "landmarks only"
+            print(f"  {losses:14s} {1000 * o['error']:.3f} mm vs mean shape "
+                  f"{1000 * o['error_mean_shape']:.3f} mm: ratio {o['ratio']:.3f}")
 
     # a mean 2D distance d is per-coordinate Gaussian noise of d / sqrt(pi / 2)
     held_sigma = report["held_out_landmark_px"] / np.sqrt(np.pi / 2)
