@@ -5,6 +5,7 @@ Runs on a tiny FLAME-format grid model (tests/tiny_face_model.py); the learning 
 slow: it trains) uses the demo head."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -210,6 +211,28 @@ def _teacher_codes(model: DECA, B: int, g: torch.Generator):
                  light=base["light"].view(1, 9, 3).expand(B, -1, -1).clone())
 
 
+@contextlib.contextmanager
+def _restored(*modules: torch.nn.Module):
+    """Puts the modules' weights back on exit: the demo model is shared by the tests."""
+    saved = [copy.deepcopy(m.state_dict()) for m in modules]
+    try:
+        yield
+    finally:
+        for module, state in zip(modules, saved):
+            module.load_state_dict(state)
+
+
+def _train(step, batch: dict[str, torch.Tensor], n: int) -> list[dict[str, float]]:
+    """n Adam steps (lr 1e-3) of a stage on one batch: the logged terms of each."""
+    opt = torch.optim.Adam(step.parameters(), lr=1e-3)
+    logged = []
+    for _ in range(n):
+        loss, terms = step(batch)
+        assert step.optim_step(loss, opt)
+        logged.append(terms)
+    return logged
+
+
 @pytest.mark.slow
 def test_coarse_stage_learns_on_a_tiny_demo_head_batch(demo_model):
     """25 steps on 4 rendered images (ground truth codes known) halve the coarse loss."""
@@ -221,15 +244,8 @@ def test_coarse_stage_learns_on_a_tiny_demo_head_batch(demo_model):
     background = 0.3 * torch.rand(4, 3, 64, 64, generator=g)
     batch = {"images": rec.images + background * (1 - rec.alpha), "landmarks": rec.landmarks2d,
              "masks": rec.face_mask, "identity": torch.arange(4) // 2}
-    saved = {k: v.clone() for k, v in model.coarse_encoder.state_dict().items()}
-    step = CoarseStep(model, LossConfig(), TrainConfig(pretrain_steps=0))
-    opt = torch.optim.Adam(step.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(25):
-        loss, terms = step(batch)
-        assert step.optim_step(loss, opt)
-        losses.append(terms)
-    model.coarse_encoder.load_state_dict(saved)
+    with _restored(model.coarse_encoder):
+        losses = _train(CoarseStep(model, LossConfig(), TrainConfig(pretrain_steps=0)), batch, 25)
     first, last = losses[0], losses[-1]
     assert last["loss"] < 0.5 * first["loss"]
     assert last["landmarks"] < 0.5 * first["landmarks"]
@@ -264,19 +280,10 @@ def test_detail_stage_recovers_a_known_displacement_map(demo_model):
             z = model.decode(model.encode(images), render=False).uv_displacement
         return float(torch.corrcoef(torch.stack([z[face], wrinkles[face]]))[0, 1])
 
-    saved = {name: copy.deepcopy(net.state_dict())
-             for name, net in (("enc", model.detail_encoder), ("dec", model.detail_decoder))}
-    before = correlation()
-    step = DetailStep(model, LossConfig(mrf=0.0), TrainConfig())
-    opt = torch.optim.Adam(step.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss, terms = step(batch)
-        assert step.optim_step(loss, opt)
-        losses.append(terms)
-    after = correlation()
-    model.detail_encoder.load_state_dict(saved["enc"])
-    model.detail_decoder.load_state_dict(saved["dec"])
+    with _restored(model.detail_encoder, model.detail_decoder):
+        before = correlation()
+        losses = _train(DetailStep(model, LossConfig(mrf=0.0), TrainConfig()), batch, 30)
+        after = correlation()
     assert abs(before) < 0.3
     assert after > 0.9
     assert losses[-1]["photometric_detail"] < 0.5 * losses[0]["photometric_detail"]
