@@ -264,7 +264,8 @@ def test_detail_stage_recovers_a_known_displacement_map(demo_model):
     ridges = torch.sin(2 * math.pi * 5 * torch.linspace(0, 1, S))[:, None].expand(S, S)
     wrinkles = (0.5 * model.detail_decoder.max_z * ridges).expand(B, 1, S, S)
     with torch.no_grad():
-        # The coarse encoder is frozen in this stage: the photos carry its own coarse fit.
+        # Rendered with the frozen coarse encoder's own prediction, which it makes again
+        # (nearly) on the photos, so the UV texture the stage unwraps lines up.
         codes = model.encode(background, with_detail=False)
         rec = model.decode(codes, with_detail=False)
         normals = model.renderer.displacement_to_normals(wrinkles, rec.vertices, model.uv_face_mask)
