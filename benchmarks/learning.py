@@ -117,7 +117,7 @@ def identity_signal(model, params: dict, keys: list[str], reg_shape: float,
     from recon.losses.landmarks import weighted_landmark_loss
 
     imgs = [params["images"][k] for k in keys]
-    shape = torch.tensor([params["identities"][p["identity"]]["shape"] for p in imgs])
+    shape = truth_codes(params, keys)
     exp = torch.tensor([p["expression"] for p in imgs], dtype=torch.float32)
     pose = torch.tensor([p["pose"] for p in imgs], dtype=torch.float32)
     n = len(imgs)
