@@ -25,6 +25,7 @@ Figures are recorded in docs/training.md with the machine they ran on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import tempfile
@@ -56,6 +57,11 @@ def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(sim.apply(pred) - truth, axis=1).mean())
 
 
+def _device(model) -> torch.device:
+    """Where the model lives: the evaluation runs there (the GPU in a ``--device cuda`` run)."""
+    return next(model.parameters()).device
+
+
 def truth_codes(params: dict, keys: list[str]) -> torch.Tensor:
     """(B, n_shape) ground-truth shape codes of the images ``keys`` of a synthetic set."""
     return torch.tensor([params["identities"][params["images"][k]["identity"]]["shape"]
@@ -66,9 +72,10 @@ def truth_codes(params: dict, keys: list[str]) -> torch.Tensor:
 def neutral_errors(model, shape: torch.Tensor, truth: torch.Tensor, region: np.ndarray
                    ) -> list[float]:
     """Per-image aligned error of the neutral meshes of ``shape`` against those of
-    ``truth`` (both (B, n_shape)), over the ``region`` vertices."""
-    pred = model.neutral(shape).vertices.double().numpy()
-    true = model.neutral(truth).vertices.double().numpy()
+    ``truth`` (both (B, n_shape), any device), over the ``region`` vertices."""
+    device = _device(model)
+    pred = model.neutral(shape.to(device)).vertices.double().cpu().numpy()
+    true = model.neutral(truth.to(device)).vertices.double().cpu().numpy()
     return [aligned_error(p[region], t[region]) for p, t in zip(pred, true)]
 
 
@@ -83,13 +90,15 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
     identity must show through is done on unseen images."""
     model.eval()
     n_shape = model.flame.n_shape
+    device = _device(model)
     errors = []
     for keys, batch in iter_eval_batches(store, augment, batch_size=16):
+        batch = {k: v.to(device) for k, v in batch.items()}
         if mean_shape:
             shape = torch.zeros(len(keys), n_shape)
         else:
             codes = model.encode(batch["images"], with_detail=False)
-            shape = codes.shape
+            shape = codes.shape.cpu()
             if landmark_px is not None:
                 lmk = model.decode(codes, with_detail=False, render=False).landmarks2d
                 half = batch["images"].shape[-1] / 2  # [-1, 1] image units -> pixels
@@ -117,13 +126,14 @@ def identity_signal(model, params: dict, keys: list[str], reg_shape: float,
     from recon.losses.landmarks import weighted_landmark_loss
 
     imgs = [params["images"][k] for k in keys]
-    shape = truth_codes(params, keys)
-    exp = torch.tensor([p["expression"] for p in imgs], dtype=torch.float32)
-    pose = torch.tensor([p["pose"] for p in imgs], dtype=torch.float32)
+    device = _device(model)
+    shape = truth_codes(params, keys).to(device)
+    exp = torch.tensor([p["expression"] for p in imgs], dtype=torch.float32, device=device)
+    pose = torch.tensor([p["pose"] for p in imgs], dtype=torch.float32, device=device)
     n = len(imgs)
-    cam = torch.tensor(model.initial_camera(face_fraction)).expand(n, 3)
-    light = torch.zeros(n, 9, 3)
-    tex = torch.zeros(n, model.albedo.n_tex)
+    cam = torch.tensor(model.initial_camera(face_fraction), device=device).expand(n, 3)
+    light = torch.zeros(n, 9, 3, device=device)
+    tex = torch.zeros(n, model.albedo.n_tex, device=device)
 
     def landmarks(s: torch.Tensor) -> torch.Tensor:
         codes = Codes(shape=s, tex=tex, exp=exp[:, :model.flame.n_exp], pose=pose, cam=cam,
@@ -205,14 +215,17 @@ def loss_optimum(model, store: SampleStore, params: dict, augment: CropAugment,
     from recon.losses.total import coarse_code_terms, coarse_image_terms
     from recon.render.shading import SH_CONSTANTS
 
+    device = _device(model)
     keys, batch = next(iter_eval_batches(store, augment, batch_size=max_images))
+    batch = {k: v.to(device) for k, v in batch.items()}
     n = len(keys)
-    light = torch.zeros(n, 9, 3)
+    zeros = functools.partial(torch.zeros, device=device)
+    light = zeros(n, 9, 3)
     light[:, 0] = 1.0 / SH_CONSTANTS[0]
-    codes = Codes(shape=torch.zeros(n, model.flame.n_shape), tex=torch.zeros(n, model.albedo.n_tex),
-                  exp=torch.zeros(n, model.flame.n_exp), pose=torch.zeros(n, 6),
-                  cam=torch.tensor(model.initial_camera(model.network_config.init_face_fraction)
-                                   ).expand(n, 3).clone(), light=light)
+    cam = torch.tensor(model.initial_camera(model.network_config.init_face_fraction), device=device)
+    codes = Codes(shape=zeros(n, model.flame.n_shape), tex=zeros(n, model.albedo.n_tex),
+                  exp=zeros(n, model.flame.n_exp), pose=zeros(n, 6),
+                  cam=cam.expand(n, 3).clone(), light=light)
     free = [v.requires_grad_() for v in codes.as_dict().values() if v is not None]
     opt = torch.optim.Adam(free, lr=1e-2)
     for i in range(steps):

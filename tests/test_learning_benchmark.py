@@ -1,0 +1,51 @@
+"""benchmarks/learning.py end to end at a toy size: it runs (on the GPU where there is one),
+and the figures it reports agree with each other where they must."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_learning_benchmark_reports_consistent_figures(tmp_path: Path) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = tmp_path / "learning.json"
+    res = subprocess.run(
+        [sys.executable, "benchmarks/learning.py", "--device", device,
+         "--steps", "3", "--set", "train.pretrain_steps=1", "--identities", "6",
+         "--images-per-identity", "2", "--held-out", "2", "--image-size", "64",
+         "--optimum-steps", "8", "--optimum-images", "4", "--skip-paper",
+         "--timing-steps", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert report["steps"] == 3
+    assert report["held_out_images"] == 4 and report["held_out_identities"] == 2
+    assert report["train_images"] == 8
+    # The encoder's output layer starts at its bias (shape 0): untrained = mean shape.
+    assert report["ratio_untrained_to_mean"] == pytest.approx(1.0, abs=0.01)
+    assert report["error_mean_shape_mm"] == pytest.approx(1000 * report["error_mean_shape"])
+    # The loss optimum fits all 4 held-out images here: its mean-shape baseline is the
+    # benchmark's own, computed by another path.
+    assert [o["photometric"] for o in report["loss_optimum"]] == [False, True]
+    for o in report["loss_optimum"]:
+        assert o["images"] == 4
+        assert o["error_mean_shape"] == pytest.approx(report["error_mean_shape"], rel=1e-6)
+        assert o["ratio"] == pytest.approx(o["error"] / o["error_mean_shape"])
+    # The landmark-only bound: below the prior (1) and worse the noisier the landmarks.
+    for yaw in (0.0, 30.0):
+        ceiling = sorted(report["landmark_ceiling"], key=lambda c: c["noise_px"])
+        ratios = [c["ratio"] for c in ceiling if c["yaw_deg"] == yaw]
+        assert len(ratios) == 4
+        assert all(0.0 < r < 1.0 for r in ratios)
+        assert ratios == sorted(ratios)
+    assert [t["config"] for t in report["step_time"]] == ["demo"]
+    assert report["step_time"][0]["device"] == device
