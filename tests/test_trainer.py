@@ -1,6 +1,7 @@
 """The single-process trainer: learning, checkpoints, bit-identical resume (CPU)."""
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -117,6 +118,20 @@ def test_resume_is_bit_identical(store, tmp_path, schedule):
     ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "coarse-000000006.pt")
     assert ckpt["step"] == 6 and ckpt["face_model"] == second.model.face_model_name
     assert '"train"' in ckpt["config"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_precision_run_on_cuda_resumes_with_its_grad_scaler(store, tmp_path):
+    cfg = _cfg(**{"train.steps": 4, "train.checkpoint_every": 2, "train.amp": True})
+    first = Trainer(cfg, "coarse", tmp_path, store, device="cuda")
+    assert first.scaler is not None
+    assert first.run(2).step == 2
+    scale = first.scaler.get_scale()
+    second = Trainer(cfg, "coarse", tmp_path, store, device="cuda")
+    assert second.resumed_from == 2 and second.scaler.get_scale() == scale
+    result = second.run()
+    assert result.step == 4 and all(map(math.isfinite, result.terms.values()))
+    assert next(second.model.parameters()).is_cuda
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
