@@ -18,7 +18,8 @@ fitted to each held-out image by the coarse loss itself, no encoder: what the lo
 Then train step time per image for the demo and paper configs (coarse step, full losses, on
 this machine).
 
-    .venv/bin/python benchmarks/learning.py [--steps 600] [--identities 48] [--skip-paper]
+    .venv/bin/python benchmarks/learning.py [--steps 600 | --train-seconds 300]
+        [--identities 48] [--device cuda] [--skip-paper]
 
 Figures are recorded in docs/training.md with the machine they ran on.
 """
@@ -267,7 +268,7 @@ def step_time(config_name: str, steps: int, device: str, overrides: list[str]) -
     from recon.deca import DECA
     from recon.training.steps import CoarseStep
 
-    cfg = load_config(config_name, ["train.pretrain_steps=0", *overrides])
+    cfg = load_config(config_name, [*overrides, "train.pretrain_steps=0"])  # full losses
     torch.manual_seed(0)
     model = DECA(cfg.face_model, cfg.model).to(device)
     step = CoarseStep(model, cfg.loss, cfg.train)
@@ -300,6 +301,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="demo")
     ap.add_argument("--steps", type=int, default=None, help="default: the config's train.steps")
+    ap.add_argument("--train-seconds", type=float, default=None,
+                    help="instead of --steps: as many steps as this many seconds of full-loss "
+                         "steps allow, by the config's measured step time (data loading not "
+                         "counted), so a schedule like cosine still runs to its end")
     ap.add_argument("--identities", type=int, default=48)
     ap.add_argument("--images-per-identity", type=int, default=6)
     ap.add_argument("--held-out", type=int, default=8)
@@ -317,11 +322,19 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    if args.steps is not None and args.train_seconds is not None:
+        ap.error("give --steps or --train-seconds, not both")
     torch.set_num_threads(args.threads)
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
+    if args.train_seconds is not None:
+        per_step = step_time(args.config, 3, args.device, overrides)["s_per_step"]
+        steps = max(1, int(args.train_seconds / per_step))
+        print(f"--train-seconds {args.train_seconds:g}: {per_step:.3f} s/step -> {steps} steps",
+              flush=True)
+        overrides.append(f"train.steps={steps}")
     cfg = with_stage_weights(load_config(args.config, overrides), "coarse")
     report: dict = {"machine": f"{platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}"}
