@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.wildface-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast test-slow clean
+.PHONY: install demo test test-fast test-slow gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test-fast: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+## Wheels of what a lent GPU machine's image lacks (it has PyTorch, not pydantic), for
+## benchmarks/gpu_check.sh: into .whl/ (ignored), for Python 3.12 on x86-64 as that image.
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
