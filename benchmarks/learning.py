@@ -13,8 +13,10 @@ Reported: mean per-vertex distance in the model's units (metres; also mm), and t
 mean-shape error (goal: trained <= 0.5). Diagnostics: the held-out 68-landmark error (crop
 pixels), the correlation of predicted and true shape codes (does the encoder read identity at
 all), the identity signal against the shape prior, the landmark-only ceiling (the best ratio
-any estimator reaches from landmarks that precise), and the loss optimum (the ratio of codes
-fitted to each held-out image by the coarse loss itself, no encoder: what the losses allow).
+any estimator reaches from landmarks that precise), the loss optimum (the ratio of codes
+fitted to each held-out image by the coarse loss itself, no encoder: what the losses allow),
+and with ``--probe`` the supervised probe (the same encoder and budget trained on the true
+shape codes: whether it can read identity at all).
 Then train step time per image for the demo and paper configs (coarse step, full losses, on
 this machine).
 
@@ -40,6 +42,7 @@ from flows.config import load_config, with_stage_weights
 from recon.evaluation.alignment import umeyama
 from recon.synth import generate, iter_samples, load_params
 from recon.training.data import CropAugment, SampleStore, iter_eval_batches
+from recon.training.steps import CoarseStep
 from recon.training.trainer import Trainer, TrainerCallback
 
 
@@ -247,6 +250,61 @@ def loss_optimum(model, store: SampleStore, params: dict, augment: CropAugment,
             "error_mean_shape": base, "ratio": fit / base}
 
 
+class ShapeProbeStep(CoarseStep):
+    """The coarse step with its losses replaced by the mean squared error between the
+    predicted and the true shape codes: the encoder is told the answer.
+
+    ``truth``: (n_identities, n_shape), row ``i`` the code of the batch's identity index
+    ``i`` (the order of ``SampleStore.identities``).
+    """
+
+    def __init__(self, model, loss_cfg, train_cfg, truth: torch.Tensor) -> None:
+        super().__init__(model, loss_cfg, train_cfg)
+        self.truth = truth
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        self.iteration += 1
+        self.model.coarse_encoder.train()
+        images = batch["images"]
+        with self._autocast(images.device):
+            shape = self.model.encode(images, with_detail=False).shape
+        truth = self.truth.to(images.device)[batch["identity"]]
+        loss = ((shape - truth) ** 2).mean()
+        return loss, {"loss": float(loss.detach())}
+
+
+def supervised_probe(cfg, out_dir: Path, train_store: SampleStore, test_store: SampleStore,
+                     params: dict, region: np.ndarray, device: str) -> dict:
+    """Can this encoder read identity from the image at this budget at all? The same
+    encoder, batches, schedule, step count and device as the benchmark's training, but
+    trained on the true shape codes (mean squared error) instead of the losses. Returns its
+    held-out neutral-shape error as a ratio to the mean shape's, and its last training error
+    (the codes' own variance is 1). Where this stays near 1, no loss can do better."""
+    losses = LossLog()
+    trainer = Trainer(cfg, "coarse", out_dir, train_store, device=device, callbacks=[losses])
+    names = list(train_store.identities)
+    truth = torch.tensor([params["identities"][n]["shape"] for n in names], dtype=torch.float32)
+    # The trainer's loader, schedule and checkpoints around another step function.
+    trainer.step_fn = ShapeProbeStep(trainer.model, cfg.loss, cfg.train, truth)
+    result = trainer.run()
+    augment = CropAugment(out_size=cfg.model.image_size, eval_scale=cfg.data.eval_scale)
+    probe = shape_errors(trainer.model, test_store, params, augment, region)
+    mean = shape_errors(trainer.model, test_store, params, augment, region, mean_shape=True)
+    last = losses.values[-max(1, len(losses.values) // 10):]
+    return {"steps": result.step, "train_mse_last_tenth": float(np.mean(last)),
+            "ratio": float(np.mean(probe) / np.mean(mean))}
+
+
+class LossLog(TrainerCallback):
+    """Keeps every step's total loss."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_step(self, step: int, terms: dict[str, float]) -> None:
+        self.values.append(terms["loss"])
+
+
 class Progress(TrainerCallback):
     def __init__(self, every: int, reg_shape: float) -> None:
         self.every = every
@@ -256,7 +314,8 @@ class Progress(TrainerCallback):
     def on_step(self, step: int, terms: dict[str, float]) -> None:
         if step % self.every == 0:
             # reg_shape = weight x mean |code|^2 / 2: the RMS shape-code norm of the batch
-            norm = (2 * terms["reg_shape"] / self.reg_shape) ** 0.5 if "reg_shape" in terms else float("nan")
+            shape = terms.get("reg_shape", float("nan"))
+            norm = (2 * shape / self.reg_shape) ** 0.5
             print(f"  step {step} loss {terms['loss']:.4f} "
                   f"lmk {terms.get('landmarks', float('nan')):.4f} "
                   f"pho {terms.get('photometric', float('nan')):.4f} |shape| {norm:.2f} "
@@ -266,7 +325,6 @@ class Progress(TrainerCallback):
 def step_time(config_name: str, steps: int, device: str, overrides: list[str]) -> dict:
     """Seconds per image of the coarse step (full losses) with a config's batch shape."""
     from recon.deca import DECA
-    from recon.training.steps import CoarseStep
 
     cfg = load_config(config_name, [*overrides, "train.pretrain_steps=0"])  # full losses
     torch.manual_seed(0)
@@ -319,6 +377,9 @@ def main() -> None:
                     help="Adam steps of the per-image loss optimum (0: skip it)")
     ap.add_argument("--optimum-images", type=int, default=32,
                     help="held-out images the loss optimum fits")
+    ap.add_argument("--probe", action="store_true",
+                    help="also train the encoder on the true shape codes, same budget: can it "
+                         "read identity at all?")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
@@ -376,6 +437,8 @@ def main() -> None:
         lmk_px: list = []
         trained = shape_errors(model, test_store, params, augment, region, code_pairs=pairs,
                                landmark_px=lmk_px)
+        probe = (supervised_probe(cfg, Path(tmp) / "probe", train_store, test_store, params,
+                                  region, args.device) if args.probe else None)
     m_mean, m_untrained, m_trained = (float(np.mean(e)) for e in (mean, untrained, trained))
     report.update({
         "config": args.config, "steps": result.step, "train_seconds": train_s,
@@ -384,7 +447,8 @@ def main() -> None:
         "error_mean_shape": m_mean, "error_untrained": m_untrained, "error_trained": m_trained,
         "error_mean_shape_mm": 1000 * m_mean, "error_untrained_mm": 1000 * m_untrained,
         "error_trained_mm": 1000 * m_trained,
-        "ratio_trained_to_mean": m_trained / m_mean, "ratio_untrained_to_mean": m_untrained / m_mean,
+        "ratio_trained_to_mean": m_trained / m_mean,
+        "ratio_untrained_to_mean": m_untrained / m_mean,
         "goal_met": m_trained <= 0.5 * m_mean,
         **signal,
         "shape_code_norm_predicted": float(np.mean([np.linalg.norm(p) for p, _ in pairs])),
@@ -412,6 +476,13 @@ def main() -> None:
     print(f"identity signal: landmark loss of the mean shape {data:.4f} vs shape prior at the "
           f"truth {prior:.4f} (reg_shape {cfg.loss.reg_shape:g})"
           + ("; prior > signal: the optimum leans to the mean shape" if prior > data else ""))
+
+    report["supervised_probe"] = probe
+    if probe is not None:
+        print(f"supervised probe (the same encoder and budget, trained on the true shape "
+              f"codes): held-out ratio {probe['ratio']:.3f}, training error "
+              f"{probe['train_mse_last_tenth']:.3f} over its last tenth (1 = the codes' "
+              "variance)")
 
     report["loss_optimum"] = optimum
     if optimum:

@@ -22,7 +22,7 @@ def test_learning_benchmark_reports_consistent_figures(tmp_path: Path) -> None:
          "--steps", "3", "--set", "train.pretrain_steps=1", "--identities", "6",
          "--images-per-identity", "2", "--held-out", "2", "--image-size", "64",
          "--optimum-steps", "8", "--optimum-images", "4", "--skip-paper",
-         "--timing-steps", "1", "--json", str(out)],
+         "--timing-steps", "1", "--probe", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -47,5 +47,8 @@ def test_learning_benchmark_reports_consistent_figures(tmp_path: Path) -> None:
         assert len(ratios) == 4
         assert all(0.0 < r < 1.0 for r in ratios)
         assert ratios == sorted(ratios)
+    # The supervised probe trains as long as the benchmark's run, on the true codes.
+    probe = report["supervised_probe"]
+    assert probe["steps"] == 3 and probe["ratio"] > 0 and probe["train_mse_last_tenth"] > 0
     assert [t["config"] for t in report["step_time"]] == ["demo"]
     assert report["step_time"][0]["device"] == device
