@@ -5,7 +5,7 @@
 # From the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"],
 # timeout_s=590). Logs and figures go to $OUT (its folder there; /tmp/gpu-check elsewhere).
 #
-# Environment: PYTHON (python3), DEVICE (cuda), LEARN_SECONDS (training budget, 240),
+# Environment: PYTHON (python3), DEVICE (cuda), LEARN_SECONDS (training budget, 200),
 # LEARN_ARGS (the benchmark's other arguments, below), TEST_SECONDS (limit of the tests, 150).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -18,8 +18,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-{ nvidia-smi || true; "$PYTHON" -c "import torch; print('torch', torch.__version__,
-'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+{ nvidia-smi || true; "$PYTHON" -c "import torch; cuda = torch.cuda.is_available()
+print('torch', torch.__version__, 'cuda', cuda, torch.cuda.get_device_name() if cuda else '')"
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
@@ -32,14 +32,16 @@ timeout "${TEST_SECONDS:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider \
 tests=$?
 
 # 2. Learning: the demo head, a batch of 32 at 128 px, mixed precision, cosine decay, trained
-#    for LEARN_SECONDS; then the step time of the demo and paper configs on this device. The
-#    loss optimum is skipped: it needs no GPU and is recorded in docs/training.md.
+#    for LEARN_SECONDS; then the same encoder and steps trained on the true shape codes (the
+#    supervised probe: can it read identity at all?); then the step time of the demo and
+#    paper configs on this device. The loss optimum is skipped: it needs no GPU and is
+#    recorded in docs/training.md.
 LEARN_ARGS=${LEARN_ARGS:---identities 1040 --images-per-identity 2 --held-out 40
     --set train.identities_per_batch=16 --set train.amp=true --set train.pretrain_steps=1000
-    --set train.lr_schedule=cosine --set data.num_workers=4 --optimum-steps 0}
+    --set train.lr_schedule=cosine --set data.num_workers=4 --optimum-steps 0 --probe}
 # shellcheck disable=SC2086  # LEARN_ARGS is a list of arguments
 "$PYTHON" benchmarks/learning.py --device "$DEVICE" --threads 8 \
-    --train-seconds "${LEARN_SECONDS:-240}" $LEARN_ARGS --json "$OUT/learning.json" \
+    --train-seconds "${LEARN_SECONDS:-200}" $LEARN_ARGS --json "$OUT/learning.json" \
     2>&1 | tee "$OUT/learning.log"
 learning=$?
 echo "gpu_check: tests rc $tests, learning rc $learning"
