@@ -279,7 +279,8 @@ def supervised_probe(cfg, out_dir: Path, train_store: SampleStore, test_store: S
     encoder, batches, schedule, step count and device as the benchmark's training, but
     trained on the true shape codes (mean squared error) instead of the losses. Returns its
     held-out neutral-shape error as a ratio to the mean shape's, and its last training error
-    (the codes' own variance is 1). Where this stays near 1, no loss can do better."""
+    (the codes' own variance is 1). Where this stays near 1, losses that only hint at the
+    answer are not expected to do better at this budget."""
     losses = LossLog()
     trainer = Trainer(cfg, "coarse", out_dir, train_store, device=device, callbacks=[losses])
     names = list(train_store.identities)
