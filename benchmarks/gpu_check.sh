@@ -5,8 +5,10 @@
 # From the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"],
 # timeout_s=590). Logs and figures go to $OUT (its folder there; /tmp/gpu-check elsewhere).
 #
-# Environment: PYTHON (python3), DEVICE (cuda), LEARN_SECONDS (training budget, 200),
+# Environment: PYTHON (python3), DEVICE (cuda), LEARN_SECONDS (training budget, 120),
 # LEARN_ARGS (the benchmark's other arguments, below), TEST_SECONDS (limit of the tests, 150).
+# The whole run takes about 2 x LEARN_SECONDS (training, then the probe) + 4 min (estimated:
+# never run on a GPU yet), inside the device tool's 10 minutes a command.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 PYTHON=${PYTHON:-python3}
@@ -41,7 +43,7 @@ LEARN_ARGS=${LEARN_ARGS:---identities 1040 --images-per-identity 2 --held-out 40
     --set train.lr_schedule=cosine --set data.num_workers=4 --optimum-steps 0 --probe}
 # shellcheck disable=SC2086  # LEARN_ARGS is a list of arguments
 "$PYTHON" benchmarks/learning.py --device "$DEVICE" --threads 8 \
-    --train-seconds "${LEARN_SECONDS:-200}" $LEARN_ARGS --json "$OUT/learning.json" \
+    --train-seconds "${LEARN_SECONDS:-120}" $LEARN_ARGS --json "$OUT/learning.json" \
     2>&1 | tee "$OUT/learning.log"
 learning=$?
 echo "gpu_check: tests rc $tests, learning rc $learning"
