@@ -1,5 +1,5 @@
 """The GPU path against the CPU path: rasterizer (torch backend on CUDA, numba on the CPU),
-DECA's coarse and detail steps in float32, and the mixed-precision step.
+DECA's coarse and detail steps in float32, the mixed-precision step, and reconstruct.
 
 These need a CUDA device, so they run where one is lent (``benchmarks/gpu_check.sh``); the
 same code's CPU behaviour is tested by the rest of the suite.
@@ -14,8 +14,10 @@ import torch
 
 from recon.config import FaceModelConfig, LossConfig, NetworkConfig, TrainConfig
 from recon.deca import DECA
+from recon.reconstruct import load_model
 from recon.render import rasterize
 from recon.training.steps import CoarseStep, DetailStep
+from reconstruct_fixtures import untrained_checkpoint
 from render_reference import rotation_y, uv_sphere
 from tiny_face_model import tiny_face_assets
 
@@ -101,3 +103,15 @@ def test_mixed_precision_steps_on_cuda(stage):
     assert step.skipped == stepped.count(False)
     assert losses[0] == pytest.approx(reference, rel=0.05)  # float16 encoders, float32 rest
     assert any(not torch.equal(a, p) for a, p in zip(before, step.parameters()))
+
+
+def test_reconstruct_on_cuda_matches_cpu(tmp_path):
+    ckpt = untrained_checkpoint(tmp_path / "detail.pt")
+    crops = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    cpu = load_model(ckpt).reconstruct(crops)
+    gpu = load_model(ckpt, device=GPU).reconstruct(crops)
+    assert gpu.vertices.device.type == GPU.type
+    for name in ("vertices", "landmarks2d", "uv_detail_normals"):
+        torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name),
+                                   rtol=1e-3, atol=1e-4, msg=name)
+    assert (gpu.images.cpu() - cpu.images).abs().mean() < 1e-3
