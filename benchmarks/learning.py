@@ -254,8 +254,8 @@ class ShapeProbeStep(CoarseStep):
     """The coarse step with its losses replaced by the mean squared error between the
     predicted and the true shape codes: the encoder is told the answer.
 
-    ``truth``: (n_identities, n_shape), row ``i`` the code of the batch's identity index
-    ``i`` (the order of ``SampleStore.identities``).
+    ``truth``: (n_identities, n_shape) on the model's device, row ``i`` the code of the
+    batch's identity index ``i`` (the order of ``SampleStore.identities``).
     """
 
     def __init__(self, model, loss_cfg, train_cfg, truth: torch.Tensor) -> None:
@@ -268,32 +268,32 @@ class ShapeProbeStep(CoarseStep):
         images = batch["images"]
         with self._autocast(images.device):
             shape = self.model.encode(images, with_detail=False).shape
-        truth = self.truth.to(images.device)[batch["identity"]]
-        loss = ((shape - truth) ** 2).mean()
+        loss = ((shape - self.truth[batch["identity"]]) ** 2).mean()
         return loss, {"loss": float(loss.detach())}
 
 
 def supervised_probe(cfg, out_dir: Path, train_store: SampleStore, test_store: SampleStore,
-                     params: dict, region: np.ndarray, device: str) -> dict:
+                     params: dict, augment: CropAugment, region: np.ndarray,
+                     mean_error: float, device: str) -> dict:
     """Can this encoder read identity from the image at this budget at all? The same
     encoder, batches, schedule, step count and device as the benchmark's training, but
     trained on the true shape codes (mean squared error) instead of the losses. Returns its
-    held-out neutral-shape error as a ratio to the mean shape's, and its last training error
+    held-out neutral-shape error as a ratio to the mean shape's (``mean_error``, on
+    ``test_store`` cropped by ``augment``), and its last training error
     (the codes' own variance is 1). Where this stays near 1, losses that only hint at the
     answer are not expected to do better at this budget."""
     losses = LossLog()
     trainer = Trainer(cfg, "coarse", out_dir, train_store, device=device, callbacks=[losses])
     names = list(train_store.identities)
-    truth = torch.tensor([params["identities"][n]["shape"] for n in names], dtype=torch.float32)
+    truth = torch.tensor([params["identities"][n]["shape"] for n in names], dtype=torch.float32,
+                         device=trainer.device)
     # The trainer's loader, schedule and checkpoints around another step function.
     trainer.step_fn = ShapeProbeStep(trainer.model, cfg.loss, cfg.train, truth)
     result = trainer.run()
-    augment = CropAugment(out_size=cfg.model.image_size, eval_scale=cfg.data.eval_scale)
     probe = shape_errors(trainer.model, test_store, params, augment, region)
-    mean = shape_errors(trainer.model, test_store, params, augment, region, mean_shape=True)
     last = losses.values[-max(1, len(losses.values) // 10):]
     return {"steps": result.step, "train_mse_last_tenth": float(np.mean(last)),
-            "ratio": float(np.mean(probe) / np.mean(mean))}
+            "ratio": float(np.mean(probe)) / mean_error}
 
 
 class LossLog(TrainerCallback):
@@ -439,7 +439,8 @@ def main() -> None:
         trained = shape_errors(model, test_store, params, augment, region, code_pairs=pairs,
                                landmark_px=lmk_px)
         probe = (supervised_probe(cfg, Path(tmp) / "probe", train_store, test_store, params,
-                                  region, args.device) if args.probe else None)
+                                  augment, region, float(np.mean(mean)), args.device)
+                 if args.probe else None)
     m_mean, m_untrained, m_trained = (float(np.mean(e)) for e in (mean, untrained, trained))
     report.update({
         "config": args.config, "steps": result.step, "train_seconds": train_s,
