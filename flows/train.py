@@ -9,7 +9,8 @@ Each stage is one ``TorchTrainer`` run whose workers run the single-process trai
   same seeded weights, so the replicas stay identical;
 - data: each rank reads its own shards (``train-*.tar`` r, r + W, ...; for a ``wildface
   synth`` folder its own identities) when they hold a full batch of identities, else the
-  whole split with the trainer's rank-strided batches (:func:`rank_store`);
+  whole split with the trainer's rank-strided batches (:func:`flows.samples.rank_store`),
+  in memory or in a memory-mapped cache on the node's disk (``data.cache_dir``);
 - AMP on GPU (``train.amp``, done by the trainer);
 - checkpoints: the trainer writes them atomically on rank 0 every ``train.checkpoint_every``
   steps and at the end; each is handed to ``ray.train.report`` (every rank reports at the
@@ -59,6 +60,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.ray_cluster import init_ray, run_storage, scaling_config  # noqa: E402
 from flows.config import WildfaceConfig, load_config, with_stage_weights  # noqa: E402
+from flows.samples import is_synth_folder, rank_store, synth_digest  # noqa: E402
 from infra import storage  # noqa: E402
 from infra.config import RayConfig  # noqa: E402
 from recon.training.trainer import TrainerCallback  # noqa: E402
@@ -104,45 +106,11 @@ def _worker_env(cfg: WildfaceConfig) -> dict[str, str]:
 
 
 # -- data ----------------------------------------------------------------------------------------
-def is_synth_folder(data: str) -> bool:
-    from recon.synth.generate import PARAMS_FILE
-
-    return not storage.is_s3(data) and (Path(data) / PARAMS_FILE).is_file()
-
-
-def rank_store(data: str, rank: int, world: int, n_identities: int):
-    """The samples rank ``rank`` of ``world`` trains on -> (SampleStore, own_shards).
-
-    ``own_shards`` True: the rank read only its own part (shards ``r::W`` of a preprocessing
-    output, identities ``r::W`` of a synth folder) and draws batches from all of it; False:
-    the parts would hold fewer than ``n_identities`` identities each, so every rank read the
-    whole split and the trainer strides batches by rank.
-    """
-    from recon.training.data import SampleStore
-
-    if is_synth_folder(data):
-        from recon.synth import iter_samples
-        from recon.synth.samples import load_params
-
-        names = sorted(load_params(data)["identities"])
-        mine = names[rank::world]
-        if world > 1 and len(mine) >= n_identities:
-            return SampleStore.from_samples(iter_samples(data, set(mine))), True
-        return SampleStore.from_samples(iter_samples(data)), False
-
-    from preprocessing.shards import iter_samples, read_split
-
-    urls, identities = read_split(data, "train")
-    if world > 1 and len(urls) >= world:
-        store = SampleStore.from_samples(iter_samples(urls[rank::world]), identities)
-        if len(store.identities) >= n_identities:
-            return store, True
-    return SampleStore.from_samples(iter_samples(urls), identities), False
-
-
 def figure_batch(data: str, store, cfg: WildfaceConfig, n: int) -> dict:
-    """A fixed set of ``n`` images for the figures: the first of the validation split when
-    the data has one, else of ``store`` (evaluation crop, sorted keys)."""
+    """A fixed set of ``n`` images for the figures: the first ``n`` of the validation split
+    (shard order) when the data has one, else of ``store`` (sorted keys); evaluation crop."""
+    from itertools import islice
+
     from preprocessing.shards import iter_samples, read_split
     from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 
@@ -150,7 +118,8 @@ def figure_batch(data: str, store, cfg: WildfaceConfig, n: int) -> dict:
     if not is_synth_folder(data):
         try:
             urls, identities = read_split(data, "val")
-            source = SampleStore.from_samples(iter_samples(urls), identities)
+            # Only what the figures show: the split may be larger than memory.
+            source = SampleStore.from_samples(islice(iter_samples(urls), n), identities)
         except (FileNotFoundError, OSError, ValueError):
             source = store
     d = cfg.data
@@ -315,7 +284,7 @@ def train_loop(lc: dict[str, Any]) -> None:
         coarse = fetch_file(lc["coarse"], work / "inputs") if lc.get("coarse") else None
 
         n_ids, _ = cfg.train.batch_shape(stage)
-        store, own = rank_store(lc["data"], rank, world, n_ids)
+        store, own = rank_store(lc["data"], rank, world, n_ids, cfg.data.cache_dir)
         total, every = lc["steps"], cfg.train.checkpoint_every
         reporter = RayReport(rank, total, every)
         callbacks: list[TrainerCallback] = [reporter]
@@ -346,7 +315,9 @@ def default_run_name(cfg: WildfaceConfig, data: str, stage: str, coarse: str | N
     """Deterministic name of a stage run: the same config, data and start point resume the
     same Ray run (an idempotent rerun), anything else starts a new one."""
     h = hashlib.sha256()
-    h.update(cfg.model_dump_json(exclude={"ray", "tracking", "services"}).encode())
+    # Where things run and are cached does not change what is trained.
+    h.update(cfg.model_dump_json(exclude={"ray": True, "tracking": True, "services": True,
+                                          "data": {"cache_dir"}}).encode())
     h.update(tracking.dataset_summary(data)["manifest_sha256"].encode()
              if not is_synth_folder(data) else str(Path(data).resolve()).encode())
     h.update(str(coarse).encode())
@@ -392,7 +363,7 @@ def run_stage(
         exp_id = tracking.setup(tracking_uri, cfg.tracking.experiment)
         client = MlflowClient(tracking_uri, tracking_uri)
         dataset = tracking.dataset_summary(data) if not is_synth_folder(data) else {
-            "data_root": str(Path(data).resolve()), "manifest_sha256": _synth_digest(data),
+            "data_root": str(Path(data).resolve()), "manifest_sha256": synth_digest(data),
             "shards": [], "all_shards": []}
         run_id = tracking.start_stage_run(client, exp_id, stage, cfg.model_dump(mode="json"),
                                           dataset, parent_run_id)
@@ -449,12 +420,6 @@ def run_stage(
                        resumed_from=None if resumed < 0 else int(resumed),
                        seconds=time.perf_counter() - started, metrics=metrics,
                        figure=None if figure is None else str(figure))
-
-
-def _synth_digest(data: str) -> str:
-    from recon.synth.generate import PARAMS_FILE
-
-    return hashlib.sha256((Path(data) / PARAMS_FILE).read_bytes()).hexdigest()
 
 
 def resolve_checkpoint(ref: str, directory: Path, tracking_uri: str | None,

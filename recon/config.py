@@ -229,6 +229,18 @@ class DataConfig(StrictModel):
     shift: float = Field(0.05, ge=0, description="crop centre shift, U[-shift, shift] x box size")
     eval_scale: float = Field(1.6, gt=0, description="fixed crop scale for evaluation")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in-process)")
+    cache_dir: str | None = Field(
+        None, description="local folder for a memory-mapped, decode-once copy of the training "
+        "samples (recon.training.sample_cache), for sets larger than memory and reused by "
+        "later runs; None keeps them in each process's memory"
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _local_folder(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError("must be a local folder (the cache is memory-mapped on each node)")
+        return v
 
 
 class RenderConfig(StrictModel):

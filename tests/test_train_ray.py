@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +38,10 @@ def env(moto_s3, e2e):
 
     storage.configure(e2e.cfg.storage)
     storage._client().create_bucket(Bucket="wfruns")
+    # The workers keep their samples in the memory-mapped cache (built by the first run).
+    tree = yaml.safe_load(e2e.config.read_text())
+    tree.setdefault("data", {})["cache_dir"] = str(e2e.root / "cache")
+    e2e.config.write_text(yaml.safe_dump(tree))
     return {"root": e2e.root, "config": e2e.config, "data": str(e2e.data),
             "uri": e2e.tracking_uri}
 
@@ -83,6 +88,8 @@ def test_killed_worker_resumes_from_last_checkpoint(env, faulty_coarse):
         steps.append(ckpt["step"])
         assert set(ckpt) >= {"model", "optimizer", "config", "step_state"}
     assert max(steps) == 4
+    # each rank cached its own 4 identities once; the restarted group reused those caches
+    assert len(list((env["root"] / "cache").iterdir())) == 2
 
     # metrics, params, figures and the checkpoint reached MLflow
     client = MlflowClient(env["uri"], env["uri"])

@@ -39,8 +39,7 @@ def train(
     import torch
 
     from flows.config import ConfigError, load_config, with_stage_weights
-    from recon.synth.generate import PARAMS_FILE
-    from recon.training.data import SampleStore
+    from flows.samples import rank_store
     from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
 
     try:
@@ -50,15 +49,8 @@ def train(
     cfg = with_stage_weights(cfg, stage)
     if torch.device(device or "cpu").type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    if (Path(data) / PARAMS_FILE).is_file():
-        from recon.synth import iter_samples
-
-        store = SampleStore.from_samples(iter_samples(data))
-    else:
-        from preprocessing import shards
-
-        urls, identities = shards.read_split(data, "train")
-        store = SampleStore.from_samples(shards.iter_samples(urls), identities)
+    n_ids, _ = cfg.train.batch_shape(stage)
+    store, _ = rank_store(str(data), 0, 1, n_ids, cfg.data.cache_dir)
     typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
 
     class Printer(TrainerCallback):

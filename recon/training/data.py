@@ -7,7 +7,8 @@ in the crop's [-1, 1] image convention (x right, y down, -1/+1 = outer image edg
 (H, W) uint8 and ``meta``. Any framing works: crops are recomputed from the landmark box.
 :meth:`SampleStore.from_samples` takes any iterable of sample dicts: the caller reads them
 (``preprocessing.shards.iter_samples`` for tar shards, ``recon.synth.iter_samples`` for a
-synthetic set), so this module never touches files.
+synthetic set), so this module never touches files (:mod:`recon.training.sample_cache` keeps
+them on local disk instead of in memory).
 
 Determinism: the batches of an epoch depend only on ``(seed, epoch)``, and the augmentation of
 batch ``i`` only on ``(seed, i)``, never on the number of loader workers or ranks, so a resumed
@@ -235,26 +236,31 @@ def decode_record(record: Record) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return image, mask, torch.from_numpy(record.landmarks.copy())
 
 
+def group_by_identity(key_identity: Mapping[str, str | None]) -> dict[str, list[str]]:
+    """``{key: identity}`` -> identity lists ``{identity: sorted keys}``. ValueError for a
+    key without an identity."""
+    grouped: dict[str, list[str]] = {}
+    for key, identity in key_identity.items():
+        if identity is None:
+            raise ValueError(f"sample {key} has no identity and no identity lists given")
+        grouped.setdefault(identity, []).append(key)
+    return {name: sorted(keys) for name, keys in grouped.items()}
+
+
 class SampleStore:
     """Decoded samples of one split, by key, with the split's identity lists.
 
-    Held in memory as uint8 (~260 kB per 256x256 sample: fine for the demo and for tens of
-    thousands of images; larger sets need more memory per worker). Identity lists come from
-    ``identities`` when given (a split of the preprocessing's ``identities.json``; keys
-    missing from the samples are dropped), else from each sample's ``meta["identity"]``.
+    ``records`` is any mapping key -> :class:`Record`: a dict in memory
+    (:meth:`from_samples`, ~260 kB per 256x256 sample, fine for tens of thousands of images)
+    or a memory-mapped cache folder on disk (:func:`recon.training.sample_cache.cached_store`,
+    for sets larger than memory). Keys of ``identities`` missing from the records are
+    dropped, and identities left without images.
     """
 
-    def __init__(self, records: Iterable[Record],
-                 identities: Mapping[str, Sequence[str]] | None = None) -> None:
-        self.records: dict[str, Record] = {r.key: r for r in records}
-        if identities is None:
-            grouped: dict[str, list[str]] = {}
-            for r in self.records.values():
-                if r.identity is None:
-                    raise ValueError(f"sample {r.key} has no identity and no identity lists given")
-                grouped.setdefault(r.identity, []).append(r.key)
-            identities = {k: sorted(v) for k, v in grouped.items()}
-        kept = {name: [k for k in keys if k in self.records]
+    def __init__(self, records: Mapping[str, Record],
+                 identities: Mapping[str, Sequence[str]]) -> None:
+        self.records = records
+        kept = {name: [k for k in keys if k in records]
                 for name, keys in sorted(identities.items())}
         self.identities = {name: keys for name, keys in kept.items() if keys}
         self.identity_index = {name: i for i, name in enumerate(self.identities)}
@@ -266,7 +272,12 @@ class SampleStore:
     @classmethod
     def from_samples(cls, samples: Iterable[Mapping],
                      identities: Mapping[str, Sequence[str]] | None = None) -> "SampleStore":
-        return cls((record_from_sample(s) for s in samples), identities)
+        """In memory. Identity lists from ``identities`` when given (a split of the
+        preprocessing's ``identities.json``), else from each sample's ``meta["identity"]``."""
+        records = {r.key: r for r in map(record_from_sample, samples)}
+        if identities is None:
+            identities = group_by_identity({k: r.identity for k, r in records.items()})
+        return cls(records, identities)
 
     def batch(self, keys: Sequence[str], augment: CropAugment, train: bool,
               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -339,5 +350,5 @@ def iter_eval_batches(store: SampleStore, augment: CropAugment, batch_size: int 
 __all__ = [
     "CropAugment", "DECA_SCALE_RANGE", "IdentityBatchDataset", "IdentityBatchSampler",
     "Record", "SampleStore", "batch_generator", "crop_windows", "decode_record",
-    "iter_eval_batches", "landmark_box", "make_train_loader", "record_from_sample", "warp_crops",
+    "group_by_identity", "iter_eval_batches", "landmark_box", "make_train_loader", "record_from_sample", "warp_crops",
 ]

@@ -1,0 +1,90 @@
+"""The training samples of a data folder: a preprocessing output (shards + identities.json,
+local or s3://) or a ``wildface synth`` folder, held in memory or in a local memory-mapped
+cache (``data.cache_dir``, :mod:`recon.training.sample_cache`).
+
+Used by ``wildface train`` (one process) and by each Ray Train worker (:mod:`flows.train`);
+no Prefect or Ray here, so the CLI stays light.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from infra import storage
+
+
+def is_synth_folder(data: str) -> bool:
+    from recon.synth.generate import PARAMS_FILE
+
+    return not storage.is_s3(data) and (Path(data) / PARAMS_FILE).is_file()
+
+
+def synth_digest(data: str) -> str:
+    """sha256 of a synth folder's ``params.json`` (its ground truth: names the set)."""
+    from recon.synth.generate import PARAMS_FILE
+
+    return hashlib.sha256((Path(data) / PARAMS_FILE).read_bytes()).hexdigest()
+
+
+def _shards_source(urls: Sequence[str]) -> str:
+    # Local shards also by size and mtime, so a rewritten shard invalidates its cache.
+    def stamp(url: str) -> list:
+        try:
+            st = os.stat(url)
+        except OSError:
+            return [url]
+        return [url, st.st_size, st.st_mtime_ns]
+
+    return json.dumps({"shards": [stamp(u) for u in urls]})
+
+
+def _store(samples: Callable[[], Iterable[Mapping]], source: str,
+           identities: Mapping[str, Sequence[str]] | None, cache_dir: str | None):
+    from recon.training.data import SampleStore
+    from recon.training.sample_cache import cached_store
+
+    if cache_dir is None:
+        return SampleStore.from_samples(samples(), identities)
+    return cached_store(samples, cache_dir, source, identities)
+
+
+def rank_store(data: str, rank: int, world: int, n_identities: int,
+               cache_dir: str | None = None):
+    """The samples rank ``rank`` of ``world`` trains on -> (SampleStore, own_shards).
+
+    ``own_shards`` True: the rank read only its own part (shards ``r::W`` of a preprocessing
+    output, identities ``r::W`` of a synth folder) and draws batches from all of it; False:
+    the parts would hold fewer than ``n_identities`` identities each, so every rank read the
+    whole split and the trainer strides batches by rank. ``cache_dir``: keep the samples in
+    a memory-mapped cache there (built on first use, reused after) instead of in memory.
+    """
+    if is_synth_folder(data):
+        from recon.synth import iter_samples
+        from recon.synth.samples import load_params
+
+        names = sorted(load_params(data)["identities"])
+        mine = names[rank::world]
+        root = str(Path(data).resolve())
+        digest = synth_digest(data)
+
+        def source(part: Sequence[str]) -> str:
+            return json.dumps({"synth": root, "params_sha256": digest, "identities": list(part)})
+
+        if world > 1 and len(mine) >= n_identities:
+            return _store(lambda: iter_samples(data, set(mine)), source(mine), None,
+                          cache_dir), True
+        return _store(lambda: iter_samples(data), source(names), None, cache_dir), False
+
+    from preprocessing.shards import iter_samples, read_split
+
+    urls, identities = read_split(data, "train")
+    if world > 1 and len(urls) >= world:
+        part = urls[rank::world]
+        store = _store(lambda: iter_samples(part), _shards_source(part), identities, cache_dir)
+        if len(store.identities) >= n_identities:
+            return store, True
+    return _store(lambda: iter_samples(urls), _shards_source(urls), identities,
+                  cache_dir), False
