@@ -6,17 +6,23 @@ from __future__ import annotations
 from pydantic import Field
 
 from recon.config import StrictModel
+from recon.devices import DEVICE_PATTERN
 
 
 class ReconstructConfig(StrictModel):
     """``wildface reconstruct`` / ``animate`` and the Ray Data batch job."""
 
     batch_size: int = Field(8, ge=1, description="faces (or video frames) per network call")
-    device: str = Field("cpu", description="torch device of the model ('cpu', 'cuda')")
+    device: str = Field("auto", pattern=DEVICE_PATTERN.pattern,
+                        description="torch device of the model: auto (the GPU when the process "
+                        "sees one, else the CPU), cpu, cuda or cuda:N")
     threads: int = Field(2, ge=1, description="torch intra-op threads per process")
     workers: int = Field(2, ge=1, description="--ray: actors in the pool")
     cpus_per_worker: float = Field(
         0.5, gt=0, description="--ray: fractional, so actors and tasks don't deadlock on 2 cores")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="--ray: GPUs per actor (fractions share one); Ray hides the GPUs "
+        "from actors that ask for none, so device auto needs this > 0 to use them")
     ray_address: str | None = Field(
         None, description="--ray: an existing cluster ('auto', 'ray://host:10001'); None = local")
     video_every: int = Field(1, ge=1, description="videos: reconstruct every n-th frame")

@@ -68,8 +68,10 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
     from recon.synth import iter_samples, load_params
     from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = mlflow.pyfunc.load_model(model_uri,
+                                     model_config={"device": cfg.reconstruct.device})
     deca = model.unwrap_python_model().model
+    device = deca.uv_face_mask.device
     params = load_params(heldout)
     store = SampleStore.from_samples(iter_samples(heldout))
     d = cfg.data
@@ -80,14 +82,15 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
     errors, baseline, written = [], [], 0
     with torch.no_grad():
         region = _face_region(cfg, deca.flame.v_template.shape[0])
-        mean_verts = deca.neutral(torch.zeros(1, n_shape)).vertices[0].double().numpy()
+        mean_verts = deca.neutral(torch.zeros(1, n_shape, device=device)).vertices[0]
+        mean_verts = mean_verts.double().cpu().numpy()
         for keys, batch in iter_eval_batches(store, augment, batch_size=8):
             out = model.predict(batch["images"].permute(0, 2, 3, 1).numpy())
             truth_codes = torch.zeros(len(keys), n_shape)
             for i, k in enumerate(keys):
                 code = params["identities"][params["images"][k]["identity"]]["shape"][:n_shape]
                 truth_codes[i, :len(code)] = torch.tensor(code)
-            truth = deca.neutral(truth_codes).vertices.double().numpy()
+            truth = deca.neutral(truth_codes.to(device)).vertices.double().cpu().numpy()
             for i, k in enumerate(keys):
                 errors.append(_aligned_error(out["neutral_vertices"][i][region], truth[i][region]))
                 baseline.append(_aligned_error(mean_verts[region], truth[i][region]))

@@ -464,7 +464,7 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
                                                                     str(out)),
                             batch_size=1, batch_format="numpy",
                             compute=ActorPoolStrategy(size=min(rc.workers, len(todo))),
-                            num_cpus=rc.cpus_per_worker)
+                            num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker or None)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["name"])):
                 report({"name": str(batch["name"][i]), "status": str(batch["status"][i]),

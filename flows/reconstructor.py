@@ -3,7 +3,10 @@ pyfunc, logged "from code" (:func:`flows.tracking.register_model` passes this fi
 it at load time and takes the model given to ``set_model``), so no pickled object is stored.
 
 Load it with ``mlflow.pyfunc.load_model("models:/wildface-deca@challenger")`` (wildface must be
-installed where it loads) and call ``predict(images)``.
+installed where it loads) and call ``predict(images)``. It runs on the GPU when the loading
+process sees one; ``load_model(uri, model_config={"device": "cpu"})`` (or ``cuda:N``; for
+``mlflow models serve`` the environment variable ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device":
+"cpu"}'``) chooses.
 """
 from __future__ import annotations
 
@@ -37,17 +40,16 @@ with warnings.catch_warnings():
         def load_context(self, context) -> None:
             import torch
 
-            from flows.config import WildfaceConfig
-            from recon.deca import DECA
-            from recon.training.checkpoint import load_checkpoint
+            from recon.reconstruct import load_model
 
-            cfg = WildfaceConfig.model_validate_json(Path(context.artifacts["config"]).read_text())
-            cfg.face_model.path = context.artifacts["face_model"]
-            cfg.model.backbone_weights = None  # the checkpoint holds the trained backbone
-            torch.set_num_threads(min(2, torch.get_num_threads()))
-            self.model = DECA(cfg.face_model, cfg.model)
-            self.model.load_state_dict(load_checkpoint(context.artifacts["checkpoint"])["model"])
-            self.model.eval()
+            config = context.model_config or {}
+            recon = load_model(context.artifacts["checkpoint"],
+                               recorded_face_model=context.artifacts["face_model"],
+                               config_json=Path(context.artifacts["config"]).read_text(),
+                               device=config.get("device", "auto"))
+            if recon.device.type == "cpu":
+                torch.set_num_threads(min(2, torch.get_num_threads()))
+            self.model = recon.model
 
         def _images(self, model_input):
             import torch
@@ -67,7 +69,7 @@ with warnings.catch_warnings():
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                                   antialias=True)
-            return x.clamp(0, 1)
+            return x.clamp(0, 1).to(self.model.uv_face_mask.device)
 
         def predict(self, context, model_input, params=None):  # noqa: ANN001 - any array input
             import torch

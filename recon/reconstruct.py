@@ -44,6 +44,7 @@ import torch
 
 from recon.config import FaceModelConfig, NetworkConfig
 from recon.deca import DECA, Codes, Reconstruction
+from recon.devices import pick_device
 from recon.face_assets import FaceModelAssets
 from recon.mesh_io import atomic_write_bytes, write_obj
 from recon.render import draw_landmarks, vertex_normals
@@ -200,8 +201,11 @@ def load_model(checkpoint: str | os.PathLike, *, face_model: FaceModelConfig | N
     checkpoint: a ``coarse-*.pt`` / ``detail-*.pt`` file of the trainer; face_model: the
     configured face model (None = the recorded one); recorded_face_model: the face-model
     ``.npz`` shipped with a registered model; config_json: the resolved config recorded with
-    the model (default: the checkpoint's); source: registry details for ``params.json``.
+    the model (default: the checkpoint's); device: ``auto`` (the GPU when this process sees
+    one), ``cpu``, ``cuda`` or ``cuda:N`` (:func:`recon.devices.pick_device`); source: registry
+    details for ``params.json``.
     """
+    device = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     tree = json.loads(config_json or ckpt["config"])
     recorded = FaceModelConfig.model_validate(tree.get("face_model", {}))

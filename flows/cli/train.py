@@ -18,8 +18,8 @@ def train(
         None, "--coarse-checkpoint", help="detail stage: the coarse checkpoint to start from"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="key.sub=value override, "
                                                   "e.g. --set train.steps=100"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda "
-                                         "if available)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N "
+                                         "(default auto: cuda if available)"),
     log_every: int = typer.Option(10, "--log-every", min=1, help="print every N steps"),
     use_ray: bool = typer.Option(False, "--ray", help="run the stage as a Ray Train job "
                                  "(ray.* config: workers, CPU/GPU, storage, cluster address), "
@@ -40,6 +40,7 @@ def train(
 
     from flows.config import ConfigError, load_config, with_stage_weights
     from flows.samples import rank_store
+    from recon.devices import pick_device
     from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
 
     try:
@@ -47,7 +48,11 @@ def train(
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
     cfg = with_stage_weights(cfg, stage)
-    if torch.device(device or "cpu").type == "cpu":
+    try:
+        dev = pick_device(device)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--device") from None
+    if dev.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     n_ids, _ = cfg.train.batch_shape(stage)
     store, _ = rank_store(str(data), 0, 1, n_ids, cfg.data.cache_dir)
@@ -62,7 +67,7 @@ def train(
         def on_checkpoint(self, path: Path) -> None:
             typer.echo(f"checkpoint {path}")
 
-    trainer = Trainer(cfg, stage, out, store, device=device,  # type: ignore[arg-type]
+    trainer = Trainer(cfg, stage, out, store, device=dev,
                       coarse_checkpoint=coarse_checkpoint,
                       callbacks=[Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
     if trainer.resumed_from is not None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from recon.config import DataConfig, FaceModelConfig, LossConfig, NetworkConfig, TrainConfig
+from recon.devices import pick_device
 from recon.training.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint,
                                        load_checkpoint, prune_checkpoints, save_checkpoint,
                                        set_rng_state)
@@ -89,10 +90,6 @@ class TrainResult:
     images: int = 0
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -136,7 +133,7 @@ class Trainer:
         self.config, self.stage = config, stage
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / CHECKPOINT_DIR
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = pick_device(device)
         self.callbacks = list(callbacks)
         self.sync_grads = sync_grads
         self.save_checkpoints = rank == 0 if save_checkpoints is None else save_checkpoints
@@ -269,4 +266,4 @@ class Trainer:
 
 
 __all__ = ["CHECKPOINT_DIR", "JsonlLog", "TrainResult", "Trainer", "TrainerCallback",
-           "TrainingConfig", "default_device"]
+           "TrainingConfig"]

@@ -1,0 +1,29 @@
+"""Which torch device a job runs on: ``auto`` (the GPU when this process sees one, else the
+CPU) or an explicit ``cpu`` / ``cuda`` / ``cuda:N``."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def pick_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``name`` (None = ``auto``) -> a device. Asking for CUDA where there is none is an
+    error that says so, not a crash at the first tensor."""
+    if isinstance(name, torch.device):
+        return name
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {name!r}: this process sees {count} CUDA device(s)")
+    return device
+
+
+__all__ = ["DEVICE_PATTERN", "pick_device"]

@@ -1,0 +1,32 @@
+"""Device choice for jobs and loaders (recon/devices.py) and its config field."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recon.devices import pick_device
+
+
+def test_auto_is_the_gpu_when_there_is_one():
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == want and pick_device(None).type == want
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_a_device_the_process_cannot_see_is_a_clear_error():
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=rf"device '{missing}': this process sees "
+                                         rf"{torch.cuda.device_count()} CUDA device\(s\)"):
+        pick_device(missing)
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        pick_device("gpu")
+
+
+def test_reconstruct_device_is_checked_with_the_config():
+    from flows.config import ConfigError, load_config
+
+    assert load_config(None, []).reconstruct.device == "auto"
+    assert load_config(None, ["reconstruct.device=cuda:1"]).reconstruct.device == "cuda:1"
+    with pytest.raises(ConfigError, match="reconstruct.device"):
+        load_config(None, ["reconstruct.device=gpu"])
