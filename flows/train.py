@@ -1,7 +1,8 @@
 """DECA's coarse and detail stages as Ray Train jobs, and the Prefect flow ``train``.
 
 Each stage is one ``TorchTrainer`` run whose workers run the single-process trainer
-(:class:`recon.training.trainer.Trainer`) unchanged, with:
+(:class:`recon.training.trainer.Trainer`) unchanged (:func:`flows.train_worker.train_loop`),
+with:
 
 - data parallelism: Ray Train starts the process group (gloo on CPU, NCCL on GPU); the
   trainer's ``sync_grads`` hook averages the gradients across ranks (an all-reduce of one
@@ -44,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,20 +54,18 @@ from infra.offline import apply_offline_env
 
 apply_offline_env()
 
-import torch  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import tracking  # noqa: E402
 from flows.ray_cluster import init_ray, run_storage, scaling_config  # noqa: E402
-from flows.config import WildfaceConfig, load_config, with_stage_weights  # noqa: E402
-from flows.samples import is_synth_folder, rank_store, synth_digest  # noqa: E402
+from flows.config import WildfaceConfig, load_config  # noqa: E402
+from flows.samples import is_synth_folder, synth_digest  # noqa: E402
+from flows.train_worker import FAULT_ENV, train_loop  # noqa: E402
 from infra import storage  # noqa: E402
 from infra.config import RayConfig  # noqa: E402
-from recon.training.trainer import TrainerCallback  # noqa: E402
 
 Stage = Literal["coarse", "detail"]
 STAGES: tuple[Stage, ...] = ("coarse", "detail")
-FAULT_ENV = "WILDFACE_FAULT"
 
 
 @dataclass
@@ -103,211 +101,6 @@ def _worker_env(cfg: WildfaceConfig) -> dict[str, str]:
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env
-
-
-# -- data ----------------------------------------------------------------------------------------
-def figure_batch(data: str, store, cfg: WildfaceConfig, n: int) -> dict:
-    """A fixed set of ``n`` images for the figures: the first ``n`` of the validation split
-    (shard order) when the data has one, else of ``store`` (sorted keys); evaluation crop."""
-    from itertools import islice
-
-    from preprocessing.shards import iter_samples, read_split
-    from recon.training.data import CropAugment, SampleStore, iter_eval_batches
-
-    source = store
-    if not is_synth_folder(data):
-        try:
-            urls, identities = read_split(data, "val")
-            # Only what the figures show: the split may be larger than memory.
-            source = SampleStore.from_samples(islice(iter_samples(urls), n), identities)
-        except (FileNotFoundError, OSError, ValueError):
-            source = store
-    d = cfg.data
-    augment = CropAugment(out_size=cfg.model.image_size, scale_min=d.scale_min,
-                          scale_max=d.scale_max, shift=d.shift, eval_scale=d.eval_scale)
-    _, batch = next(iter_eval_batches(source, augment, batch_size=n))
-    return batch
-
-
-def fetch_file(uri: str, directory: Path) -> Path:
-    """A local copy of a file given as a local path or an s3:// URI."""
-    if not storage.is_s3(uri):
-        return Path(uri)
-    directory.mkdir(parents=True, exist_ok=True)
-    dest = directory / uri.rsplit("/", 1)[-1]
-    storage.write_bytes(str(dest), storage.read_bytes(uri))
-    return dest
-
-
-# -- the per-worker loop -------------------------------------------------------------------------
-def allreduce_mean(params: list) -> None:
-    """Average the gradients of ``params`` over all ranks (one flat all-reduce)."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
-
-
-def checkpoint_due(step: int, total: int, every: int) -> bool:
-    """Whether the trainer saves at ``step`` (mirrors ``Trainer.run``): ranks that do not save
-    must still call ``ray.train.report`` at exactly those steps."""
-    return step % every == 0 or step == total
-
-
-def _parse_fault(spec: str | None) -> dict[str, str] | None:
-    if not spec:
-        return None
-    return dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
-
-
-def _wait_for_registered_checkpoint(timeout_s: float = 120.0) -> None:
-    """Block until Ray's checkpoint manager has written its snapshot (it does so on every
-    registered checkpoint), or ``timeout_s`` passes."""
-    import pyarrow.fs
-    import ray.train
-
-    st = ray.train.get_context().get_storage()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        info = st.storage_filesystem.get_file_info(st.checkpoint_manager_snapshot_path)
-        if info.type != pyarrow.fs.FileType.NotFound:
-            return
-        time.sleep(0.2)
-
-
-class RayReport(TrainerCallback):
-    """Hands each checkpoint to Ray Train (rank 0) and keeps every rank's ``report`` calls in
-    step; optional one-shot fault injection (:data:`FAULT_ENV`)."""
-
-    def __init__(self, rank: int, total: int, every: int) -> None:
-        self.rank, self.total, self.every = rank, total, every
-        self.resumed_from: int | None = None
-        self.step = 0
-        self.terms: dict[str, float] = {}
-        self.fault = _parse_fault(os.environ.get(FAULT_ENV))
-
-    def metrics(self) -> dict[str, float]:
-        out = {k: float(v) for k, v in self.terms.items()}
-        out["step"] = float(self.step)
-        out["resumed_from"] = float(-1 if self.resumed_from is None else self.resumed_from)
-        return out
-
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
-        import ray.train
-
-        self.step, self.terms = step, terms
-        if self.rank != 0 and checkpoint_due(step, self.total, self.every):
-            ray.train.report(self.metrics())
-        f = self.fault
-        if f and int(f.get("rank", -1)) == self.rank and int(f.get("step", -1)) == step:
-            marker = Path(f["marker"])
-            if not marker.exists():
-                marker.write_text(f"killed rank {self.rank} after step {step}\n")
-                _wait_for_registered_checkpoint()
-                os._exit(1)  # an abrupt worker death, as a lost node would be
-
-    def on_checkpoint(self, path: Path) -> None:
-        import ray.train
-
-        # Ray uploads a whole folder: give it one holding just this (complete) file.
-        with tempfile.TemporaryDirectory(prefix="wildface-report-", dir=path.parent) as tmp:
-            os.link(path, Path(tmp) / path.name)
-            ray.train.report(self.metrics(),
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-class MlflowLog(TrainerCallback):
-    """Rank 0: loss terms, step time and figures into the stage's MLflow run."""
-
-    def __init__(self, logger: tracking.StepLogger, trainer_ref: list, figure_images: dict,
-                 total: int) -> None:
-        self.logger, self.trainer_ref, self.total = logger, trainer_ref, total
-        self.figure_images = figure_images
-
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
-        self.logger.on_step(step, terms)
-        if self.logger.wants_figure(step) or step == self.total:
-            self.logger.flush(step)
-            model = self.trainer_ref[0].model
-            device = next(model.parameters()).device
-            grid = tracking.deca_figure(model, self.figure_images["images"].to(device),
-                                        self.figure_images["landmarks"].to(device))
-            self.logger.log_figure(step, grid)
-
-
-class Progress(TrainerCallback):
-    """Rank 0: a progress line about 20 times per run (Ray forwards it to the driver)."""
-
-    def __init__(self, stage: str, total: int) -> None:
-        self.stage, self.total = stage, total
-        self.every = max(1, total // 20)
-
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
-        if step % self.every == 0 or step == self.total:
-            print(f"{self.stage} step {step}/{self.total} loss {terms['loss']:.4f} "
-                  f"({terms['step_time_s']:.2f} s/step)", flush=True)
-
-
-def train_loop(lc: dict[str, Any]) -> None:
-    """One Ray Train worker: build the trainer for this rank and run it (see module doc)."""
-    import ray.train
-    import ray.train.torch
-
-    from recon.training.trainer import Trainer
-
-    stage: Stage = lc["stage"]
-    cfg = WildfaceConfig.model_validate_json(lc["config_json"])
-    storage.configure(cfg.storage)  # before the weights: the model store may be on s3://
-    cfg = with_stage_weights(cfg, stage)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    work = Path(tempfile.mkdtemp(prefix=f"wildface-{stage}-rank{rank}-"))
-    try:
-        restored = ray.train.get_checkpoint()
-        if restored is not None:
-            # The trainer resumes from the latest checkpoint in its folder.
-            with restored.as_directory() as d:
-                (work / "checkpoints").mkdir()
-                for f in Path(d).glob(f"{stage}-*.pt"):
-                    shutil.copy2(f, work / "checkpoints" / f.name)
-        coarse = fetch_file(lc["coarse"], work / "inputs") if lc.get("coarse") else None
-
-        n_ids, _ = cfg.train.batch_shape(stage)
-        store, own = rank_store(lc["data"], rank, world, n_ids, cfg.data.cache_dir)
-        total, every = lc["steps"], cfg.train.checkpoint_every
-        reporter = RayReport(rank, total, every)
-        callbacks: list[TrainerCallback] = [reporter]
-        trainer_ref: list = []
-        if rank == 0:
-            callbacks.insert(0, Progress(stage, total))
-        if rank == 0 and lc.get("tracking_uri") and lc.get("mlflow_run_id"):
-            n, k = cfg.train.batch_shape(stage)
-            logger = tracking.StepLogger(lc["tracking_uri"], lc["mlflow_run_id"], cfg.tracking,
-                                         batch_size=n * k, world_size=world)
-            images = figure_batch(lc["data"], store, cfg, cfg.tracking.figure_images)
-            callbacks.insert(0, MlflowLog(logger, trainer_ref, images, total))
-        trainer = Trainer(
-            cfg, stage, work, store, device=device, coarse_checkpoint=coarse,
-            callbacks=callbacks, rank=0 if own else rank, world_size=1 if own else world,
-            sync_grads=allreduce_mean if world > 1 else None, save_checkpoints=rank == 0,
-            keep_checkpoints=2)
-        trainer_ref.append(trainer)
-        reporter.resumed_from = trainer.resumed_from
-        reporter.step = trainer.step
-        trainer.run(total)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # -- one stage on Ray Train --------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Local services: loopback-only config, offline environment of the children, and (slow)
-`wildface services up` -> `prefect deployment run 'preprocess/default'` -> `services down`."""
+`wildface services up` -> `prefect deployment run` of `preprocess/default` and
+`train/default` on the services' worker -> `services down`."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from pydantic import ValidationError
 
@@ -51,7 +53,7 @@ def test_loopback_only_and_offline_children(tmp_path):
 
 
 @pytest.mark.slow
-def test_services_up_run_deployment_down(tmp_path):
+def test_services_up_run_deployments_down(tmp_path):
     import skimage.data
 
     state = tmp_path / "svc"
@@ -79,6 +81,32 @@ def test_services_up_run_deployment_down(tmp_path):
 
         m = read_manifest(str(out))
         assert sorted(m.path) == ["alice/x.jpg", "bob/x.jpg"] and set(m.status) == {"ok"}
+
+        # train/default on the worker: both stages on Ray, tracked and registered in the
+        # services' MLflow (a synth folder: two photos are too few identities to train on).
+        from mlflow.tracking import MlflowClient
+
+        from conftest import E2E_BASE
+        from reconstruct_fixtures import make_synth
+
+        data = make_synth(tmp_path / "synth", identities=4, images=2, size=64)
+        tiny = {k: dict(v) for k, v in E2E_BASE.items()}
+        tiny["train"].update(steps=2, pretrain_steps=1)
+        tiny["ray"] = {"num_cpus": 2, "num_workers": 1, "cpus_per_worker": 1}
+        config = tmp_path / "tiny.yaml"
+        config.write_text(yaml.safe_dump(tiny))
+        mlflow_uri = f"http://127.0.0.1:{ports['mlflow_port']}"
+        subprocess.run([str(BIN / "prefect"), "deployment", "run", "train/default",
+                        "-p", f"data={data}", "-p", f"out={tmp_path / 'train'}",
+                        "-p", f"config={config}", "-p", f"tracking_uri={mlflow_uri}",
+                        "--watch", "--watch-timeout", "600"], check=True, env=env, timeout=700)
+        client = MlflowClient(mlflow_uri, mlflow_uri)
+        version = client.get_model_version_by_alias("wildface-deca", "challenger")
+        assert version.tags["data_root"] == str(data)
+        detail = client.get_run(version.run_id)
+        assert detail.info.status == "FINISHED" and detail.data.tags["wildface.stage"] == "detail"
+        history = client.get_metric_history(version.run_id, "loss/photometric_detail")
+        assert {m.step for m in history} == {1, 2}
     finally:
         subprocess.run([str(BIN / "wildface"), "services", "down", *sets], check=True,
                        timeout=120)
