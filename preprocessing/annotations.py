@@ -14,9 +14,9 @@ from PIL import Image
 
 from preprocessing.decode import Rejected
 from recon import landmarks_io
-from recon.landmarks_io import PTS_SUFFIX, write_pts
+from recon.landmarks_io import write_pts
+from recon.sidecars import MASK_SUFFIX, PTS_SUFFIX
 
-MASK_SUFFIX = ".mask.png"
 
 
 def sidecar_stem(uri: str) -> str:
@@ -50,6 +50,6 @@ def read_mask(data: bytes, width: int, height: int) -> np.ndarray:
     return np.where(np.asarray(img.convert("L")) > 127, 255, 0).astype(np.uint8)
 
 
-# write_pts and PTS_SUFFIX are recon.landmarks_io's, re-exported for the sidecars' users.
+# write_pts (recon.landmarks_io) and the suffixes (recon.sidecars), re-exported for their users.
 __all__ = ["MASK_SUFFIX", "PTS_SUFFIX", "is_sidecar", "read_mask", "read_pts", "sidecar_stem",
            "write_pts"]

@@ -11,7 +11,6 @@ import numpy as np
 
 from recon.landmarks import N_LANDMARKS
 
-PTS_SUFFIX = ".pts"
 
 
 def read_pts(data: bytes) -> np.ndarray:

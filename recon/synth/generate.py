@@ -25,7 +25,8 @@ from scipy.spatial.transform import Rotation
 from recon.albedo import AlbedoModel
 from recon.config import FaceModelConfig, SynthConfig
 from recon.flame import FLAME
-from recon.landmarks_io import PTS_SUFFIX, write_pts
+from recon.landmarks_io import write_pts
+from recon.sidecars import MASK_SUFFIX, PTS_SUFFIX
 from recon.render import DecaRenderer, PerspectiveCamera, ndc_to_image, weak_perspective_project
 from recon.render.cameras import image_to_pixel
 from recon.synth.backgrounds import background
@@ -37,7 +38,6 @@ LABELS_FILE = "labels.csv"
 PARAMS_FILE = "params.json"
 NOW_DIR = "now"
 NOW_IMAGE_ROOT = "NoW_Dataset/final_release_version/iphone_pictures"  # EvaluationConfig default
-MASK_SUFFIX = ".mask.png"  # preprocessing.annotations' skin-mask sidecar
 MM_PER_UNIT = 1000.0  # face model units are metres; NoW scans are in mm
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from recon.synth.generate import IMAGES_DIR, MASK_SUFFIX, PARAMS_FILE
+from recon.sidecars import MASK_SUFFIX
+from recon.synth.generate import IMAGES_DIR, PARAMS_FILE
 
 
 def load_params(root: str | os.PathLike) -> dict:
