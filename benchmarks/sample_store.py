@@ -4,9 +4,9 @@ batch time.
 Each mode runs in its own process (resident memory is per process): it builds a store of
 ``--samples`` decoded 256x256 samples (random pixels: decoding is not what is measured),
 then times ``--batches`` training batches (DECA's crop augmentation to ``--crop`` px, batch
-``--batch``). Printed per mode: build seconds, resident memory (RSS: private and mapped-file) after
-building and after the batches, and ms per batch; for the cache also its size on disk. A second cached run over
-the same folder shows the reuse (no rebuild).
+``--batch``). Printed per mode: build seconds, resident memory (RSS: private and
+mapped-file) after building and after the batches, and ms per batch; for the cache also its
+size on disk. A second cached run over the same folder shows the reuse (no rebuild).
 
     .venv/bin/python benchmarks/sample_store.py [--samples 4000] [--batches 50]
 

@@ -374,7 +374,7 @@ def log_reconstructor(uri: str, cfg, *, run_id: str, detail_checkpoint: str,
                 artifacts={"checkpoint": detail_checkpoint, "coarse_checkpoint": coarse_checkpoint,
                            "config": str(config_path), "face_model": str(face_path)},
                 # Declared so that loading may override it (load_model(model_config=...) or
-                # MLFLOW_PYFUNC_INFERENCE_CONFIG): MLflow ignores keys the model was not logged with.
+                # MLFLOW_PYFUNC_INFERENCE_CONFIG): MLflow ignores keys not logged here.
                 model_config={"device": "auto"},
                 # Explicit requirements: inferring them would load the model in a subprocess.
                 pip_requirements=[f"wildface=={version('wildface')}",

@@ -350,5 +350,6 @@ def iter_eval_batches(store: SampleStore, augment: CropAugment, batch_size: int 
 __all__ = [
     "CropAugment", "DECA_SCALE_RANGE", "IdentityBatchDataset", "IdentityBatchSampler",
     "Record", "SampleStore", "batch_generator", "crop_windows", "decode_record",
-    "group_by_identity", "iter_eval_batches", "landmark_box", "make_train_loader", "record_from_sample", "warp_crops",
+    "group_by_identity", "iter_eval_batches", "landmark_box", "make_train_loader",
+    "record_from_sample", "warp_crops",
 ]
