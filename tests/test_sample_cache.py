@@ -256,3 +256,23 @@ def test_the_cache_folder_does_not_rename_a_training_run(tmp_path):
                           ("train.lr=0.123",)]}
     assert len(set(names.values())) == 2
     assert names[()] == names[("data.cache_dir=/a",)] != names[("train.lr=0.123",)]
+
+
+def test_a_killed_writers_partial_copy_is_removed_by_the_next_build(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    samples = _samples()
+    folder = cache_folder(tmp_path, "set-a")
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".{folder.name}.partial-{host}-{dead}-0badf00d"
+    live = tmp_path / f".{folder.name}.partial-{host}-{os.getpid()}-0000beef"
+    for path in (stale, live):
+        path.mkdir()
+        (path / "images.u8").write_bytes(b"\0" * 4096)
+    cached_store(lambda: iter(samples), tmp_path, "set-a")
+    assert not stale.exists()  # its writer is gone: reclaimed
+    assert live.exists()  # a live writer's (here: this process) is left alone

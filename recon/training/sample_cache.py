@@ -17,17 +17,20 @@ Layout of a cache folder (``<root>/<digest of the source>``)::
     masks.u8        (N, H, W) uint8; zeros where a sample has no mask
     landmarks.f32   (N, 68, 2) little-endian float32, the image convention [-1, 1]
 
-The folder is built under a temporary name and renamed into place complete, so a reader
-never sees a partial cache; two processes building the same one (ranks of a node that read
-the whole split) both succeed and one copy is kept. All samples of a cache have one image
+The folder is built under a temporary name (``.<digest>.partial-<host>-<pid>-<random>``) and
+renamed into place complete, so a reader never sees a partial cache; two processes building
+the same one (ranks of a node that read the whole split) both succeed and one copy is kept;
+the next build removes what a killed writer of this host left behind. All samples of a cache have one image
 size (preprocessing's crops do); another size is refused, naming the sample.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -56,6 +59,26 @@ def _read_index(folder: Path) -> dict | None:
         return None
 
 
+def _partial_prefix(folder: Path) -> str:
+    return f".{folder.name}.partial-{socket.gethostname()}-"
+
+
+def _remove_dead_partials(folder: Path) -> None:
+    """Delete the half-written copies of ``folder`` left by killed writers on this host (a
+    crash skips the writer's own cleanup); those of live processes stay."""
+    prefix = _partial_prefix(folder)
+    for path in folder.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def write_sample_cache(samples: Iterable[Mapping], folder: str | os.PathLike,
                        source: str) -> Path:
     """Decode-once copy of ``samples`` (the decoded sample dicts of
@@ -64,7 +87,8 @@ def write_sample_cache(samples: Iterable[Mapping], folder: str | os.PathLike,
     sample whose size differs from the first one's."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+    _remove_dead_partials(folder)
+    partial = folder.parent / f"{_partial_prefix(folder)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
         keys: list[str] = []
