@@ -101,7 +101,7 @@ def write_sample_cache(samples: Iterable[Mapping], folder: str | os.PathLike,
             for sample in samples:
                 rec = record_from_sample(sample)
                 if rec.key in seen:
-                    raise ValueError(f"sample {rec.key} appears twice in {source}")
+                    raise ValueError(f"sample {rec.key} appears twice (cache {folder})")
                 shape = rec.image.shape[:2]
                 if size is None:
                     size = shape
@@ -124,7 +124,7 @@ def write_sample_cache(samples: Iterable[Mapping], folder: str | os.PathLike,
             for fh in files.values():
                 fh.close()
         if size is None:
-            raise ValueError(f"no samples to cache from {source}")
+            raise ValueError(f"no samples to cache (cache {folder})")
         index = {"format": CACHE_FORMAT, "source": source, "count": len(keys),
                  "height": size[0], "width": size[1], "keys": keys,
                  "identities": identities, "has_mask": has_mask}
