@@ -209,11 +209,13 @@ def test_rank_store_of_a_synth_folder_in_the_cache(tmp_path):
     _same_batches(memory, cached, steps=2)
 
 
-def test_cache_dir_must_be_local():
+def test_cache_dir_must_be_local_and_is_made_absolute(tmp_path, monkeypatch):
     from flows.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="cache_dir"):
         load_config(None, ["data.cache_dir=s3://bucket/cache"])
+    monkeypatch.chdir(tmp_path)  # where the driver loads the config, not a Ray worker's cwd
+    assert load_config(None, ["data.cache_dir=cache"]).data.cache_dir == str(tmp_path / "cache")
 
 
 def test_wildface_train_on_the_cache_trains_as_in_memory(tmp_path):
