@@ -5,13 +5,15 @@ defaults, and validates everything before any work starts. Errors name the field
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
 
-from recon.config import FaceModelConfig, LossConfig, NetworkConfig, StrictModel, TrainConfig
+from recon.config import DEMO_HEAD, FaceModelConfig, LossConfig, NetworkConfig, StrictModel
+from recon.config import TrainConfig
 from recon.config import DataConfig, SynthConfig
 from recon.config import RenderConfig
 from recon.config import IdentityConfig, PerceptualConfig
@@ -21,6 +23,7 @@ from recon.evaluation.config import EvaluationConfig, PromotionConfig
 from infra.config import ServicesConfig, StorageConfig
 from preprocessing.config import PreprocessConfig
 from flows.jobs_config import EvaluateFlowConfig, ReconstructConfig, RetrainConfig
+from infra import storage
 from infra.model_store import resolve_identity_weights, resolve_perceptual_weights
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -107,6 +110,30 @@ def load_config(
         return WildfaceConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+
+
+# Local files the training workers open, by config section.
+_LOCAL_PATHS = {"face_model": ("path", "landmarks"), "model": ("backbone_weights",),
+                "identity": ("weights", "store"), "perceptual": ("weights", "store"),
+                "data": ("cache_dir",)}
+
+
+def with_absolute_paths(cfg: WildfaceConfig) -> WildfaceConfig:
+    """``cfg`` with the local files its training workers open made absolute, from this
+    process's working folder: Ray Train runs each worker in a folder of its own, where a
+    relative path names nothing (or, for ``data.cache_dir``, a cache rebuilt every run).
+    s3:// URIs and the built-in demo head stay as they are."""
+    update = {}
+    for section, fields in _LOCAL_PATHS.items():
+        sub = getattr(cfg, section)
+        changed = {}
+        for name in fields:
+            value = getattr(sub, name)
+            if value and value != DEMO_HEAD and not storage.is_s3(value):
+                changed[name] = os.path.abspath(os.path.expanduser(value))
+        if changed:
+            update[section] = sub.model_copy(update=changed)
+    return cfg.model_copy(update=update)
 
 
 def with_stage_weights(cfg: WildfaceConfig, stage: str) -> WildfaceConfig:

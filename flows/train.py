@@ -58,8 +58,8 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import tracking  # noqa: E402
 from flows.ray_cluster import init_ray, run_storage, scaling_config  # noqa: E402
-from flows.config import WildfaceConfig, load_config  # noqa: E402
-from flows.samples import is_synth_folder, synth_digest  # noqa: E402
+from flows.config import WildfaceConfig, load_config, with_absolute_paths  # noqa: E402
+from flows.samples import absolute_data, is_synth_folder, synth_digest  # noqa: E402
 from flows.train_worker import FAULT_ENV, train_loop  # noqa: E402
 from infra import storage  # noqa: E402
 from infra.config import RayConfig  # noqa: E402
@@ -140,6 +140,9 @@ def run_stage(
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     out_dir = Path(out_dir).resolve()
+    # Ray Train runs each worker in a folder of its own: hand it absolute paths.
+    cfg = with_absolute_paths(cfg)
+    data = absolute_data(data)
     rc = cfg.ray
     storage.configure(cfg.storage)
     if stage == "detail":
@@ -321,6 +324,7 @@ def train(
     """
     cfg_c = stage_config(config, overrides, coarse_overrides)
     cfg_d = stage_config(config, overrides, detail_overrides)
+    data = absolute_data(data)
     uri = tracking_uri or tracking.resolve_tracking_uri(cfg_d.tracking, out, cfg_d.services)
     with tracking.parent_run(uri, cfg_d.tracking.experiment, "train",
                              cfg_d.model_dump(mode="json")) as parent:

@@ -6,7 +6,6 @@ them. Every model forbids unknown fields so a typo fails before any work starts.
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -239,12 +238,9 @@ class DataConfig(StrictModel):
     @field_validator("cache_dir")
     @classmethod
     def _local_folder(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        if "://" in v:
+        if v is not None and "://" in v:
             raise ValueError("must be a local folder (the cache is memory-mapped on each node)")
-        # Absolute where the config is loaded: Ray workers run in folders of their own.
-        return os.path.abspath(os.path.expanduser(v))
+        return v
 
 
 class RenderConfig(StrictModel):

@@ -209,13 +209,30 @@ def test_rank_store_of_a_synth_folder_in_the_cache(tmp_path):
     _same_batches(memory, cached, steps=2)
 
 
-def test_cache_dir_must_be_local_and_is_made_absolute(tmp_path, monkeypatch):
+def test_cache_dir_must_be_local():
     from flows.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="cache_dir"):
         load_config(None, ["data.cache_dir=s3://bucket/cache"])
-    monkeypatch.chdir(tmp_path)  # where the driver loads the config, not a Ray worker's cwd
-    assert load_config(None, ["data.cache_dir=cache"]).data.cache_dir == str(tmp_path / "cache")
+
+
+def test_training_workers_get_absolute_paths(tmp_path, monkeypatch):
+    # Ray Train runs each worker in a folder of its own; the driver resolves local paths.
+    from flows.config import load_config, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(None, [
+        "data.cache_dir=cache", "face_model.path=flame/generic_model.pkl",
+        "face_model.landmarks=~/lmk.npy", "identity.weights=w/facenet.safetensors",
+        "identity.store=s3://bucket/store", "perceptual.store=store"]))
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.face_model.path == str(tmp_path / "flame" / "generic_model.pkl")
+    assert cfg.face_model.landmarks == os.path.expanduser("~/lmk.npy")
+    assert cfg.identity.weights == str(tmp_path / "w" / "facenet.safetensors")
+    assert cfg.identity.store == "s3://bucket/store" and cfg.perceptual.store == str(
+        tmp_path / "store")
+    assert cfg.model.backbone_weights is None and cfg.perceptual.weights is None
+    assert with_absolute_paths(load_config(None, [])).face_model.path == "demo-head"
 
 
 def test_wildface_train_on_the_cache_trains_as_in_memory(tmp_path):

@@ -108,14 +108,17 @@ def test_killed_worker_resumes_from_last_checkpoint(env, faulty_coarse):
     assert Path(result.figure).is_file()
 
 
-def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse, prefect_server):
+def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse, prefect_server,
+                                                        monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from flows.train import train
 
-    out = train(data=env["data"], out=str(env["root"] / "out-2"), config=str(env["config"]),
+    # Paths relative to the caller's folder (Ray Train runs its workers elsewhere).
+    monkeypatch.chdir(env["root"])
+    out = train(data="synth", out="out-2", config="tiny.yaml", overrides=["data.cache_dir=cache"],
                 coarse_overrides=["train.steps=6"], detail_overrides=["train.steps=2"],
                 run_name=RUN.removesuffix("-coarse"), tracking_uri=env["uri"])
     assert out["coarse"]["resumed_from"] == 4 and out["coarse"]["step"] == 6
