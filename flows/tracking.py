@@ -63,11 +63,14 @@ def services_mlflow_uri(services: ServicesConfig | None = None) -> str | None:
 
 def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike,
                          services: ServicesConfig | None = None) -> str:
-    """``cfg.uri`` > ``$MLFLOW_TRACKING_URI`` > services' server > sqlite in ``out_dir``."""
-    if cfg.uri:
-        return cfg.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    """``cfg.uri`` > ``$MLFLOW_TRACKING_URI`` > services' server > sqlite in ``out_dir``.
+    A relative sqlite database (``sqlite:///runs.db``) is made absolute here: the training
+    workers log to it from folders of their own."""
+    given = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if given:
+        if given.startswith("sqlite:///") and not given.startswith("sqlite:////"):
+            return f"sqlite:///{Path(given[len('sqlite:///'):]).resolve()}"
+        return given
     served = services_mlflow_uri(services)
     if served:
         return served

@@ -30,6 +30,12 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path, closed) == "http://127.0.0.1:1"
     assert tracking.resolve_tracking_uri(TrackingConfig(uri="file:///x"), tmp_path, closed) == \
         "file:///x"
+    # a relative sqlite database is the caller's, not the folder a Ray worker runs in
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri(TrackingConfig(uri="sqlite:///runs/m.db"), "out",
+                                         closed) == f"sqlite:///{tmp_path.resolve()}/runs/m.db"
+    assert tracking.resolve_tracking_uri(TrackingConfig(uri="sqlite:////abs/m.db"), "out",
+                                         closed) == "sqlite:////abs/m.db"
     assert "mlflow ui --backend-store-uri sqlite:///" in tracking.ui_hint("sqlite:////a/b.db")
 
 
