@@ -44,6 +44,19 @@ def init_ray(rc: RayConfig) -> None:
              runtime_env=runtime_env)
 
 
+def check_gpus(needed: float, field: str, address: str | None) -> None:
+    """Refuse a GPU request that the local Ray cannot meet: Ray would wait forever to place
+    the workers. A cluster given by ``address`` may autoscale, so it is not checked."""
+    import ray
+
+    if address or needed <= 0:
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if needed > have:
+        raise ValueError(f"{field}: {needed:g} GPU(s) asked for, but the local Ray has "
+                         f"{have:g}")
+
+
 def scaling_config(rc: RayConfig):
     """Ray Train ``ScalingConfig``: workers, CPU/GPU and extra resources per worker."""
     from ray.train import ScalingConfig

@@ -445,6 +445,8 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
     import ray
     from ray.data import ActorPoolStrategy
 
+    from flows.ray_cluster import check_gpus
+
     rc = cfg.reconstruct
     started = False
     if not ray.is_initialized():
@@ -459,11 +461,7 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
              "config_json": files.config_json or "", "source": json.dumps(files.source),
              "face_model_config": configured.model_dump_json() if configured else ""}
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if rc.gpus_per_worker > gpus:
-            # Ray would wait forever for actors it cannot place.
-            raise ValueError(f"reconstruct.gpus_per_worker={rc.gpus_per_worker}, but the Ray "
-                             f"cluster has {gpus:g} GPU(s)")
+        check_gpus(rc.gpus_per_worker, "reconstruct.gpus_per_worker", rc.ray_address)
         ds = ray.data.from_items([it.as_dict() for it in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_RayReconstructor, fn_constructor_args=(model, cfg.model_dump_json(),
                                                                     str(out)),

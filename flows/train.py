@@ -57,7 +57,7 @@ apply_offline_env()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import tracking  # noqa: E402
-from flows.ray_cluster import init_ray, run_storage, scaling_config  # noqa: E402
+from flows.ray_cluster import check_gpus, init_ray, run_storage, scaling_config  # noqa: E402
 from flows.config import WildfaceConfig, load_config, with_absolute_paths  # noqa: E402
 from flows.samples import absolute_data, is_synth_folder, synth_digest  # noqa: E402
 from flows.train_worker import FAULT_ENV, train_loop  # noqa: E402
@@ -151,6 +151,8 @@ def run_stage(
         coarse = resolve_checkpoint(coarse, out_dir / "inputs", tracking_uri, rc)
     run_name = run_name or default_run_name(cfg, data, stage, coarse)
     init_ray(rc)
+    check_gpus(rc.num_workers * rc.gpus_per_worker if rc.use_gpu else 0,
+               "ray.num_workers x ray.gpus_per_worker (ray.use_gpu)", rc.address)
 
     client = run_id = None
     if tracking_uri:

@@ -155,8 +155,8 @@ def test_batch_on_ray(synth, checkpoint, tmp_path):
     assert (tmp_path / "out" / "id0001_img001" / "face_00" / "detail.obj").is_file()
     # Asking for more GPUs than the cluster has fails at once instead of waiting forever.
     greedy = tiny_config(**{"reconstruct.gpus_per_worker": torch.cuda.device_count() + 1})
-    with pytest.raises(ValueError, match=r"gpus_per_worker=\d+(\.\d+)?, but the Ray cluster "
-                                         r"has \d+ GPU"):
+    with pytest.raises(ValueError, match=r"reconstruct.gpus_per_worker: \d+ GPU\(s\) asked "
+                                         r"for, but the local Ray has \d+"):
         run_batch([str(photos)], str(tmp_path / "out2"), str(checkpoint), greedy, use_ray=True)
 
 

@@ -148,3 +148,17 @@ def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse, pref
     assert pred["faces"].max() == V - 1
     assert pred["detail_vertices"].shape == (1, 3, 32, 32)
     assert np.isfinite(pred["vertices"]).all()
+
+
+def test_more_gpus_than_the_local_ray_has_fail_at_once(env):
+    # Ray Train would otherwise wait forever to place the workers.
+    import torch
+
+    from flows.config import load_config
+    from flows.train import run_stage
+
+    cfg = load_config(env["config"], ["ray.use_gpu=true",
+                                      f"ray.gpus_per_worker={torch.cuda.device_count() + 1}"])
+    with pytest.raises(ValueError, match=r"ray.num_workers x ray.gpus_per_worker \(ray.use_gpu\): "
+                                         r"\d+ GPU\(s\) asked for, but the local Ray has \d+"):
+        run_stage(cfg, "coarse", env["data"], env["root"] / "out-gpu", run_name="gpu")
