@@ -75,7 +75,7 @@ def test_services_up_run_deployments_down(tmp_path):
         assert all(s["running"] and s["healthy"] for s in st.values())
         env = dict(os.environ) | services.client_env(cfg)
         subprocess.run([str(BIN / "prefect"), "deployment", "run", "preprocess/default",
-                        "-p", f"input={photos}", "-p", f"output={out}", "-p", "use_ray=false",
+                        "-p", f"input={photos}", "-p", f"output={out}",
                         "--watch", "--watch-timeout", "400"], check=True, env=env, timeout=500)
         from preprocessing.manifest import read_manifest
 
