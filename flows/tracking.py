@@ -61,16 +61,22 @@ def services_mlflow_uri(services: ServicesConfig | None = None) -> str | None:
     return uri if _server_answers(uri) else None
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative sqlite database (``sqlite:///runs.db``) made absolute, from this process's
+    working folder (the training workers log to it from folders of their own); any other
+    URI as it is."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike,
                          services: ServicesConfig | None = None) -> str:
-    """``cfg.uri`` > ``$MLFLOW_TRACKING_URI`` > services' server > sqlite in ``out_dir``.
-    A relative sqlite database (``sqlite:///runs.db``) is made absolute here: the training
-    workers log to it from folders of their own."""
+    """``cfg.uri`` > ``$MLFLOW_TRACKING_URI`` > services' server > sqlite in ``out_dir``
+    (:func:`absolute_uri`)."""
     given = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if given:
-        if given.startswith("sqlite:///") and not given.startswith("sqlite:////"):
-            return f"sqlite:///{Path(given[len('sqlite:///'):]).resolve()}"
-        return given
+        return absolute_uri(given)
     served = services_mlflow_uri(services)
     if served:
         return served

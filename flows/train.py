@@ -143,6 +143,7 @@ def run_stage(
     # Ray Train runs each worker in a folder of its own: hand it absolute paths.
     cfg = with_absolute_paths(cfg)
     data = absolute_data(data)
+    tracking_uri = tracking_uri and tracking.absolute_uri(tracking_uri)
     rc = cfg.ray
     storage.configure(cfg.storage)
     if stage == "detail":

@@ -36,6 +36,9 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
                                          closed) == f"sqlite:///{tmp_path.resolve()}/runs/m.db"
     assert tracking.resolve_tracking_uri(TrackingConfig(uri="sqlite:////abs/m.db"), "out",
                                          closed) == "sqlite:////abs/m.db"
+    # run_stage applies the same to a tracking URI given to it directly
+    assert tracking.absolute_uri("sqlite:///m.db") == f"sqlite:///{tmp_path.resolve()}/m.db"
+    assert tracking.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert "mlflow ui --backend-store-uri sqlite:///" in tracking.ui_hint("sqlite:////a/b.db")
 
 
