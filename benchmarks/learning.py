@@ -61,11 +61,6 @@ def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(sim.apply(pred) - truth, axis=1).mean())
 
 
-def _device(model) -> torch.device:
-    """Where the model lives: the evaluation runs there (the GPU in a ``--device cuda`` run)."""
-    return next(model.parameters()).device
-
-
 def truth_codes(params: dict, keys: list[str]) -> torch.Tensor:
     """(B, n_shape) ground-truth shape codes of the images ``keys`` of a synthetic set."""
     return torch.tensor([params["identities"][params["images"][k]["identity"]]["shape"]
@@ -77,7 +72,7 @@ def neutral_errors(model, shape: torch.Tensor, truth: torch.Tensor, region: np.n
                    ) -> list[float]:
     """Per-image aligned error of the neutral meshes of ``shape`` against those of
     ``truth`` (both (B, n_shape), any device), over the ``region`` vertices."""
-    device = _device(model)
+    device = model.device  # evaluate where it lives (the GPU in a --device cuda run)
     pred = model.neutral(shape.to(device)).vertices.double().cpu().numpy()
     true = model.neutral(truth.to(device)).vertices.double().cpu().numpy()
     return [aligned_error(p[region], t[region]) for p, t in zip(pred, true)]
@@ -94,7 +89,7 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
     identity must show through is done on unseen images."""
     model.eval()
     n_shape = model.flame.n_shape
-    device = _device(model)
+    device = model.device
     errors = []
     for keys, batch in iter_eval_batches(store, augment, batch_size=16):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -130,7 +125,7 @@ def identity_signal(model, params: dict, keys: list[str], reg_shape: float,
     from recon.losses.landmarks import weighted_landmark_loss
 
     imgs = [params["images"][k] for k in keys]
-    device = _device(model)
+    device = model.device
     shape = truth_codes(params, keys).to(device)
     exp = torch.tensor([p["expression"] for p in imgs], dtype=torch.float32, device=device)
     pose = torch.tensor([p["pose"] for p in imgs], dtype=torch.float32, device=device)
@@ -219,7 +214,7 @@ def loss_optimum(model, store: SampleStore, params: dict, augment: CropAugment,
     from recon.losses.total import coarse_code_terms, coarse_image_terms
     from recon.render.shading import SH_CONSTANTS
 
-    device = _device(model)
+    device = model.device
     keys, batch = next(iter_eval_batches(store, augment, batch_size=max_images))
     batch = {k: v.to(device) for k, v in batch.items()}
     n = len(keys)

@@ -71,7 +71,7 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
     model = mlflow.pyfunc.load_model(model_uri,
                                      model_config={"device": cfg.reconstruct.device})
     deca = model.unwrap_python_model().model
-    device = deca.uv_face_mask.device
+    device = deca.device
     params = load_params(heldout)
     store = SampleStore.from_samples(iter_samples(heldout))
     d = cfg.data

@@ -69,7 +69,7 @@ with warnings.catch_warnings():
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                                   antialias=True)
-            return x.clamp(0, 1).to(self.model.uv_face_mask.device)
+            return x.clamp(0, 1).to(self.model.device)
 
         def predict(self, context, model_input, params=None):  # noqa: ANN001 - any array input
             import torch

@@ -159,9 +159,8 @@ class MlflowLog(TrainerCallback):
         if self.logger.wants_figure(step) or step == self.total:
             self.logger.flush(step)
             model = self.trainer_ref[0].model
-            device = next(model.parameters()).device
-            grid = tracking.deca_figure(model, self.figure_images["images"].to(device),
-                                        self.figure_images["landmarks"].to(device))
+            grid = tracking.deca_figure(model, self.figure_images["images"].to(model.device),
+                                        self.figure_images["landmarks"].to(model.device))
             self.logger.log_figure(step, grid)
 
 

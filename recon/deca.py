@@ -186,6 +186,11 @@ class DECA(nn.Module):
         self.detail_decoder = DetailDecoder(self.flame.n_exp, network.n_detail, network.uv_size,
                                             network.max_z)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (its buffers and parameters move together)."""
+        return self.uv_face_mask.device
+
     @torch.no_grad()
     def initial_camera(self, fraction: float) -> tuple[float, float, float]:
         """Camera that centres the template's landmarks, their box spanning ``fraction``

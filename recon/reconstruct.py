@@ -155,7 +155,7 @@ class FaceReconstructor:
 
     @property
     def device(self) -> torch.device:
-        return self.model.uv_face_mask.device
+        return self.model.device
 
     @property
     def expression_names(self) -> list[str]:

@@ -93,6 +93,14 @@ def test_neutral_zeroes_expression_and_pose(model):
     assert not torch.allclose(posed.vertices, neutral.vertices)
 
 
+def test_device_follows_the_module(model):
+    import copy
+
+    assert model.device == next(model.parameters()).device == torch.device("cpu")
+    moved = copy.deepcopy(model).to("meta")  # buffers and parameters move together
+    assert moved.device.type == "meta" == next(moved.parameters()).device.type
+
+
 def test_image_to_uv_samples_the_projected_position(model):
     codes = _codes(model).replace(pose=torch.zeros(2, 6))
     with torch.no_grad():

@@ -39,8 +39,8 @@ def test_pyfunc_predicts_what_the_reconstruct_loader_does(logged, checkpoint):  
     default = mlflow.pyfunc.load_model(logged)  # device auto: the CPU here
     on_cpu = mlflow.pyfunc.load_model(logged, model_config={"device": "cpu"})
     expected_device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert default.unwrap_python_model().model.uv_face_mask.device.type == expected_device
-    assert on_cpu.unwrap_python_model().model.uv_face_mask.device.type == "cpu"
+    assert default.unwrap_python_model().model.device.type == expected_device
+    assert on_cpu.unwrap_python_model().model.device.type == "cpu"
 
     crops = _crops()
     pred = on_cpu.predict(crops)
