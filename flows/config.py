@@ -5,7 +5,6 @@ defaults, and validates everything before any work starts. Errors name the field
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +128,8 @@ def with_absolute_paths(cfg: WildfaceConfig) -> WildfaceConfig:
         changed = {}
         for name in fields:
             value = getattr(sub, name)
-            if value and value != DEMO_HEAD and not storage.is_s3(value):
-                changed[name] = os.path.abspath(os.path.expanduser(value))
+            if value and value != DEMO_HEAD:
+                changed[name] = storage.absolute(value)
         if changed:
             update[section] = sub.model_copy(update=changed)
     return cfg.model_copy(update=update)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from infra import storage
@@ -74,7 +73,7 @@ def run_storage(rc: RayConfig, endpoint: str | None, region: str) -> tuple[str, 
     resolution of ``s3://`` (AWS)."""
     path = rc.storage_path
     if not storage.is_s3(path):
-        return str(Path(path).expanduser().resolve()), None
+        return storage.absolute(path), None
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
         return path, None

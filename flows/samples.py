@@ -16,12 +16,6 @@ from pathlib import Path
 from infra import storage
 
 
-def absolute_data(data: str) -> str:
-    """A local data folder as an absolute path (s3:// URIs as they are): the Ray Train
-    workers and the run's records must not depend on the caller's working folder."""
-    return data if storage.is_s3(data) else str(Path(data).resolve())
-
-
 def is_synth_folder(data: str) -> bool:
     from recon.synth.generate import PARAMS_FILE
 

@@ -59,7 +59,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.ray_cluster import check_gpus, init_ray, run_storage, scaling_config  # noqa: E402
 from flows.config import WildfaceConfig, load_config, with_absolute_paths  # noqa: E402
-from flows.samples import absolute_data, is_synth_folder, synth_digest  # noqa: E402
+from flows.samples import is_synth_folder, synth_digest  # noqa: E402
 from flows.train_worker import FAULT_ENV, train_loop  # noqa: E402
 from infra import storage  # noqa: E402
 from infra.config import RayConfig  # noqa: E402
@@ -142,7 +142,7 @@ def run_stage(
     out_dir = Path(out_dir).resolve()
     # Ray Train runs each worker in a folder of its own: hand it absolute paths.
     cfg = with_absolute_paths(cfg)
-    data = absolute_data(data)
+    data = storage.absolute(data)
     tracking_uri = tracking_uri and tracking.absolute_uri(tracking_uri)
     rc = cfg.ray
     storage.configure(cfg.storage)
@@ -327,7 +327,8 @@ def train(
     """
     cfg_c = stage_config(config, overrides, coarse_overrides)
     cfg_d = stage_config(config, overrides, detail_overrides)
-    data = absolute_data(data)
+    # The Ray Train workers and the run's records must not depend on the caller's folder.
+    data = storage.absolute(data)
     uri = tracking_uri or tracking.resolve_tracking_uri(cfg_d.tracking, out, cfg_d.services)
     with tracking.parent_run(uri, cfg_d.tracking.experiment, "train",
                              cfg_d.model_dump(mode="json")) as parent:

@@ -53,6 +53,12 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """A local path made absolute (``~`` expanded, symlinks resolved) from this process's
+    working folder; an s3:// URI as it is."""
+    return str(uri) if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
 def relative(uri: str, root: str) -> str:
     """``uri`` relative to ``root`` with ``/`` separators."""
     if is_s3(root):

@@ -2,6 +2,7 @@
 pipeline reading and writing s3://."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,15 @@ def test_local_atomic_write_list_exists(tmp_path):
     assert storage.relative(str(target), str(tmp_path)) == "a/b.bin"
     storage.delete(target)
     assert not storage.exists(target)
+
+
+def test_absolute_paths_and_uris(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("data/x") == str(tmp_path.resolve() / "data" / "x")
+    assert storage.absolute("~/w.pt") == str(Path(os.path.expanduser("~/w.pt")).resolve())
+    assert storage.absolute("s3://bucket/a") == "s3://bucket/a"
 
 
 def test_s3_roundtrip(s3):
