@@ -16,6 +16,7 @@ from recon.training.data import (CropAugment, IdentityBatchSampler, SampleStore,
                                  iter_eval_batches, make_train_loader)
 from recon.training.sample_cache import (INDEX_FILE, MappedRecords, cache_folder,
                                          cached_store, write_sample_cache)
+from shard_fixtures import write_train_split
 
 
 def _sample(key, identity, size=40, seed=0, mask=True):
@@ -148,39 +149,11 @@ def test_loader_workers_read_the_cache(tmp_path):
 
 
 # -- flows/samples.py: the stores of data folders ---------------------------------------------
-def _write_shards(root, samples, per_shard=3):
-    import io
-
-    from PIL import Image
-
-    from preprocessing.shards import shard_bytes
-
-    def enc(arr, fmt):
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format=fmt)
-        return buf.getvalue()
-
-    (root / "shards").mkdir(parents=True)
-    for i in range(0, len(samples), per_shard):
-        raw = []
-        for s in samples[i:i + per_shard]:
-            lmk = io.BytesIO()
-            np.save(lmk, s["landmarks"])
-            raw.append({"key": s["key"], "jpg": enc(s["image"], "JPEG"),
-                        "lmk.npy": lmk.getvalue(), "mask.png": enc(s["mask"], "PNG"),
-                        "json": json.dumps(s["meta"]).encode()})
-        (root / "shards" / f"train-{i // per_shard:06d}.tar").write_bytes(shard_bytes(raw))
-    lists: dict[str, list[str]] = {}
-    for s in samples:
-        lists.setdefault(s["meta"]["identity"], []).append(s["key"])
-    (root / "identities.json").write_text(json.dumps({"train": lists, "val": {}}))
-
-
 def test_rank_stores_of_shards_in_the_cache_match_memory(tmp_path):
     from flows.samples import rank_store
 
     samples = [s for s in _samples(n_ids=4, k=3) if s["mask"] is not None]
-    _write_shards(tmp_path / "data", samples)
+    write_train_split(tmp_path / "data", samples, per_shard=3)
     data, cache = str(tmp_path / "data"), str(tmp_path / "cache")
     for rank in (0, 1):
         memory, own_m = rank_store(data, rank, 2, 1)

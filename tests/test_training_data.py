@@ -156,30 +156,11 @@ def test_record_validation():
 
 
 def test_store_reads_preprocessing_shards(tmp_path):
-    import io
-    import json
+    from preprocessing.shards import iter_samples, read_split
+    from shard_fixtures import write_train_split
 
-    from PIL import Image
-
-    from preprocessing.shards import iter_samples, read_split, shard_bytes
-
-    def enc(arr, fmt):
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format=fmt)
-        return buf.getvalue()
-
-    raw = []
-    for i in range(4):
-        s = _sample(f"k{i}", f"p{i // 2}", size=32, seed=i)
-        lmk = io.BytesIO()
-        np.save(lmk, s["landmarks"])
-        raw.append({"key": s["key"], "jpg": enc(s["image"], "JPEG"), "lmk.npy": lmk.getvalue(),
-                    "mask.png": enc(s["mask"], "PNG"),
-                    "json": json.dumps({"identity": s["meta"]["identity"]}).encode()})
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "train-000000.tar").write_bytes(shard_bytes(raw))
-    (tmp_path / "identities.json").write_text(json.dumps(
-        {"train": {"p0": ["k0", "k1"], "p1": ["k2", "k3"]}, "val": {}}))
+    samples = [_sample(f"k{i}", f"p{i // 2}", size=32, seed=i) for i in range(4)]
+    write_train_split(tmp_path, samples, per_shard=4)
     urls, identities = read_split(str(tmp_path), "train")
     assert identities == {"p0": ["k0", "k1"], "p1": ["k2", "k3"]}
     store = SampleStore.from_samples(iter_samples(urls), identities)

@@ -1,0 +1,38 @@
+"""Preprocessing-output folders made from decoded samples (the ``preprocessing.shards``
+format), for the tests of the training stores. Imported by test modules."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from preprocessing.shards import shard_bytes
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_train_split(root: Path, samples: list[dict], per_shard: int) -> Path:
+    """``root/shards/train-NNNNNN.tar`` (``per_shard`` samples each) and
+    ``root/identities.json`` (the train lists from the samples' ``meta["identity"]``)."""
+    (root / "shards").mkdir(parents=True)
+    for i in range(0, len(samples), per_shard):
+        raw = []
+        for s in samples[i:i + per_shard]:
+            lmk = io.BytesIO()
+            np.save(lmk, s["landmarks"])
+            raw.append({"key": s["key"], "jpg": _encoded(s["image"], "JPEG"),
+                        "lmk.npy": lmk.getvalue(), "mask.png": _encoded(s["mask"], "PNG"),
+                        "json": json.dumps(s["meta"]).encode()})
+        (root / "shards" / f"train-{i // per_shard:06d}.tar").write_bytes(shard_bytes(raw))
+    lists: dict[str, list[str]] = {}
+    for s in samples:
+        lists.setdefault(s["meta"]["identity"], []).append(s["key"])
+    (root / "identities.json").write_text(json.dumps({"train": lists, "val": {}}))
+    return root
