@@ -1,5 +1,5 @@
-"""Preprocessing-output folders made from decoded samples (the ``preprocessing.shards``
-format), for the tests of the training stores. Imported by test modules."""
+"""Random decoded samples (the ``preprocessing.shards`` format) and preprocessing-output
+folders made from them, for the tests of the training stores. Imported by test modules."""
 from __future__ import annotations
 
 import io
@@ -10,6 +10,17 @@ import numpy as np
 from PIL import Image
 
 from preprocessing.shards import shard_bytes
+
+
+def random_sample(key: str, identity: str, size: int = 64, seed: int = 0,
+                  mask: bool = True) -> dict:
+    """A decoded sample of random pixels, landmarks inside the crop and (``mask``) a random
+    binary skin mask, else none; the same ``seed`` gives the same sample."""
+    rng = np.random.default_rng(seed)
+    return {"key": key, "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            "landmarks": rng.uniform(-0.4, 0.4, (68, 2)).astype(np.float32),
+            "mask": rng.integers(0, 2, (size, size), dtype=np.uint8) * 255 if mask else None,
+            "meta": {"identity": identity}}
 
 
 def _encoded(array: np.ndarray, fmt: str) -> bytes:

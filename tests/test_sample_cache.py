@@ -16,20 +16,12 @@ from recon.training.data import (CropAugment, IdentityBatchSampler, SampleStore,
                                  iter_eval_batches, make_train_loader)
 from recon.training.sample_cache import (INDEX_FILE, MappedRecords, cache_folder,
                                          cached_store, write_sample_cache)
-from shard_fixtures import write_train_split
-
-
-def _sample(key, identity, size=40, seed=0, mask=True):
-    rng = np.random.default_rng(seed)
-    return {"key": key, "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "landmarks": rng.uniform(-0.4, 0.4, (68, 2)).astype(np.float32),
-            "mask": rng.integers(0, 2, (size, size), dtype=np.uint8) * 255 if mask else None,
-            "meta": {"identity": identity}}
+from shard_fixtures import random_sample, write_train_split
 
 
 def _samples(n_ids=4, k=3, size=40):
     # Every third sample without a mask: the cache must give "all skin" back for those too.
-    return [_sample(f"p{i}/{j}", f"p{i}", size, seed=10 * i + j, mask=(i + j) % 3 != 0)
+    return [random_sample(f"p{i}/{j}", f"p{i}", size, seed=10 * i + j, mask=(i + j) % 3 != 0)
             for i in range(n_ids) for j in range(k)]
 
 
@@ -97,7 +89,7 @@ def test_incomplete_cache_is_rebuilt(tmp_path):
 
 def test_bad_samples_are_refused_and_leave_nothing_behind(tmp_path):
     samples = _samples()
-    mixed = samples[:5] + [_sample("p9/0", "p9", size=48)]
+    mixed = samples[:5] + [random_sample("p9/0", "p9", size=48)]
     with pytest.raises(ValueError, match=r"sample p9/0: image 48x48, but the cache's "
                                          r"samples are 40x40"):
         cached_store(lambda: iter(mixed), tmp_path, "mixed")

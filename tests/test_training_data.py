@@ -8,6 +8,7 @@ import torch
 from recon.render.cameras import image_to_pixel
 from recon.training.data import (CropAugment, IdentityBatchSampler, SampleStore,
                                  record_from_sample, warp_crops)
+from shard_fixtures import random_sample, write_train_split
 
 
 def _identities(sizes):
@@ -119,16 +120,9 @@ def test_warp_identity_window_keeps_image():
     assert o_mask.min() == 1
 
 
-def _sample(key, identity, size=64, seed=0):
-    rng = np.random.default_rng(seed)
-    lmk = rng.uniform(-0.4, 0.4, (68, 2)).astype(np.float32)
-    return {"key": key, "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "landmarks": lmk, "mask": np.full((size, size), 255, np.uint8),
-            "meta": {"identity": identity}}
-
-
 def test_store_batches_collate_in_the_step_format():
-    samples = [_sample(f"p{i}/{j}", f"p{i}", seed=10 * i + j) for i in range(4) for j in range(3)]
+    samples = [random_sample(f"p{i}/{j}", f"p{i}", seed=10 * i + j)
+               for i in range(4) for j in range(3)]
     store = SampleStore.from_samples(samples)
     assert list(store.identities) == ["p0", "p1", "p2", "p3"]
     sampler = IdentityBatchSampler(store.identities, 2, 2, seed=0)
@@ -149,7 +143,7 @@ def test_store_batches_collate_in_the_step_format():
 
 
 def test_record_validation():
-    bad = _sample("k", "p")
+    bad = random_sample("k", "p")
     bad["landmarks"] = np.zeros((5, 2))
     with pytest.raises(ValueError, match="landmarks"):
         record_from_sample(bad)
@@ -157,9 +151,8 @@ def test_record_validation():
 
 def test_store_reads_preprocessing_shards(tmp_path):
     from preprocessing.shards import iter_samples, read_split
-    from shard_fixtures import write_train_split
 
-    samples = [_sample(f"k{i}", f"p{i // 2}", size=32, seed=i) for i in range(4)]
+    samples = [random_sample(f"k{i}", f"p{i // 2}", size=32, seed=i) for i in range(4)]
     write_train_split(tmp_path, samples, per_shard=4)
     urls, identities = read_split(str(tmp_path), "train")
     assert identities == {"p0": ["k0", "k1"], "p1": ["k2", "k3"]}
@@ -168,7 +161,7 @@ def test_store_reads_preprocessing_shards(tmp_path):
     assert store.identities == {"p0": ["k0", "k1"], "p1": ["k2", "k3"]}
     rec = store.records["k2"]
     assert rec.image.shape == (32, 32, 3)
-    assert np.array_equal(rec.landmarks, _sample("k2", "p1", 32, 2)["landmarks"])
+    assert np.array_equal(rec.landmarks, random_sample("k2", "p1", 32, 2)["landmarks"])
     with pytest.raises(FileNotFoundError, match="no val-"):
         read_split(str(tmp_path), "val")
     (tmp_path / "identities.json").unlink()  # then the samples' meta names the identities
@@ -180,7 +173,7 @@ def test_store_reads_preprocessing_shards(tmp_path):
 def test_loader_workers_do_not_change_the_stream():
     from recon.training.data import make_train_loader
 
-    samples = [_sample(f"p{i}/{j}", f"p{i}", size=32, seed=10 * i + j)
+    samples = [random_sample(f"p{i}/{j}", f"p{i}", size=32, seed=10 * i + j)
                for i in range(4) for j in range(2)]
     store = SampleStore.from_samples(samples)
     sampler = IdentityBatchSampler(store.identities, 2, 2, seed=4)
