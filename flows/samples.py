@@ -51,6 +51,20 @@ def _store(samples: Callable[[], Iterable[Mapping]], source: str,
     return cached_store(samples, cache_dir, source, identities)
 
 
+def _identities_in(data: str, part: Sequence[str]) -> int | None:
+    """How many identities the shards ``part`` of a preprocessing output hold, counted in
+    its manifest (no shard is read); None when it has no manifest."""
+    from preprocessing.manifest import MANIFEST_FILE, read_manifest
+
+    if not storage.exists(storage.join(data, MANIFEST_FILE)):
+        return None
+    rows = read_manifest(data)
+    # Manifest shards are relative ("shards/train-000000.tar"); URLs end with the same name.
+    names = {url.rsplit("/", 1)[-1] for url in part}
+    in_part = rows["shard"].map(lambda shard: shard.rsplit("/", 1)[-1] in names)
+    return int(rows.loc[(rows["status"] == "ok") & in_part, "identity"].nunique())
+
+
 def rank_store(data: str, rank: int, world: int, n_identities: int,
                cache_dir: str | None = None):
     """The samples rank ``rank`` of ``world`` trains on -> (SampleStore, own_shards).
@@ -83,8 +97,12 @@ def rank_store(data: str, rank: int, world: int, n_identities: int,
     urls, identities = read_split(data, "train")
     if world > 1 and len(urls) >= world:
         part = urls[rank::world]
-        store = _store(lambda: iter_samples(part), _shards_source(part), identities, cache_dir)
-        if len(store.identities) >= n_identities:
-            return store, True
+        # The manifest says whether the part is enough before anything is decoded or cached.
+        counted = _identities_in(data, part)
+        if counted is None or counted >= n_identities:
+            store = _store(lambda: iter_samples(part), _shards_source(part), identities,
+                           cache_dir)
+            if len(store.identities) >= n_identities:
+                return store, True
     return _store(lambda: iter_samples(urls), _shards_source(urls), identities,
                   cache_dir), False

@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 
 from infra import storage
 
+MANIFEST_FILE = "manifest.parquet"  # under the preprocessing output
+
 SCHEMA = pa.schema([
     ("path", pa.string()),          # relative to the input root, '/' separators
     ("status", pa.string()),        # ok | rejected
@@ -36,7 +38,7 @@ def manifest_bytes(rows: list[dict]) -> bytes:
 
 def read_manifest(output: str):
     """The manifest of a preprocessing output as a pandas DataFrame."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, "manifest.parquet")))).to_pandas()
+    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, MANIFEST_FILE)))).to_pandas()
 
 
 def identities_bytes(groups: dict[str, dict[str, list[str]]]) -> bytes:

@@ -33,7 +33,8 @@ from infra.config import StorageConfig
 from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
 from preprocessing.identity import (cluster, folder_identity, label_distances, read_labels)
-from preprocessing.manifest import identities_bytes, manifest_bytes, write_if_changed
+from preprocessing.manifest import (MANIFEST_FILE, identities_bytes, manifest_bytes,
+                                    write_if_changed)
 from preprocessing.shards import shard_bytes
 from preprocessing.split import split_identities
 
@@ -393,8 +394,8 @@ def write_shards(output: str, the_plan: Plan) -> int:
 def write_outputs(output: str, the_plan: Plan) -> dict[str, bool]:
     """Manifest and identities.json (only when changed)."""
     return {
-        "manifest.parquet": write_if_changed(storage.join(output, "manifest.parquet"),
-                                             manifest_bytes(the_plan.rows)),
+        MANIFEST_FILE: write_if_changed(storage.join(output, MANIFEST_FILE),
+                                        manifest_bytes(the_plan.rows)),
         "identities.json": write_if_changed(storage.join(output, "identities.json"),
                                             identities_bytes(the_plan.identities)),
     }

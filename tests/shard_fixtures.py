@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from preprocessing.manifest import MANIFEST_FILE, manifest_bytes
 from preprocessing.shards import shard_bytes
 
 
@@ -29,11 +30,15 @@ def _encoded(array: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def write_train_split(root: Path, samples: list[dict], per_shard: int) -> Path:
-    """``root/shards/train-NNNNNN.tar`` (``per_shard`` samples each) and
-    ``root/identities.json`` (the train lists from the samples' ``meta["identity"]``)."""
+def write_train_split(root: Path, samples: list[dict], per_shard: int,
+                      manifest: bool = False) -> Path:
+    """``root/shards/train-NNNNNN.tar`` (``per_shard`` samples each),
+    ``root/identities.json`` (the train lists from the samples' ``meta["identity"]``) and,
+    with ``manifest``, ``root/manifest.parquet`` (a row per sample: its shard and identity)."""
     (root / "shards").mkdir(parents=True)
+    rows = []
     for i in range(0, len(samples), per_shard):
+        shard = f"shards/train-{i // per_shard:06d}.tar"
         raw = []
         for s in samples[i:i + per_shard]:
             lmk = io.BytesIO()
@@ -41,7 +46,12 @@ def write_train_split(root: Path, samples: list[dict], per_shard: int) -> Path:
             raw.append({"key": s["key"], "jpg": _encoded(s["image"], "JPEG"),
                         "lmk.npy": lmk.getvalue(), "mask.png": _encoded(s["mask"], "PNG"),
                         "json": json.dumps(s["meta"]).encode()})
-        (root / "shards" / f"train-{i // per_shard:06d}.tar").write_bytes(shard_bytes(raw))
+            rows.append({"path": f"{s['key']}.jpg", "status": "ok", "reason": "",
+                         "identity": s["meta"]["identity"], "split": "train", "shard": shard,
+                         "key": s["key"]})
+        (root / shard).write_bytes(shard_bytes(raw))
+    if manifest:
+        (root / MANIFEST_FILE).write_bytes(manifest_bytes(rows))
     lists: dict[str, list[str]] = {}
     for s in samples:
         lists.setdefault(s["meta"]["identity"], []).append(s["key"])

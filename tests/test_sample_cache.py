@@ -163,6 +163,21 @@ def test_rank_stores_of_shards_in_the_cache_match_memory(tmp_path):
     assert len(os.listdir(cache)) == 4
 
 
+def test_rank_store_counts_a_parts_identities_in_the_manifest(tmp_path):
+    from flows.samples import rank_store
+
+    # 4 identities x 2 images, a shard each: each of 2 ranks' parts holds 2 identities.
+    samples = [random_sample(f"p{i}/{j}", f"p{i}", 40, seed=10 * i + j)
+               for i in range(4) for j in range(2)]
+    write_train_split(tmp_path / "data", samples, per_shard=2, manifest=True)
+    data, cache = str(tmp_path / "data"), tmp_path / "cache"
+    store, own = rank_store(data, 1, 2, 3, str(cache))
+    assert not own and sorted(store.identities) == ["p0", "p1", "p2", "p3"]
+    assert len(os.listdir(cache)) == 1  # the whole split only: no cache of the too-small part
+    store, own = rank_store(data, 1, 2, 2, str(cache))
+    assert own and sorted(store.identities) == ["p1", "p3"]
+
+
 def test_rank_store_of_a_synth_folder_in_the_cache(tmp_path):
     from flows.samples import rank_store
     from reconstruct_fixtures import make_synth
