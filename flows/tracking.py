@@ -170,10 +170,10 @@ def dataset_summary(data_root: str, split: str = "train") -> dict[str, Any]:
     """Manifest hash (sha256 of ``manifest.parquet``, else of ``identities.json``), the
     shard list and the data root of a preprocessing output."""
     from infra import storage
-    from preprocessing.manifest import MANIFEST_FILE
+    from preprocessing.manifest import IDENTITIES_FILE, MANIFEST_FILE
 
     digest = "none"
-    for name in (MANIFEST_FILE, "identities.json"):
+    for name in (MANIFEST_FILE, IDENTITIES_FILE):
         uri = storage.join(data_root, name)
         if storage.exists(uri):
             digest = hashlib.sha256(storage.read_bytes(uri)).hexdigest()

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from infra import storage
 
 MANIFEST_FILE = "manifest.parquet"  # under the preprocessing output
+IDENTITIES_FILE = "identities.json"  # {split: {identity: [keys]}}, beside it
 
 SCHEMA = pa.schema([
     ("path", pa.string()),          # relative to the input root, '/' separators

@@ -33,8 +33,8 @@ from infra.config import StorageConfig
 from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
 from preprocessing.identity import (cluster, folder_identity, label_distances, read_labels)
-from preprocessing.manifest import (MANIFEST_FILE, identities_bytes, manifest_bytes,
-                                    write_if_changed)
+from preprocessing.manifest import (IDENTITIES_FILE, MANIFEST_FILE, identities_bytes,
+                                    manifest_bytes, write_if_changed)
 from preprocessing.shards import shard_bytes
 from preprocessing.split import split_identities
 
@@ -396,8 +396,8 @@ def write_outputs(output: str, the_plan: Plan) -> dict[str, bool]:
     return {
         MANIFEST_FILE: write_if_changed(storage.join(output, MANIFEST_FILE),
                                         manifest_bytes(the_plan.rows)),
-        "identities.json": write_if_changed(storage.join(output, "identities.json"),
-                                            identities_bytes(the_plan.identities)),
+        IDENTITIES_FILE: write_if_changed(storage.join(output, IDENTITIES_FILE),
+                                          identities_bytes(the_plan.identities)),
     }
 
 

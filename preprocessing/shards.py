@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from infra import storage
+from preprocessing.manifest import IDENTITIES_FILE
 
 MEMBERS = ("jpg", "lmk.npy", "mask.png", "json")
 
@@ -60,7 +61,7 @@ def read_split(output: str, split: str) -> tuple[list[str], dict[str, list[str]]
     urls = sorted(shard_urls(output, split))
     if not urls:
         raise FileNotFoundError(f"no {split}-*.tar shards under {storage.join(output, 'shards')}")
-    ids_uri = storage.join(output, "identities.json")
+    ids_uri = storage.join(output, IDENTITIES_FILE)
     identities = (json.loads(storage.read_bytes(ids_uri)).get(split)
                   if storage.exists(ids_uri) else None)
     return urls, identities
