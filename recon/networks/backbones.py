@@ -14,6 +14,9 @@ from torchvision import models
 
 # Pooled feature width of each supported architecture.
 FEATURE_DIMS = {"resnet50": 2048, "resnet18": 512, "mobilenet_v3_small": 576}
+# Channels of the stride-8 and stride-16 maps (layer2, layer3) of the ResNets, which
+# ``Backbone.feature_maps`` returns.
+MAP_CHANNELS = {"resnet50": (512, 1024), "resnet18": (128, 256)}
 
 # torchvision's ImageNet statistics: inputs are normalised with them so a local ImageNet
 # state dict works as is; for random init they are a harmless affine map.
@@ -64,4 +67,20 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images - self.mean) / self.std)
+
+    def feature_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ResNets only: images (B, 3, H, W) -> the stride-8 map (B, C8, H/8, W/8) and the
+        stride-16 map (B, C16, H/16, W/16), channels ``MAP_CHANNELS[name]``."""
+        if self.name not in MAP_CHANNELS:
+            raise ValueError(f"feature_maps needs a ResNet backbone, not {self.name!r}")
+        net = self.net
+        x = (images - self.mean) / self.std
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        stride8 = net.layer2(net.layer1(x))
+        return stride8, net.layer3(stride8)
+
+    def pool_from_stride16(self, stride16: torch.Tensor) -> torch.Tensor:
+        """ResNets only: the stride-16 map of ``feature_maps`` -> pooled features
+        (B, feature_dim), as ``forward`` would give."""
+        return torch.flatten(self.net.avgpool(self.net.layer4(stride16)), 1)
 

@@ -54,6 +54,46 @@ class CodeLayout:
         raise KeyError(name)
 
 
+def mlp_head(in_dim: int, hidden: int, out_dim: int,
+             out_bias: torch.Tensor | None = None) -> nn.Sequential:
+    """DECA's head: Linear -> ReLU -> Linear, (B, in_dim) -> (B, out_dim). ``out_bias``
+    (out_dim,) is what it predicts for average inputs at init."""
+    head = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
+    last = head[-1]
+    with torch.no_grad():
+        last.weight.mul_(_OUT_WEIGHT_SCALE)
+        last.bias.zero_()
+        if out_bias is not None:
+            if out_bias.shape != (out_dim,):
+                raise ValueError(f"out_bias must be ({out_dim},), got {tuple(out_bias.shape)}")
+            last.bias.copy_(out_bias)
+    return head
+
+
+def coarse_out_bias(layout: CodeLayout, cam_init: tuple[float, float, float],
+                    light_init: float) -> torch.Tensor:
+    """(layout.total,) the coarse code at init: mean face, ``cam_init``, grey light."""
+    bias = torch.zeros(layout.total)
+    cam = layout.offset("cam")
+    bias[cam:cam + N_CAM] = torch.tensor(cam_init)
+    light = layout.offset("light")
+    # First SH band (the constant term) of each colour channel: uniform grey light.
+    bias[light:light + 3] = light_init
+    return bias
+
+
+def split_code(layout: CodeLayout, flat: torch.Tensor, names: tuple[str, ...]
+               ) -> dict[str, torch.Tensor]:
+    """flat (B, sum of the parts' sizes), the parts ``names`` in that order -> name -> part;
+    light reshaped to (B, 9, 3)."""
+    sizes = layout.sizes()
+    parts = dict(zip(names, flat.split([sizes[n] for n in names], 1)))
+    if "light" in parts:
+        parts["light"] = parts["light"].reshape(-1, 9, 3)
+    return parts
+
+
 class Encoder(nn.Module):
     """images (B, 3, H, W) in [0, 1] -> code (B, out_dim).
 
@@ -70,18 +110,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = Backbone(backbone, weights_path)
-        self.head = nn.Sequential(
-            nn.Linear(self.backbone.feature_dim, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, out_dim),
-        )
-        last = self.head[-1]
-        with torch.no_grad():
-            last.weight.mul_(_OUT_WEIGHT_SCALE)
-            last.bias.zero_()
-            if out_bias is not None:
-                if out_bias.shape != (out_dim,):
-                    raise ValueError(f"out_bias must be ({out_dim},), got {tuple(out_bias.shape)}")
-                last.bias.copy_(out_bias)
+        self.head = mlp_head(self.backbone.feature_dim, hidden, out_dim, out_bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -100,17 +129,9 @@ class CoarseEncoder(Encoder):
         cam_init: tuple[float, float, float] = (1.0, 0.0, 0.0),
         light_init: float = 1.0,
     ) -> None:
-        bias = torch.zeros(layout.total)
-        cam = layout.offset("cam")
-        bias[cam:cam + N_CAM] = torch.tensor(cam_init)
-        light = layout.offset("light")
-        # First SH band (the constant term) of each colour channel: uniform grey light.
-        bias[light:light + 3] = light_init
-        super().__init__(backbone, layout.total, hidden, weights_path, bias)
+        super().__init__(backbone, layout.total, hidden, weights_path,
+                         coarse_out_bias(layout, cam_init, light_init))
         self.layout = layout
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        flat = super().forward(images)
-        parts = dict(zip(self.layout.sizes(), flat.split(list(self.layout.sizes().values()), 1)))
-        parts["light"] = parts["light"].reshape(-1, 9, 3)
-        return parts
+        return split_code(self.layout, super().forward(images), tuple(self.layout.sizes()))
