@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from recon.config import DEMO_HEAD, FaceModelConfig, LossConfig, NetworkConfig, StrictModel
 from recon.config import TrainConfig
@@ -52,6 +52,14 @@ class WildfaceConfig(StrictModel):
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     evaluate_flow: EvaluateFlowConfig = Field(default_factory=EvaluateFlowConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+    @model_validator(mode="after")
+    def _keypoint_steps_need_the_keypoint_head(self) -> "WildfaceConfig":
+        if self.train.keypoint_steps > 0 and (self.model.head != "keypoints"
+                                              or self.loss.keypoints == 0):
+            raise ValueError("train.keypoint_steps > 0 needs model.head: keypoints and "
+                             "loss.keypoints > 0")
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -47,6 +47,11 @@ class NetworkConfig(StrictModel):
         None, description="local state-dict file for the backbone (never downloaded); "
         "None = random init"
     )
+    head: Literal["pooled", "keypoints"] = Field(
+        "pooled", description="coarse encoder head: pooled (DECA: MLP on pooled features) or "
+        "keypoints (68 landmarks located by heatmaps, geometry codes read from them; ResNet "
+        "backbones; recon.networks.keypoints)"
+    )
     hidden: int = Field(1024, ge=8, description="width of the encoders' MLP head")
     n_detail: int = Field(128, ge=1, description="detail code size")
     image_size: int = Field(224, ge=32, description="input crop and render size (pixels)")
@@ -65,6 +70,12 @@ class NetworkConfig(StrictModel):
             raise ValueError("uv_size must be one of 16, 32, 64, 128, 256 (8 x 2^k)")
         return v
 
+    @model_validator(mode="after")
+    def _keypoints_need_a_resnet(self) -> "NetworkConfig":
+        if self.head == "keypoints" and not self.backbone.startswith("resnet"):
+            raise ValueError(f"head 'keypoints' needs a ResNet backbone, not {self.backbone!r}")
+        return self
+
 
 class LossConfig(StrictModel):
     """Loss weights; defaults are DECA's (paper / public release). 0 disables a term."""
@@ -76,6 +87,10 @@ class LossConfig(StrictModel):
     photometric: float = Field(2.0, ge=0, description="masked L1 on the lit render")
     identity: float = Field(0.2, ge=0, description="1 - cosine of identity features")
     shape_consistency: float = Field(1.0, ge=0, description="weight of the shape-swapped pass")
+    keypoints: float = Field(
+        1.0, ge=0, description="model.head 'keypoints': L1 of the keypoint head's 68 points to "
+        "the landmarks (the only loss that trains the landmark branch)"
+    )
     # DECA's 1e-4 applies to sum(x^2)/2 summed over its batch of 32 images; the regularisers
     # here are per image, batch-averaged, so the same strength per image is 32 x 1e-4.
     reg_shape: float = Field(3.2e-3, ge=0, description="sum(x^2)/2 per image (DECA: 1e-4 x 32)")
@@ -108,6 +123,10 @@ class TrainConfig(StrictModel):
     pretrain_steps: int = Field(
         20_000, ge=0, description="coarse stage: first steps use landmark losses + "
         "regularisers only (paper: 2 epochs)"
+    )
+    keypoint_steps: int = Field(
+        0, ge=0, description="coarse stage, model.head 'keypoints': the first steps train the "
+        "keypoint head alone (loss.keypoints); pretraining then runs to `pretrain_steps`"
     )
     amp: bool = Field(True, description="mixed precision for the encoders on CUDA (ignored on CPU)")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm; None = off")

@@ -28,10 +28,16 @@ from recon.albedo import AlbedoModel
 from recon.config import FaceModelConfig, NetworkConfig
 from recon.face_assets import FaceModelAssets
 from recon.flame import FLAME, FlameOutput
-from recon.networks import CodeLayout, CoarseEncoder, DetailDecoder, Encoder
+from recon.networks import (CodeLayout, CoarseEncoder, DetailDecoder, Encoder,
+                            KeypointCoarseEncoder)
 from recon.render import (DecaRenderer, RenderOutput, ndc_to_image,
                           vertex_normals, weak_perspective_project)
 from recon.render.shading import SH_CONSTANTS
+
+
+# Model-description entries added after checkpoints were written, with the value that those
+# checkpoints implicitly had.
+_DESCRIPTION_DEFAULTS = {"head": "pooled"}
 
 
 @dataclass
@@ -40,7 +46,8 @@ class Codes:
 
     shape (B, n_shape), tex (B, n_tex), exp (B, n_exp), pose (B, 6) = global axis-angle 3 |
     jaw axis-angle 3, cam (B, 3) = weak-perspective s, tx, ty, light (B, 9, 3) SH x RGB,
-    detail (B, n_detail) or None (coarse only).
+    detail (B, n_detail) or None (coarse only), keypoints (B, 68, 2) the 2D landmarks the
+    coarse encoder located (image convention; ``model.head: keypoints``) or None.
     """
 
     shape: torch.Tensor
@@ -50,6 +57,7 @@ class Codes:
     cam: torch.Tensor
     light: torch.Tensor
     detail: torch.Tensor | None = None
+    keypoints: torch.Tensor | None = None
 
     @property
     def jaw(self) -> torch.Tensor:
@@ -175,7 +183,8 @@ class DECA(nn.Module):
         uv_face = (self.renderer.world2uv(face) > 0.5).float() * self.renderer.uv.covered
         self.register_buffer("uv_face_mask", uv_face, persistent=False)  # (1, 1, S, S)
 
-        self.coarse_encoder = CoarseEncoder(
+        coarse_encoder = KeypointCoarseEncoder if network.head == "keypoints" else CoarseEncoder
+        self.coarse_encoder = coarse_encoder(
             network.backbone, self.layout, network.hidden, network.backbone_weights,
             cam_init=self.initial_camera(network.init_face_fraction),
             # constant SH band = 1 / its basis constant: unit grey irradiance
@@ -215,7 +224,7 @@ class DECA(nn.Module):
         n = self.network_config
         return {"face_model": self.face_model_name, "n_shape": self.flame.n_shape,
                 "n_exp": self.flame.n_exp, "n_tex": self.albedo.n_tex, "backbone": n.backbone,
-                "hidden": n.hidden, "n_detail": n.n_detail, "uv_size": n.uv_size}
+                "head": n.head, "hidden": n.hidden, "n_detail": n.n_detail, "uv_size": n.uv_size}
 
     def get_extra_state(self) -> dict[str, Any]:
         return self._identity()
@@ -224,6 +233,7 @@ class DECA(nn.Module):
         ours = self._identity()
         if not isinstance(state, dict):
             raise ValueError("not a wildface DECA checkpoint (no model description)")
+        state = {**_DESCRIPTION_DEFAULTS, **state}
         diff = {k: (state.get(k), v) for k, v in ours.items() if state.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())

@@ -5,6 +5,7 @@
   per image, averaged over the batch. An optional per-point confidence multiplies the weights.
 - :func:`eye_closure_loss` / :func:`lip_closure_loss`: mean absolute difference between
   predicted and target upper-to-lower lid (inner lip) distances.
+- :func:`keypoint_loss`: plain mean L1 of located points (the keypoint head's) to the targets.
 """
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ def weighted_landmark_loss(
     err = (pred - target).abs().sum(-1)  # (B, 68)
     per_image = (w * err).sum(-1) / (2.0 * w.sum(-1)).clamp_min(1e-8)
     return per_image.mean()
+
+
+def keypoint_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred, target: (B, K, 2). Mean |dx| and |dy| over points and images: every point counts
+    the same, since the geometry is read from all of them."""
+    if target.shape != pred.shape:
+        raise ValueError(f"keypoints {tuple(pred.shape)} vs targets {tuple(target.shape)}")
+    return (pred - target).abs().mean()
 
 
 def _pair_distances(points: torch.Tensor, pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:

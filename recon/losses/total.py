@@ -15,7 +15,8 @@ from torch import nn
 from recon.config import LossConfig
 from recon.deca import Codes, Reconstruction
 from recon.losses.detail import displacement_l1, shading_smoothness, symmetry_loss
-from recon.losses.landmarks import eye_closure_loss, lip_closure_loss, weighted_landmark_loss
+from recon.losses.landmarks import (eye_closure_loss, keypoint_loss, lip_closure_loss,
+                                    weighted_landmark_loss)
 from recon.losses.mrf import IDMRFLoss
 from recon.losses.photometric import photometric_loss
 from recon.losses.regularizers import code_l2, light_grey_loss
@@ -57,6 +58,16 @@ def coarse_image_terms(
         shaded = albedo * sh_shading(rec.normal_images, rec.codes.light.detach().float())
         terms["identity"] = cfg.identity * identity_loss(identity_net, shaded, images, rec.face_mask)
     return terms
+
+
+def keypoint_terms(cfg: LossConfig, codes: Codes, batch: Mapping[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """The keypoint head's L1 to the landmarks (``keypoints``); empty without that head.
+    batch: ``landmarks`` (B, 68, 2)."""
+    if cfg.keypoints == 0 or codes.keypoints is None:
+        return {}
+    target = batch["landmarks"].to(codes.keypoints.dtype)
+    return {"keypoints": cfg.keypoints * keypoint_loss(codes.keypoints, target)}
 
 
 def coarse_code_terms(cfg: LossConfig, codes: Codes) -> dict[str, torch.Tensor]:

@@ -9,11 +9,12 @@ Usage (what a trainer does each iteration)::
 
 Batches: ``images`` (B, 3, S, S) in [0, 1], ``landmarks`` (B, 68, 2) in the [-1, 1] image
 convention, ``masks`` (B, 1, S, S) skin masks, ``identity`` (B,) long labels (N identities x K
-images). The coarse stage trains the coarse encoder only (its landmark-only pretraining phase
-covers the first ``train.pretrain_steps`` calls); the detail stage trains the detail encoder
-and decoder only, with the coarse encoder frozen in eval mode. A step's random draws (the
-consistency partners) come from its own generator seeded by ``train.seed``; ``state_dict`` /
-``load_state_dict`` carry it and the counters across a resume.
+images). The coarse stage trains the coarse encoder only (with ``model.head: keypoints`` the
+first ``train.keypoint_steps`` calls train its keypoint head alone; its landmark-only
+pretraining phase covers the calls before ``train.pretrain_steps``); the detail stage trains
+the detail encoder and decoder only, with the coarse encoder frozen in eval mode. A step's
+random draws (the consistency partners) come from its own generator seeded by ``train.seed``;
+``state_dict`` / ``load_state_dict`` carry it and the counters across a resume.
 
 Mixed precision (``train.amp``, CUDA only): the encoders and the detail decoder run under
 autocast; the face model, renderer and losses stay float32. Pass a ``torch.amp.GradScaler`` to
@@ -33,7 +34,7 @@ from recon.deca import DECA, Codes
 from recon.losses.consistency import identity_partners
 from recon.losses.mrf import IDMRFLoss
 from recon.losses.total import (coarse_code_terms, coarse_image_terms, detail_image_terms,
-                                detail_map_terms)
+                                detail_map_terms, keypoint_terms)
 from recon.render import sh_shading
 
 Batch = Mapping[str, torch.Tensor]
@@ -124,11 +125,13 @@ class _Stage:
 class CoarseStep(_Stage):
     """DECA's coarse stage: trains the coarse encoder.
 
-    Loss: landmark L1 (weighted), eye and lip closure, regularisers; after the first
-    ``train.pretrain_steps`` calls also the photometric L1 on the lit render, the identity
-    loss (when ``identity_net`` is given) and shape consistency (every image re-rendered with
-    the shape code of another image of the same identity, same image losses, weighted by
-    ``loss.shape_consistency``; terms ``shape_consistency/<name>``).
+    Phases by call count: ``keypoints`` (the first ``train.keypoint_steps`` calls; keypoint
+    head only: its L1 to the landmarks), ``pretrain`` (until ``train.pretrain_steps``:
+    landmark L1 (weighted), eye and lip closure, regularisers, and the keypoint L1 when the
+    encoder has that head), then ``full``: also the photometric L1 on the lit render, the
+    identity loss (when ``identity_net`` is given) and shape consistency (every image
+    re-rendered with the shape code of another image of the same identity, same image losses,
+    weighted by ``loss.shape_consistency``; terms ``shape_consistency/<name>``).
     """
 
     def __init__(self, model: DECA, loss_cfg: LossConfig, train_cfg: TrainConfig,
@@ -140,20 +143,29 @@ class CoarseStep(_Stage):
         return self.model.coarse_parameters()
 
     @property
-    def pretraining(self) -> bool:
-        """Whether the next call is in the landmark-only pretraining phase."""
-        return self.iteration < self.train_cfg.pretrain_steps
+    def phase(self) -> str:
+        """The next call's phase: ``keypoints``, ``pretrain`` or ``full``."""
+        if self.iteration < self.train_cfg.keypoint_steps:
+            return "keypoints"
+        return "pretrain" if self.iteration < self.train_cfg.pretrain_steps else "full"
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         model, cfg = self.model, self.loss_cfg
-        pretrain = self.pretraining
+        phase = self.phase
         self.iteration += 1
         model.coarse_encoder.train()
         images = batch["images"]
         with self._autocast(images.device):
             codes = model.encode(images, with_detail=False)
+        terms = keypoint_terms(cfg, codes, batch)
+        if phase == "keypoints":
+            if not terms:
+                raise ValueError("train.keypoint_steps needs model.head 'keypoints' and "
+                                 "loss.keypoints > 0")
+            return _total(terms)
+        pretrain = phase == "pretrain"
         rec = model.decode(codes, with_detail=False, render=not pretrain)
-        terms = coarse_image_terms(cfg, rec, batch, pretrain, self.identity_net)
+        terms.update(coarse_image_terms(cfg, rec, batch, pretrain, self.identity_net))
         terms.update(coarse_code_terms(cfg, codes))
         if not pretrain and cfg.shape_consistency > 0:
             partner, has_partner = identity_partners(batch["identity"], self.generator)
