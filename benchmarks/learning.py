@@ -81,12 +81,14 @@ def neutral_errors(model, shape: torch.Tensor, truth: torch.Tensor, region: np.n
 @torch.no_grad()
 def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, region: np.ndarray,
                  mean_shape: bool = False, code_pairs: list | None = None,
-                 landmark_px: list | None = None) -> list[float]:
+                 landmark_px: list | None = None, keypoint_px: list | None = None
+                 ) -> list[float]:
     """Per-image aligned neutral-shape error of ``model`` (or of the mean shape).
     ``code_pairs``: if given, gets ``(predicted code, true code)`` (n_shape,) per image appended.
     ``landmark_px``: if given, gets each image's mean 68-landmark distance (crop pixels)
     between the model's full reconstruction and the truth appended: how well the fit that
-    identity must show through is done on unseen images."""
+    identity must show through is done on unseen images. ``keypoint_px``: the same for the
+    keypoint head's located points (``model.head: keypoints``)."""
     model.eval()
     n_shape = model.flame.n_shape
     device = model.device
@@ -98,10 +100,13 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
         else:
             codes = model.encode(batch["images"], with_detail=False)
             shape = codes.shape.cpu()
+            half = batch["images"].shape[-1] / 2  # [-1, 1] image units -> pixels
             if landmark_px is not None:
                 lmk = model.decode(codes, with_detail=False, render=False).landmarks2d
-                half = batch["images"].shape[-1] / 2  # [-1, 1] image units -> pixels
                 landmark_px += ((lmk - batch["landmarks"]).norm(dim=-1).mean(1) * half).tolist()
+            if keypoint_px is not None and codes.keypoints is not None:
+                keypoint_px += ((codes.keypoints - batch["landmarks"]).norm(dim=-1).mean(1)
+                                * half).tolist()
         truth = truth_codes(params, keys)
         errors += neutral_errors(model, shape, truth, region)
         if code_pairs is not None:
@@ -313,6 +318,7 @@ class Progress(TrainerCallback):
             shape = terms.get("reg_shape", float("nan"))
             norm = (2 * shape / self.reg_shape) ** 0.5
             print(f"  step {step} loss {terms['loss']:.4f} "
+                  f"kpt {terms.get('keypoints', float('nan')):.4f} "
                   f"lmk {terms.get('landmarks', float('nan')):.4f} "
                   f"pho {terms.get('photometric', float('nan')):.4f} |shape| {norm:.2f} "
                   f"({time.perf_counter() - self.t0:.0f} s)", flush=True)
@@ -431,8 +437,9 @@ def main() -> None:
         train_s = time.perf_counter() - t
         pairs: list = []
         lmk_px: list = []
+        kpt_px: list = []
         trained = shape_errors(model, test_store, params, augment, region, code_pairs=pairs,
-                               landmark_px=lmk_px)
+                               landmark_px=lmk_px, keypoint_px=kpt_px)
         probe = (supervised_probe(cfg, Path(tmp) / "probe", train_store, test_store, params,
                                   augment, region, float(np.mean(mean)), args.device)
                  if args.probe else None)
@@ -455,6 +462,7 @@ def main() -> None:
             float(np.corrcoef([p[i] for p, _ in pairs], [t[i] for _, t in pairs])[0, 1])
             for i in range(5)],
         "held_out_landmark_px": float(np.mean(lmk_px)),
+        "held_out_keypoint_px": float(np.mean(kpt_px)) if kpt_px else None,
     })
     print(f"neutral-shape error on {len(test_store)} held-out images "
           f"({len(test_store.identities)} identities), face region, after similarity alignment:")
@@ -468,6 +476,9 @@ def main() -> None:
           + f" (|r| below ~{2 / np.sqrt(len(pairs)):.2f} is noise at {len(pairs)} images)")
     print(f"  held-out 68-landmark error: {report['held_out_landmark_px']:.2f} px "
           f"(mean distance in the {cfg.model.image_size} px crop)")
+    if kpt_px:
+        print(f"  held-out keypoint-head error: {report['held_out_keypoint_px']:.2f} px "
+              "(its located points against the true landmarks)")
     print(f"  training: {result.step} steps in {train_s:.0f} s")
     data, prior = signal["landmark_loss_of_mean_shape"], signal["shape_prior_at_truth"]
     print(f"identity signal: landmark loss of the mean shape {data:.4f} vs shape prior at the "

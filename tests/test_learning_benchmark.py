@@ -52,3 +52,21 @@ def test_learning_benchmark_reports_consistent_figures(tmp_path: Path) -> None:
     assert probe["steps"] == 3 and probe["ratio"] > 0 and probe["train_mse_last_tenth"] > 0
     assert [t["config"] for t in report["step_time"]] == ["demo"]
     assert report["step_time"][0]["device"] == device
+
+
+@pytest.mark.slow
+def test_learning_benchmark_runs_the_keypoint_head_through_its_phases(tmp_path: Path) -> None:
+    out = tmp_path / "learning.json"
+    res = subprocess.run(
+        [sys.executable, "benchmarks/learning.py", "--steps", "4",
+         "--set", "model.head=keypoints", "--set", "train.keypoint_steps=2",
+         "--set", "train.pretrain_steps=3", "--identities", "6", "--images-per-identity", "2",
+         "--held-out", "2", "--image-size", "64", "--optimum-steps", "0", "--skip-paper",
+         "--timing-steps", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 4
+    # the encoder's located points, measured apart from the fitted model's landmarks
+    assert report["held_out_keypoint_px"] > 0
+    assert report["held_out_keypoint_px"] != report["held_out_landmark_px"]
