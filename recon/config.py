@@ -112,7 +112,7 @@ class TrainConfig(StrictModel):
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="constant (DECA), or cosine decay from `lr` at step 0 to "
-        "`lr x lr_final_ratio` at `steps`"
+        "`lr x lr_final_ratio` at `steps` (restarted at `keypoint_steps` when that is set)"
     )
     lr_final_ratio: float = Field(0.01, gt=0, le=1, description="cosine: final lr / lr")
     identities_per_batch: int = Field(8, ge=1, description="N, coarse stage")
@@ -135,10 +135,18 @@ class TrainConfig(StrictModel):
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the optimiser step that follows ``step`` completed steps: a
-        function of the step alone, so a resumed run continues the schedule exactly."""
+        function of the step alone, so a resumed run continues the schedule exactly. With
+        ``keypoint_steps`` the cosine runs twice: over the keypoint phase, then restarted
+        over the rest, so the codes, which start learning there, get the full rate too."""
         if self.lr_schedule == "constant" or self.steps == 0:
             return self.lr
-        t = min(step, self.steps) / self.steps
+        start, end = 0, self.steps
+        if 0 < self.keypoint_steps < self.steps:
+            if step < self.keypoint_steps:
+                end = self.keypoint_steps
+            else:
+                start = self.keypoint_steps
+        t = (min(step, end) - start) / (end - start)
         final = self.lr * self.lr_final_ratio
         return final + 0.5 * (self.lr - final) * (1.0 + math.cos(math.pi * t))
 

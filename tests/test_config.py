@@ -53,5 +53,10 @@ def test_learning_rate_schedules():
     assert cos.lr_at(100) == pytest.approx(0.001) and cos.lr_at(150) == pytest.approx(0.001)
     rates = [cos.lr_at(s) for s in range(101)]
     assert all(a > b for a, b in zip(rates, rates[1:]))
+    # with a keypoint phase the cosine restarts where the codes start learning
+    two = cos.model_copy(update={"keypoint_steps": 20})
+    assert two.lr_at(0) == pytest.approx(0.01) and two.lr_at(10) == pytest.approx(0.0055)
+    assert two.lr_at(20) == pytest.approx(0.01) and two.lr_at(60) == pytest.approx(0.0055)
+    assert two.lr_at(100) == pytest.approx(0.001)
     with pytest.raises(ConfigError, match=r"train\.lr_schedule"):
         load_config(None, ["train.lr_schedule=linear"])
