@@ -144,6 +144,8 @@ def test_keypoint_phase_without_the_head_is_refused():
 def test_config_checks_name_the_fields():
     with pytest.raises(ValidationError, match="head 'keypoints' needs a ResNet"):
         NetworkConfig(backbone="mobilenet_v3_small", head="keypoints")
+    with pytest.raises(ValueError, match="need a ResNet backbone"):
+        KeypointCoarseEncoder("mobilenet_v3_small", CodeLayout(10, 5, 7))
     with pytest.raises(ConfigError, match="train.keypoint_steps"):
         load_config("demo", ["train.keypoint_steps=10"])
     cfg = load_config("demo", ["model.head=keypoints", "train.keypoint_steps=10"])

@@ -14,8 +14,7 @@ from torchvision import models
 
 # Pooled feature width of each supported architecture.
 FEATURE_DIMS = {"resnet50": 2048, "resnet18": 512, "mobilenet_v3_small": 576}
-# Channels of the stride-8 and stride-16 maps (layer2, layer3) of the ResNets, which
-# ``Backbone.feature_maps`` returns.
+# Channels of the stride-8 and stride-16 maps (layer2, layer3) of the ResNets.
 MAP_CHANNELS = {"resnet50": (512, 1024), "resnet18": (128, 256)}
 
 # torchvision's ImageNet statistics: inputs are normalised with them so a local ImageNet
@@ -68,11 +67,17 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images - self.mean) / self.std)
 
-    def feature_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ResNets only: images (B, 3, H, W) -> the stride-8 map (B, C8, H/8, W/8) and the
-        stride-16 map (B, C16, H/16, W/16), channels ``MAP_CHANNELS[name]``."""
+    @property
+    def map_channels(self) -> tuple[int, int]:
+        """ResNets only: channels (C8, C16) of the maps ``feature_maps`` returns."""
         if self.name not in MAP_CHANNELS:
-            raise ValueError(f"feature_maps needs a ResNet backbone, not {self.name!r}")
+            raise ValueError(f"feature maps need a ResNet backbone ({sorted(MAP_CHANNELS)}), "
+                             f"not {self.name!r}")
+        return MAP_CHANNELS[self.name]
+
+    def feature_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ResNets only (``map_channels`` refuses the others): images (B, 3, H, W) -> the
+        stride-8 map (B, C8, H/8, W/8) and the stride-16 map (B, C16, H/16, W/16)."""
         net = self.net
         x = (images - self.mean) / self.std
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recon.landmarks import N_LANDMARKS
-from recon.networks.backbones import MAP_CHANNELS, Backbone
+from recon.networks.backbones import Backbone
 from recon.networks.encoders import CodeLayout, coarse_out_bias, mlp_head, split_code
 
 GEOMETRY = ("shape", "exp", "pose", "cam")
@@ -81,12 +81,9 @@ class KeypointCoarseEncoder(nn.Module):
         light_init: float = 1.0,
     ) -> None:
         super().__init__()
-        if backbone not in MAP_CHANNELS:
-            raise ValueError(f"the keypoint head needs a ResNet backbone "
-                             f"({sorted(MAP_CHANNELS)}), not {backbone!r}")
         self.layout = layout
         self.backbone = Backbone(backbone, weights_path)
-        self.keypoint_head = KeypointHead(MAP_CHANNELS[backbone])
+        self.keypoint_head = KeypointHead(self.backbone.map_channels)
         bias = coarse_out_bias(layout, cam_init, light_init)
         sizes = layout.sizes()
 
