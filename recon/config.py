@@ -36,6 +36,17 @@ class FaceModelConfig(StrictModel):
     n_tex: int = Field(50, ge=1, le=200)
 
 
+class RefineConfig(StrictModel):
+    """Test-time fit of the geometry codes to the keypoint head's own 68 points
+    (``recon.fitting``): Adam on shape, expression, pose and camera, started from the
+    encoder's codes. Used by reconstruction and evaluation, never by training."""
+
+    steps: int = Field(0, ge=0, description="Adam steps; 0 = off (the encoder's codes as they are)")
+    lr: float = Field(1e-2, gt=0, description="Adam rate, cosine-decayed to 2 % over the steps")
+    reg_shape: float = Field(1e-4, ge=0, description="shape prior: reg_shape x sum(x^2)/2")
+    reg_exp: float = Field(1e-4, ge=0, description="expression prior: reg_exp x sum(x^2)/2")
+
+
 class NetworkConfig(StrictModel):
     """DECA's networks. Paper setup: ResNet50, 224x224 crops, 256x256 UV maps. Component
     counts (shape, expression, albedo) come from ``FaceModelConfig``."""
@@ -52,6 +63,9 @@ class NetworkConfig(StrictModel):
         "keypoints (68 landmarks located by heatmaps, geometry codes read from them; ResNet "
         "backbones; recon.networks.keypoints)"
     )
+    refine: RefineConfig = Field(
+        default_factory=RefineConfig, description="head 'keypoints': test-time fit of the "
+        "geometry codes to the located keypoints (off by default)")
     hidden: int = Field(1024, ge=8, description="width of the encoders' MLP head")
     n_detail: int = Field(128, ge=1, description="detail code size")
     image_size: int = Field(224, ge=32, description="input crop and render size (pixels)")
@@ -74,6 +88,8 @@ class NetworkConfig(StrictModel):
     def _keypoints_need_a_resnet(self) -> "NetworkConfig":
         if self.head == "keypoints" and not self.backbone.startswith("resnet"):
             raise ValueError(f"head 'keypoints' needs a ResNet backbone, not {self.backbone!r}")
+        if self.refine.steps > 0 and self.head != "keypoints":
+            raise ValueError("refine.steps > 0 needs head 'keypoints' (it fits to its points)")
         return self
 
 

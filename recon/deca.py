@@ -240,14 +240,22 @@ class DECA(nn.Module):
             raise ValueError(f"checkpoint does not fit this model ({details})")
 
     # -- encode / decode --------------------------------------------------------------
-    def encode(self, images: torch.Tensor, with_detail: bool = True) -> Codes:
-        """images: (B, 3, S, S) in [0, 1] -> Codes (float32; detail None unless with_detail)."""
+    def encode(self, images: torch.Tensor, with_detail: bool = True,
+               refine: bool = False) -> Codes:
+        """images: (B, 3, S, S) in [0, 1] -> Codes (float32; detail None unless with_detail).
+        ``refine``: fit the geometry codes to the located keypoints as ``network.refine``
+        says (:func:`recon.fitting.fit_to_keypoints`; nothing when its steps are 0)."""
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"expected images (B, 3, {self.image_size}, {self.image_size}), "
                              f"got {tuple(images.shape)}")
         parts = {k: v.float() for k, v in self.coarse_encoder(images).items()}
         detail = self.detail_encoder(images).float() if with_detail else None
-        return Codes(detail=detail, **parts)
+        codes = Codes(detail=detail, **parts)
+        if refine and self.network_config.refine.steps > 0:
+            from recon.fitting import fit_to_keypoints
+
+            codes = fit_to_keypoints(self, codes, self.network_config.refine)
+        return codes
 
     def project(self, points: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) -> renderer NDC (B, N, 3) with the weak-perspective camera."""
@@ -299,9 +307,10 @@ class DECA(nn.Module):
             rec.images_detail, rec.detail_render = out.images, out
 
     def reconstruct(self, images: torch.Tensor, with_detail: bool = True,
-                    render: bool = True) -> Reconstruction:
-        """``decode(encode(images))``: images (B, 3, S, S) in [0, 1]."""
-        return self.decode(self.encode(images, with_detail), with_detail, render)
+                    render: bool = True, refine: bool = True) -> Reconstruction:
+        """``decode(encode(images))``: images (B, 3, S, S) in [0, 1]. Inference: the
+        test-time fit of ``network.refine`` runs unless ``refine`` is False."""
+        return self.decode(self.encode(images, with_detail, refine), with_detail, render)
 
     def forward(self, images: torch.Tensor) -> Reconstruction:
         return self.reconstruct(images)

@@ -172,7 +172,8 @@ class FaceReconstructor:
 
     @torch.no_grad()
     def encode(self, crops: np.ndarray | torch.Tensor) -> Codes:
-        return self.model.encode(self.to_tensor(crops), with_detail=True)
+        """Codes of crops, with the model's test-time refinement (``model.refine``) if set."""
+        return self.model.encode(self.to_tensor(crops), with_detail=True, refine=True)
 
     @torch.no_grad()
     def decode(self, codes: Codes, render: bool = True) -> Reconstruction:
