@@ -28,6 +28,7 @@ Figures are recorded in docs/training.md with the machine they ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import platform
@@ -385,6 +386,9 @@ def main() -> None:
                          "read identity at all?")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--keep", type=Path,
+                    help="write the synthetic set (synth/) and the run's checkpoints (run/) "
+                         "here and keep them (default: a temporary folder)")
     args = ap.parse_args()
     if args.steps is not None and args.train_seconds is not None:
         ap.error("give --steps or --train-seconds, not both")
@@ -402,7 +406,8 @@ def main() -> None:
     cfg = with_stage_weights(load_config(args.config, overrides), "coarse")
     report: dict = {"machine": f"{platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}"}
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(str(args.keep)) if args.keep
+          else tempfile.TemporaryDirectory()) as tmp:
         root = Path(tmp) / "synth"
         t, cpu = time.perf_counter(), time.process_time()
         synth_cfg = cfg.synth.model_copy(update={
