@@ -62,7 +62,8 @@ def test_learning_benchmark_runs_the_keypoint_head_through_its_phases(tmp_path: 
          "--set", "model.head=keypoints", "--set", "train.keypoint_steps=2",
          "--set", "train.pretrain_steps=3", "--identities", "6", "--images-per-identity", "2",
          "--held-out", "2", "--image-size", "64", "--optimum-steps", "0", "--skip-paper",
-         "--timing-steps", "1", "--json", str(out)],
+         "--timing-steps", "1", "--json", str(out), "--set", "model.refine.steps=30",
+         "--keep", str(tmp_path / "keep")],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -70,3 +71,9 @@ def test_learning_benchmark_runs_the_keypoint_head_through_its_phases(tmp_path: 
     # the encoder's located points, measured apart from the fitted model's landmarks
     assert report["held_out_keypoint_px"] > 0
     assert report["held_out_keypoint_px"] != report["held_out_landmark_px"]
+    # the refined reconstruction is reported beside the encoder's, and the run is kept
+    assert report["refine_steps"] == 30 and "+ refined" in res.stdout
+    assert report["error_refined_mm"] != report["error_trained_mm"]
+    assert report["ratio_refined_to_mean"] > 0
+    assert (tmp_path / "keep" / "synth").is_dir()
+    assert list((tmp_path / "keep" / "run" / "checkpoints").glob("coarse-*.pt"))
