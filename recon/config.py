@@ -85,7 +85,7 @@ class NetworkConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _keypoints_need_a_resnet(self) -> "NetworkConfig":
+    def _keypoint_head_checks(self) -> "NetworkConfig":
         if self.head == "keypoints" and not self.backbone.startswith("resnet"):
             raise ValueError(f"head 'keypoints' needs a ResNet backbone, not {self.backbone!r}")
         if self.refine.steps > 0 and self.head != "keypoints":

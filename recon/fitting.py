@@ -2,7 +2,7 @@
 
 Why (docs/training.md, "Refining on the keypoints"): the keypoint head locates the 68
 landmarks of unseen faces to ~0.4 px, and a per-image fit to landmarks that precise reads
-identity far better than the amortised inverse map (the geometry MLP) learns to on a CPU
+identity better than the amortised inverse map (the geometry MLP) learns to on a CPU
 budget. The fit uses nothing but the image: its targets are the points the trained network
 located, its start the encoder's codes. Each image is fitted on its own (Adam's steps are
 per parameter, and every code belongs to one image), so results do not depend on the batch.
