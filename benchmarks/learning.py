@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from flows.config import load_config, with_stage_weights
-from recon.evaluation.alignment import umeyama
+from recon.evaluation.alignment import aligned_error
 from recon.synth import generate, iter_samples, load_params
 from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 from recon.training.steps import CoarseStep
@@ -53,13 +53,6 @@ def _face_vertices(face_model) -> np.ndarray:
 
     assets = load_face_model(face_model)
     return assets.masks["face"] if "face" in assets.masks else np.arange(assets.n_vertices)
-
-
-def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean distance between corresponding vertices after a similarity alignment of
-    ``pred`` onto ``truth``. pred, truth: (V, 3)."""
-    sim = umeyama(pred, truth)
-    return float(np.linalg.norm(sim.apply(pred) - truth, axis=1).mean())
 
 
 def truth_codes(params: dict, keys: list[str]) -> torch.Tensor:

@@ -42,14 +42,6 @@ REAL_PHOTOS = {"astronaut": ("skimage", "astronaut")}
 
 
 # -- evaluation -------------------------------------------------------------------------------
-def _aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean vertex distance after a similarity alignment of pred (V, 3) onto truth (V, 3)."""
-    from recon.evaluation.alignment import umeyama
-
-    sim = umeyama(pred, truth)
-    return float(np.linalg.norm(sim.apply(pred) - truth, axis=1).mean())
-
-
 def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
                         mesh_dir: Path | None = None, n_meshes: int = 4) -> dict[str, float]:
     """Neutral-shape error of a logged/registered model on a held-out synthetic set.
@@ -64,6 +56,7 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
     import mlflow
     import torch
 
+    from recon.evaluation.alignment import aligned_error
     from recon.mesh_io import write_obj
     from recon.synth import iter_samples, load_params
     from recon.training.data import CropAugment, SampleStore, iter_eval_batches
@@ -92,8 +85,8 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
                 truth_codes[i, :len(code)] = torch.tensor(code)
             truth = deca.neutral(truth_codes.to(device)).vertices.double().cpu().numpy()
             for i, k in enumerate(keys):
-                errors.append(_aligned_error(out["neutral_vertices"][i][region], truth[i][region]))
-                baseline.append(_aligned_error(mean_verts[region], truth[i][region]))
+                errors.append(aligned_error(out["neutral_vertices"][i][region], truth[i][region]))
+                baseline.append(aligned_error(mean_verts[region], truth[i][region]))
                 if mesh_dir is not None and written < n_meshes:
                     stem = k.replace("/", "_")
                     write_obj(mesh_dir / f"{stem}_posed.obj", out["vertices"][i], faces)

@@ -56,6 +56,14 @@ def umeyama(src: np.ndarray, dst: np.ndarray, scale: float | None = None) -> Sim
     return Similarity(float(scale), rot, trans)
 
 
+def aligned_error(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean distance between corresponding vertices after a similarity alignment of
+    ``pred`` onto ``truth`` (the shape error when scale and pose are not the shape's).
+    pred, truth: (V, 3)."""
+    sim = umeyama(pred, truth)
+    return float(np.linalg.norm(sim.apply(pred) - truth, axis=1).mean())
+
+
 def landmark_alignment(pred_lmk: np.ndarray, scan_lmk: np.ndarray, scale: float | None = None) -> Similarity:
     """Similarity Procrustes on the 7 landmark pairs (pred -> scan). (7, 3) each.
 
