@@ -36,6 +36,12 @@ class FaceModelConfig(StrictModel):
     n_tex: int = Field(50, ge=1, le=200)
 
 
+def cosine_decay(lr: float, final_ratio: float, t: float) -> float:
+    """The rate at fraction ``t`` in [0, 1] of a cosine from ``lr`` down to ``lr x final_ratio``."""
+    final = lr * final_ratio
+    return final + 0.5 * (lr - final) * (1.0 + math.cos(math.pi * t))
+
+
 class RefineConfig(StrictModel):
     """Test-time fit of the geometry codes to the keypoint head's own 68 points
     (``recon.fitting``): Adam on shape, expression, pose and camera, started from the
@@ -162,9 +168,7 @@ class TrainConfig(StrictModel):
                 end = self.keypoint_steps
             else:
                 start = self.keypoint_steps
-        t = (min(step, end) - start) / (end - start)
-        final = self.lr * self.lr_final_ratio
-        return final + 0.5 * (self.lr - final) * (1.0 + math.cos(math.pi * t))
+        return cosine_decay(self.lr, self.lr_final_ratio, (min(step, end) - start) / (end - start))
 
     def batch_shape(self, stage: Literal["coarse", "detail"]) -> tuple[int, int]:
         """(N identities, K images each) for a stage."""

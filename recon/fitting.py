@@ -9,12 +9,11 @@ per parameter, and every code belongs to one image), so results do not depend on
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from recon.config import RefineConfig
+from recon.config import RefineConfig, cosine_decay
 from recon.losses.landmarks import weighted_landmark_loss
 from recon.losses.regularizers import code_l2
 
@@ -39,10 +38,8 @@ def fit_to_keypoints(model: DECA, codes: Codes, cfg: RefineConfig) -> Codes:
                 for k in FITTED}
         optimizer = torch.optim.Adam(free.values(), lr=cfg.lr)
         for step in range(cfg.steps):
-            t = step / cfg.steps
-            lr = cfg.lr * (_FINAL_LR_RATIO + (1 - _FINAL_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * t)))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = cosine_decay(cfg.lr, _FINAL_LR_RATIO, step / cfg.steps)
             rec = model.decode(codes.replace(**free), with_detail=False, render=False)
             # Summed over images: each image's codes see only their own loss.
             loss = n * (weighted_landmark_loss(rec.landmarks2d, target)
