@@ -83,7 +83,8 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
     between the model's full reconstruction and the truth appended: how well the fit that
     identity must show through is done on unseen images. ``keypoint_px``: the same for the
     keypoint head's located points (``model.head: keypoints``). ``refine``: with the
-    model's test-time fit to its keypoints (``model.refine``), as reconstruction runs it."""
+    model's test-time fit to its keypoints and the photo (``model.refine``), as
+    reconstruction runs it."""
     model.eval()
     n_shape = model.flame.n_shape
     device = model.device
@@ -440,9 +441,11 @@ def main() -> None:
         trained = shape_errors(model, test_store, params, augment, region, code_pairs=pairs,
                                landmark_px=lmk_px, keypoint_px=kpt_px)
         refined_px: list = []
+        t = time.perf_counter()
         refined = (shape_errors(model, test_store, params, augment, region,
                                 landmark_px=refined_px, refine=True)
                    if cfg.model.refine.steps > 0 else None)
+        refine_s = time.perf_counter() - t
         probe = (supervised_probe(cfg, Path(tmp) / "probe", train_store, test_store, params,
                                   augment, region, float(np.mean(mean)), args.device)
                  if args.probe else None)
@@ -457,8 +460,10 @@ def main() -> None:
         "ratio_trained_to_mean": m_trained / m_mean,
         "ratio_untrained_to_mean": m_untrained / m_mean,
         "goal_met": m_trained <= 0.5 * m_mean,
-        # the reconstruction as `wildface reconstruct` runs it: encoder + fit to its keypoints
+        # the reconstruction as `wildface reconstruct` runs it: encoder + fit to the photo
         "refine_steps": cfg.model.refine.steps,
+        "refine_photometric": cfg.model.refine.photometric,
+        "refine_seconds_per_image": None if refined is None else refine_s / len(refined),
         "error_refined_mm": None if refined is None else 1000 * float(np.mean(refined)),
         "ratio_refined_to_mean": None if refined is None else float(np.mean(refined)) / m_mean,
         "held_out_landmark_px_refined": float(np.mean(refined_px)) if refined_px else None,
@@ -480,8 +485,10 @@ def main() -> None:
         ratio = report["ratio_refined_to_mean"]
         print(f"  {'+ refined':10s} {float(np.mean(refined)):.6f} units "
               f"({report['error_refined_mm']:.3f} mm)  ratio {ratio:.3f}  (encoder, then "
-              f"{cfg.model.refine.steps} Adam steps fitting its codes to its own keypoints; "
-              f"landmarks {report['held_out_landmark_px_refined']:.2f} px)")
+              f"{cfg.model.refine.steps} Adam steps fitting its codes to its own keypoints"
+              f"{' and the photo' if cfg.model.refine.photometric > 0 else ''}; landmarks "
+              f"{report['held_out_landmark_px_refined']:.2f} px; "
+              f"{report['refine_seconds_per_image']:.1f} s/image)")
     print(f"  goal trained <= 0.5 x mean shape: {'met' if report['goal_met'] else 'NOT met'}"
           + ("" if refined is None else
              f" (encoder alone); with the refinement: "

@@ -43,14 +43,21 @@ def cosine_decay(lr: float, final_ratio: float, t: float) -> float:
 
 
 class RefineConfig(StrictModel):
-    """Test-time fit of the geometry codes to the keypoint head's own 68 points
-    (``recon.fitting``): Adam on shape, expression, pose and camera, started from the
-    encoder's codes. Used by reconstruction and evaluation, never by training."""
+    """Test-time fit of the codes to the photo (``recon.fitting``), started from the
+    encoder's codes: Adam on shape, expression, pose and camera by the landmark L1 to the
+    keypoint head's own 68 points; after the first quarter of the steps also on albedo and
+    light, by the masked photometric L1 of the lit render. Used by reconstruction and
+    evaluation, never by training."""
 
     steps: int = Field(0, ge=0, description="Adam steps; 0 = off (the encoder's codes as they are)")
     lr: float = Field(1e-2, gt=0, description="Adam rate, cosine-decayed to 2 % over the steps")
+    photometric: float = Field(
+        2.0, ge=0, description="weight of the photometric L1 over the render's face region "
+        "(DECA's 2.0); 0 = keypoints only (no rendering, several times cheaper)")
     reg_shape: float = Field(1e-4, ge=0, description="shape prior: reg_shape x sum(x^2)/2")
     reg_exp: float = Field(1e-4, ge=0, description="expression prior: reg_exp x sum(x^2)/2")
+    reg_tex: float = Field(1e-4, ge=0, description="albedo prior: reg_tex x sum(x^2)/2")
+    reg_light: float = Field(1e-2, ge=0, description="SH light deviation from grey")
 
 
 class NetworkConfig(StrictModel):

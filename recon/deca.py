@@ -243,8 +243,8 @@ class DECA(nn.Module):
     def encode(self, images: torch.Tensor, with_detail: bool = True,
                refine: bool = False) -> Codes:
         """images: (B, 3, S, S) in [0, 1] -> Codes (float32; detail None unless with_detail).
-        ``refine``: fit the geometry codes to the located keypoints as ``network.refine``
-        says (:func:`recon.fitting.fit_to_keypoints`; nothing when its steps are 0)."""
+        ``refine``: fit the codes to the located keypoints and the image as ``network.refine``
+        says (:func:`recon.fitting.refine_codes`; nothing when its steps are 0)."""
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"expected images (B, 3, {self.image_size}, {self.image_size}), "
                              f"got {tuple(images.shape)}")
@@ -252,9 +252,9 @@ class DECA(nn.Module):
         detail = self.detail_encoder(images).float() if with_detail else None
         codes = Codes(detail=detail, **parts)
         if refine and self.network_config.refine.steps > 0:
-            from recon.fitting import fit_to_keypoints
+            from recon.fitting import refine_codes
 
-            codes = fit_to_keypoints(self, codes, self.network_config.refine)
+            codes = refine_codes(self, codes, images, self.network_config.refine)
         return codes
 
     def project(self, points: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
