@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from recon.config import StrictModel
+from recon.config import RefineConfig, StrictModel
 from recon.devices import DEVICE_PATTERN
 
 
@@ -30,6 +30,10 @@ class ReconstructConfig(StrictModel):
     animation_fps: float = Field(25.0, gt=0, description="frame rate of rendered animations")
     animation_frames: int = Field(
         48, ge=2, description="--expression: frames of the neutral -> pose -> neutral ramp")
+    refine: RefineConfig | None = Field(
+        None, description="test-time refinement instead of the model's own (its checkpoint's "
+        "model.refine), e.g. --set reconstruct.refine.steps=1000; keypoint-head models only; "
+        "None = the model's own")
 
 
 class EvaluateFlowConfig(StrictModel):

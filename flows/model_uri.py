@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from recon.config import FaceModelConfig
+from recon.config import FaceModelConfig, RefineConfig
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
@@ -170,11 +170,13 @@ def resolve_model(ref: str, directory: str | os.PathLike | None = None,
 def load_reconstructor(ref: str, *, face_model: str | None = None,
                        face_model_config: FaceModelConfig | None = None,
                        directory: str | os.PathLike | None = None,
-                       tracking_uri: str | None = None, device: str = "cpu"):
+                       tracking_uri: str | None = None, device: str = "cpu",
+                       refine: RefineConfig | None = None):
     """``--model`` (+ optional ``--face-model``) -> :class:`recon.reconstruct.FaceReconstructor`.
 
     face_model: a configured face-model path ('demo-head', a FLAME .pkl or .npz) that must be
-    the one the model was trained with; None = the recorded one."""
+    the one the model was trained with; None = the recorded one. refine: test-time
+    refinement instead of the model's own (:func:`recon.reconstruct.load_model`)."""
     from recon.reconstruct import load_model
 
     files = resolve_model(ref, directory, tracking_uri)
@@ -183,7 +185,7 @@ def load_reconstructor(ref: str, *, face_model: str | None = None,
         configured = FaceModelConfig(path=face_model)
     return load_model(files.checkpoint, face_model=configured,
                       recorded_face_model=files.face_model, config_json=files.config_json,
-                      device=device, source=files.source)
+                      device=device, source=files.source, refine=refine)
 
 
 __all__ = ["ModelFiles", "is_mlflow_uri", "latest_local_checkpoint", "load_reconstructor",

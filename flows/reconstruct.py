@@ -372,7 +372,8 @@ class _RayReconstructor:
         recon = load_model(model["checkpoint"], face_model=face,
                            recorded_face_model=model.get("face_model") or None,
                            config_json=model.get("config_json") or None,
-                           device=cfg.reconstruct.device, source=json.loads(model["source"]))
+                           device=cfg.reconstruct.device, source=json.loads(model["source"]),
+                           refine=cfg.reconstruct.refine)
         rc = cfg.reconstruct
         self.run = InputReconstructor(recon, FaceFinder(cfg.preprocess), out, rc.batch_size,
                                       rc.video_every, rc.video_max_frames)
@@ -429,7 +430,7 @@ def run_batch(inputs: Iterable[str], out: str, model: str, cfg, *, use_ray: bool
             recon = load_model(files.checkpoint, face_model=configured,
                                recorded_face_model=files.face_model,
                                config_json=files.config_json, device=rc.device,
-                               source=files.source)
+                               source=files.source, refine=rc.refine)
             run = InputReconstructor(recon, FaceFinder(pc), out, rc.batch_size,
                                      rc.video_every, rc.video_max_frames)
             for item in todo:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recon.config import FaceModelConfig, NetworkConfig
+from recon.config import FaceModelConfig, NetworkConfig, RefineConfig
 from recon.deca import DECA, Codes, Reconstruction
 from recon.devices import pick_device
 from recon.face_assets import FaceModelAssets
@@ -196,7 +196,8 @@ class FaceReconstructor:
 def load_model(checkpoint: str | os.PathLike, *, face_model: FaceModelConfig | None = None,
                recorded_face_model: str | os.PathLike | None = None,
                config_json: str | None = None, device: str | torch.device = "cpu",
-               source: dict[str, Any] | None = None) -> FaceReconstructor:
+               source: dict[str, Any] | None = None,
+               refine: RefineConfig | None = None) -> FaceReconstructor:
     """A trained model from a local checkpoint (``weights_only`` load).
 
     checkpoint: a ``coarse-*.pt`` / ``detail-*.pt`` file of the trainer; face_model: the
@@ -204,13 +205,17 @@ def load_model(checkpoint: str | os.PathLike, *, face_model: FaceModelConfig | N
     ``.npz`` shipped with a registered model; config_json: the resolved config recorded with
     the model (default: the checkpoint's); device: ``auto`` (the GPU when this process sees
     one), ``cpu``, ``cuda`` or ``cuda:N`` (:func:`recon.devices.pick_device`); source: registry
-    details for ``params.json``.
+    details for ``params.json``; refine: the test-time refinement to run instead of the
+    recorded ``model.refine`` (None = the recorded one; steps > 0 needs the keypoint head).
     """
     device = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     tree = json.loads(config_json or ckpt["config"])
     recorded = FaceModelConfig.model_validate(tree.get("face_model", {}))
-    network = NetworkConfig.model_validate({**tree.get("model", {}), "backbone_weights": None})
+    model_tree = {**tree.get("model", {}), "backbone_weights": None}
+    if refine is not None:
+        model_tree["refine"] = refine.model_dump()
+    network = NetworkConfig.model_validate(model_tree)
     recorded_assets = (FaceModelAssets.load_npz(recorded_face_model)
                        if recorded_face_model else None)
     assets = resolve_face_model(str(ckpt["face_model"]), recorded, recorded_assets, face_model)

@@ -73,6 +73,7 @@ def test_learning_benchmark_runs_the_keypoint_head_through_its_phases(tmp_path: 
     assert report["held_out_keypoint_px"] != report["held_out_landmark_px"]
     # the refined reconstruction is reported beside the encoder's, and the run is kept
     assert report["refine_steps"] == 30 and "+ refined" in res.stdout
+    assert report["refine_photometric"] == 2.0 and report["refine_seconds_per_image"] > 0
     assert report["error_refined_mm"] != report["error_trained_mm"]
     assert report["ratio_refined_to_mean"] > 0
     assert (tmp_path / "keep" / "synth").is_dir()

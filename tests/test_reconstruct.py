@@ -53,6 +53,31 @@ def test_face_model_must_match_the_trained_one(checkpoint, tmp_path):
     assert model.info.face_model == "demo-head" and model.image_size == 64
 
 
+def test_refinement_can_replace_the_models_own(checkpoint, synth, tmp_path):
+    """reconstruct.refine: test-time refinement for a model trained without it."""
+    from flows.reconstruct import run_batch
+    from recon.config import RefineConfig
+    from recon.reconstruct import load_model
+
+    keypoint_model = untrained_checkpoint(tmp_path / "detail-000000000.pt",
+                                          tiny_config(**{"model.head": "keypoints"}))
+    crops = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    own = load_model(keypoint_model)
+    assert own.model.network_config.refine.steps == 0
+    refined = load_model(keypoint_model, refine=RefineConfig(steps=8))
+    assert refined.model.network_config.refine.steps == 8
+    with torch.no_grad():
+        a, b = own.encode(crops), refined.encode(crops)
+    assert torch.equal(a.keypoints, b.keypoints) and not torch.allclose(a.shape, b.shape)
+    # DECA's head has no keypoints to fit: refused when the model loads, before any input
+    with pytest.raises(ValueError, match="needs head 'keypoints'"):
+        load_model(checkpoint, refine=RefineConfig(steps=8))
+    cfg = tiny_config(**{"reconstruct.refine.steps": 8})
+    with pytest.raises(ValueError, match="needs head 'keypoints'"):
+        run_batch([str(_inputs(synth, tmp_path))], str(tmp_path / "out"), str(checkpoint), cfg)
+    assert not (tmp_path / "out" / "id0000_img000").exists()
+
+
 def test_grid_mesh_is_consistently_oriented():
     from recon.reconstruct import grid_mesh
     from recon.render import face_normals, grid_normals

@@ -102,7 +102,8 @@ def animate(
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         try:
             recon = load_reconstructor(model, face_model=face_model, directory=tmp,
-                                       tracking_uri=tracking_uri, device=cfg.reconstruct.device)
+                                       tracking_uri=tracking_uri, device=cfg.reconstruct.device,
+                                       refine=cfg.reconstruct.refine)
         except (FaceModelMismatch, FileNotFoundError, ValueError) as err:
             _fail(str(err))
     n_exp = recon.model.flame.n_exp
