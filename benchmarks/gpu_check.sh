@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU machine (docs/benchmarks.md, "On a lent GPU"): the CUDA
-# tests, then the coarse stage's learning benchmark trained on the GPU for a time budget.
+# tests, the coarse stage's learning benchmark trained on the GPU for a time budget, then
+# reconstruction speed on CUDA (the test-time refinement included).
 # That machine has PyTorch but not pydantic; `make gpu-wheels` puts its wheels in .whl/.
 # From the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"],
 # timeout_s=590). Logs and figures go to $OUT (its folder there; /tmp/gpu-check elsewhere).
 #
 # Environment: PYTHON (python3), DEVICE (cuda), LEARN_SECONDS (training budget, 120),
 # LEARN_ARGS (the benchmark's other arguments, below), TEST_SECONDS (limit of the tests, 150).
-# The whole run takes about 2 x LEARN_SECONDS (training, then the probe) + 4 min (estimated:
+# The whole run takes about 2 x LEARN_SECONDS (training, then the probe) + 5 min (estimated:
 # never run on a GPU yet), inside the device tool's 10 minutes a command.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -46,5 +47,11 @@ LEARN_ARGS=${LEARN_ARGS:---identities 1040 --images-per-identity 2 --held-out 40
     --train-seconds "${LEARN_SECONDS:-120}" $LEARN_ARGS --json "$OUT/learning.json" \
     2>&1 | tee "$OUT/learning.log"
 learning=$?
-echo "gpu_check: tests rc $tests, learning rc $learning"
-exit $((tests || learning))
+
+# 3. Reconstruction speed on DEVICE: ms per face from a crop, and the refinement's cost per
+#    1000 steps (keypoints only / with the photometric phase), demo and paper models.
+timeout 180 "$PYTHON" benchmarks/inference.py --devices "$DEVICE" --cases crop refine \
+    --batch 1 32 --repeats 3 2>&1 | tee "$OUT/inference.log"
+inference=$?
+echo "gpu_check: tests rc $tests, learning rc $learning, inference rc $inference"
+exit $((tests || learning || inference))
