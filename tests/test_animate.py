@@ -137,3 +137,8 @@ def test_animate_command(tmp_path):
     res = runner.invoke(app, ["animate", str(src), "--model", str(ckpt), "--out",
                               str(tmp_path / "c"), "--expression", "grin=1"])
     assert res.exit_code == 1 and "unknown expression control" in res.output
+    # reconstruct.refine reaches the loader: DECA's head has no keypoints to refine on
+    res = runner.invoke(app, ["animate", str(src), "--model", str(ckpt), "--out",
+                              str(tmp_path / "d"), "--expression", "smile=1",
+                              "--set", "reconstruct.refine.steps=5"])
+    assert res.exit_code == 1 and "needs head 'keypoints'" in res.output
