@@ -1,6 +1,8 @@
 """Test-time refinement (model.refine): the fit of the codes to the keypoints and the photo."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -53,10 +55,16 @@ def _landmark_error(model: DECA, codes: Codes, landmarks: torch.Tensor) -> float
     return float((lmk - landmarks).norm(dim=-1).mean())
 
 
+@functools.cache
+def _face_region() -> np.ndarray:
+    """The demo head's face-region vertex indices: what the fit can see."""
+    return load_face_model(FaceModelConfig()).masks["face"]
+
+
 def _shape_error(model: DECA, codes: Codes, truth: Codes) -> float:
     """Mean distance of the neutral face-region vertices after a similarity alignment (head
     size and camera scale are one unknown for a weak-perspective camera)."""
-    face = load_face_model(FaceModelConfig()).masks["face"]  # what the fit can see
+    face = _face_region()
     pred = model.neutral(codes.shape).vertices[:, face].double().numpy()
     true = model.neutral(truth.shape).vertices[:, face].double().numpy()
     return float(np.mean([aligned_error(p, t) for p, t in zip(pred, true)]))
