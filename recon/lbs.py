@@ -116,23 +116,25 @@ def vertices2landmarks(
 
 def rot_mat_to_yaw(rot_mats: torch.Tensor) -> torch.Tensor:
     """Rotation about y (radians) of (N, 3, 3) matrices, as DECA/FLAME compute it for the
-    dynamic contour: ``atan2(-R[2,0], sqrt(R[0,0]^2 + R[1,0]^2))``."""
+    dynamic contour: ``atan2(-R[2,0], sqrt(R[0,0]^2 + R[1,0]^2))``. Positive yaw turns the
+    face (+z) toward +x."""
     sy = torch.sqrt(rot_mats[:, 0, 0] ** 2 + rot_mats[:, 1, 0] ** 2)
     return torch.atan2(-rot_mats[:, 2, 0], sy)
 
 
 def yaw_to_contour_bin(yaw: torch.Tensor) -> torch.Tensor:
-    """Yaw (radians, (N,)) -> dynamic-contour bin in [0, 78], with FLAME's table layout.
+    """Yaw (radians, (N,)) -> dynamic-contour bin in [0, 78], FLAME's rule and table layout.
 
-    With ``a = round(-yaw in degrees)`` clamped to at most 39: bins 0..39 hold a = 0..39 and
-    bins 40..78 hold a = -1..-39 (bin = 39 - a); a < -39 maps to 78.
+    With ``a = round(yaw in degrees)`` clamped to at most 39 (the sign as FLAME's and DECA's
+    code use it, not mirrored): bins 0..39 hold a = 0..39 and bins 40..78 hold a = -1..-39
+    (bin = 39 - a); a < -39 maps to 78.
     """
-    a = torch.round(torch.clamp(-yaw * (180.0 / torch.pi), max=39.0)).long()
+    a = torch.round(torch.clamp(yaw * (180.0 / torch.pi), max=39.0)).long()
     neg = a < 0
     neg_bin = torch.where(a < -39, torch.full_like(a, 78), 39 - a)
     return torch.where(neg, neg_bin, a)
 
 
 def contour_bin_angle_deg(bin_index: int) -> float:
-    """Inverse of :func:`yaw_to_contour_bin`: the ``a = -yaw`` (degrees) a bin stands for."""
+    """Inverse of :func:`yaw_to_contour_bin`: the yaw (degrees) a bin's contour is for."""
     return float(bin_index) if bin_index <= 39 else float(39 - bin_index)

@@ -175,3 +175,33 @@ def test_albedo_model(assets):
     assert (out[1] - out[0]).abs().max() > 0.05
     with pytest.raises(ValueError):
         AlbedoModel(assets, n_tex=assets.n_tex_total + 1)
+
+
+def test_contour_bin_chosen_as_flame_does_from_root_and_neck():
+    """A hand-made contour table whose 79 bins are told apart (bin b -> corner 0 of triangle
+    b): the bin FLAME/DECA pick is computed here from their rule as read in DECA's
+    ``FLAME._find_dynamic_lmk_idx_and_bcoords``: the relative rotation root @ neck, its yaw
+    ``atan2(-R[2,0], hypot(R[0,0], R[1,0]))`` in degrees, ``a = round(min(yaw, 39))``, bin a
+    for a >= 0, 39 - a down to -39, 78 below."""
+    from tiny_face_model import tiny_face_assets
+
+    assets = tiny_face_assets()
+    assets.dynamic_lmk_faces_idx = np.repeat(np.arange(79)[:, None], 17, axis=1)
+    assets.dynamic_lmk_bary_coords = np.tile(np.array([1.0, 0.0, 0.0]), (79, 17, 1))
+    flame = FLAME(assets, n_shape=8, n_exp=3).double()
+    rng = np.random.default_rng(3)
+    yaws = np.concatenate([np.arange(-60.0, 61.0, 6.0), [-39.7, -0.3, 0.7, 38.8]])
+    B = len(yaws)
+    shape, exp, pose = (torch.zeros(B, n, dtype=torch.float64) for n in (8, 3, 6))
+    root = Rotation.from_euler("xy", np.stack([rng.uniform(-15, 15, B), yaws / 2], 1), degrees=True)
+    neck = Rotation.from_euler("xy", np.stack([rng.uniform(-15, 15, B), yaws / 2], 1), degrees=True)
+    pose[:, :3] = torch.tensor(root.as_rotvec())
+    out = flame(shape, exp, pose, neck_pose=torch.tensor(neck.as_rotvec()))
+    R = (root * neck).as_matrix()
+    yaw = np.rad2deg(np.arctan2(-R[:, 2, 0], np.hypot(R[:, 0, 0], R[:, 1, 0])))
+    a = np.round(np.minimum(yaw, 39.0)).astype(int)
+    expected = np.where(a >= 0, a, np.where(a < -39, 78, 39 - a))
+    corner = torch.as_tensor(assets.faces[expected, 0])
+    want = out.vertices[torch.arange(B), corner]  # (B, 3)
+    torch.testing.assert_close(out.landmarks2d[:, :17], want[:, None].expand(-1, 17, -1))
+    assert len(set(expected.tolist())) > 15  # the table's bins are really told apart

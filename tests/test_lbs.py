@@ -88,11 +88,30 @@ def test_vertices2landmarks_barycentric():
     np.testing.assert_allclose(out[0].numpy(), [[0.3, 0.5, 0.0], [1, 0, 0]], atol=1e-7)
 
 
-@pytest.mark.parametrize("deg,expected", [(0, 0), (-10, 10), (-39, 39), (-60, 39), (1, 40), (20, 59), (39, 78), (70, 78)])
-def test_contour_bins_follow_flame_layout(deg, expected):
+def flame_contour_bin(yaw_deg: float) -> int:
+    """FLAME's contour bin as DECA's ``_find_dynamic_lmk_idx_and_bcoords`` computes it (read
+    from decalib/models/FLAME.py): ``a = round(min(yaw, 39))`` in degrees with yaw from
+    ``rot_mat_to_euler`` (no sign change); a >= 0 -> a; -39 <= a < 0 -> 39 - a; else 78."""
+    a = int(np.round(min(yaw_deg, 39.0)))
+    if a >= 0:
+        return a
+    return 78 if a < -39 else 39 - a
+
+
+@pytest.mark.parametrize("deg,expected", [(0, 0), (10, 10), (39, 39), (60, 39), (-1, 40),
+                                          (-20, 59), (-39, 78), (-70, 78)])
+def test_contour_bins_follow_flame_rule(deg, expected):
     R = torch.tensor(Rotation.from_euler("y", deg, degrees=True).as_matrix())[None]
     yaw = rot_mat_to_yaw(R)
     assert abs(np.rad2deg(yaw.item()) - np.clip(deg, -90, 90)) < 1e-6
+    assert flame_contour_bin(deg) == expected
     assert yaw_to_contour_bin(yaw).item() == expected
     if abs(deg) <= 39:
-        assert contour_bin_angle_deg(expected) == -deg
+        assert contour_bin_angle_deg(expected) == deg
+
+
+def test_contour_bins_over_the_yaw_range():
+    degs = np.concatenate([np.arange(-60, 60.1, 3.0), [-39.6, -39.4, -0.6, -0.4, 0.4, 38.6, 39.4]])
+    R = torch.tensor(Rotation.from_euler("y", degs[:, None], degrees=True).as_matrix())
+    got = yaw_to_contour_bin(rot_mat_to_yaw(R)).tolist()
+    assert got == [flame_contour_bin(d) for d in degs]

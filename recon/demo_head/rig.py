@@ -247,8 +247,7 @@ def landmark_embedding(surf: Surface) -> dict[str, np.ndarray]:
     pos = np.einsum("nk,nkd->nd", cb, surf.verts[surf.faces[cf]])
     owner = np.array(owner)
     for b in range(79):
-        a = contour_bin_angle_deg(b)
-        yaw = np.deg2rad(-a)
+        yaw = np.deg2rad(contour_bin_angle_deg(b))
         xr = pos[:, 0] * np.cos(yaw) + pos[:, 2] * np.sin(yaw)
         for k in range(17):
             sel = np.where(owner == k)[0]
