@@ -6,14 +6,15 @@ objects only become visible when a ``put_object`` or a multipart upload complete
 reader never sees half an object in either case. The S3 endpoint comes from
 :class:`infra.config.StorageConfig` (``configure``) or ``$AWS_ENDPOINT_URL``.
 
-``python -m infra.storage cat URI`` streams an object to stdout (WebDataset ``pipe:`` URLs).
+Objects are read in this process (boto3), never through a shell or a subprocess: a key is
+only ever a name. :func:`output_lock` keeps two runs from writing one local output folder.
 """
 from __future__ import annotations
 
 import functools
 import os
 import shutil
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -143,7 +144,7 @@ def exists(uri: str | os.PathLike) -> bool:
 
 def list_files(root: str | os.PathLike) -> list[str]:
     """Every file under ``root`` (recursive), as full paths/URIs, sorted. Temporary files
-    of unfinished atomic writes (``.name.*.tmp``) are left out."""
+    of unfinished atomic writes (``.name.*.tmp``) and output locks are left out."""
     if is_s3(root):
         bucket, prefix = split_s3(str(root))
         if prefix and not prefix.endswith("/"):
@@ -159,7 +160,8 @@ def list_files(root: str | os.PathLike) -> list[str]:
         return []
     return sorted(
         str(p) for p in base.rglob("*")
-        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        if p.is_file() and p.name != LOCK_FILE
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
     )
 
 
@@ -171,41 +173,57 @@ def delete(uri: str | os.PathLike) -> None:
     Path(uri).unlink(missing_ok=True)
 
 
-def stream(uri: str) -> Iterator[bytes]:
-    """The object's bytes in chunks (for piping large shards)."""
+def open_read(uri: str | os.PathLike) -> IO[bytes]:
+    """The object or file opened for streaming reads (``read(n)``, ``close()``): a local file,
+    or the body of an S3 GET read as it arrives."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
-        yield from body.iter_chunks(chunk_size=1 << 20)
-        return
-    with open(uri, "rb") as f:
+        bucket, key = split_s3(str(uri))
+        return _client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open(uri, "rb")
+
+
+def stream(uri: str) -> Iterator[bytes]:
+    """The object's bytes in chunks (for copying large objects)."""
+    with open_read(uri) as f:
         while chunk := f.read(1 << 20):
             yield chunk
 
 
-def webdataset_url(uri: str) -> str:
-    """A URL WebDataset can open: local paths as they are, S3 through a ``pipe:`` that
-    streams with this module (same endpoint settings via the environment)."""
-    if not is_s3(uri):
-        return str(uri)
-    endpoint = _config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    opt = f" --endpoint {endpoint}" if endpoint else ""
-    return f"pipe:{sys.executable} -m infra.storage cat{opt} {uri}"
+LOCK_FILE = ".wildface.lock"
 
 
-def _main(argv: list[str]) -> int:
-    if len(argv) == 4 and argv[1] == "--endpoint":
-        configure(StorageConfig(endpoint_url=argv[2]))
-        argv = [argv[0], argv[3]]
-    if len(argv) != 2 or argv[0] != "cat":
-        print("usage: python -m infra.storage cat [--endpoint URL] URI", file=sys.stderr)
-        return 2
-    out = sys.stdout.buffer
-    for chunk in stream(argv[1]):
-        out.write(chunk)
-    out.flush()
-    return 0
+class OutputLocked(RuntimeError):
+    """Another run holds the output folder's lock."""
 
 
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
+@contextmanager
+def output_lock(uri: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of the output folder ``uri`` for the block: a second run asking for it
+    (another process, or this one) fails at once with OutputLocked, naming the folder and the
+    holder's pid. ``fcntl.flock`` on ``uri/.wildface.lock``: the kernel frees it when the
+    holder's file closes, also when the holder crashes or is killed. The file stays (removing
+    it would let a waiting run lock the old file while a third creates a new one).
+
+    s3:// prefixes are not locked (S3 has no lock to take): two runs on one prefix still
+    write every object whole, but may redo or overwrite each other's work."""
+    if is_s3(uri):
+        yield
+        return
+    import fcntl
+
+    folder = Path(uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise OutputLocked(
+                f"output folder {folder} is in use by another run (pid {holder}); wait for it "
+                "to finish or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -47,15 +47,15 @@ def decode_sample(raw: dict) -> dict:
 
 
 def shard_urls(output: str, split: str) -> list[str]:
-    """WebDataset URLs of the ``split`` shards under a preprocessing output."""
+    """The ``split`` shards under a preprocessing output: local paths or s3:// URIs, as
+    :func:`webdataset` and :func:`iter_samples` take them."""
     names = storage.list_files(storage.join(output, "shards"))
     prefix = f"{split}-"
-    return [storage.webdataset_url(u) for u in names
-            if u.rsplit("/", 1)[-1].startswith(prefix) and u.endswith(".tar")]
+    return [u for u in names if u.rsplit("/", 1)[-1].startswith(prefix) and u.endswith(".tar")]
 
 
 def read_split(output: str, split: str) -> tuple[list[str], dict[str, list[str]] | None]:
-    """A preprocessing output's ``split`` -> (its shard URLs, sorted; its identity lists from
+    """A preprocessing output's ``split`` -> (its shard URIs, sorted; its identity lists from
     ``identities.json``, None without that file). FileNotFoundError when it has no shards.
     Training holds a split as ``SampleStore.from_samples(iter_samples(urls), identities)``."""
     urls = sorted(shard_urls(output, split))
@@ -67,28 +67,52 @@ def read_split(output: str, split: str) -> tuple[list[str], dict[str, list[str]]
     return urls, identities
 
 
+def _open_shards(sources: Iterable[dict]) -> Iterator[dict]:
+    """WebDataset stage: ``{url}`` -> ``{url, stream}``, the shard read by
+    ``infra.storage`` in this process (boto3 for s3://). WebDataset's own opener would hand
+    s3:// to a shell (``pipe:``) and cut local paths at ``;``, ``?`` or ``#`` (it parses them
+    as URLs); here a shard's name is only ever a name. The stream is closed when the next
+    shard is asked for."""
+    for source in sources:
+        with storage.open_read(source["url"]) as stream:
+            yield {**source, "stream": stream}
+
+
+def _pipeline(shard_stages: list, sample_stages: list):
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return wds.DataPipeline(*shard_stages, _open_shards, tar_file_expander, group_by_keys,
+                            *sample_stages, wds.map(decode_sample))
+
+
+def _uri_list(urls: str | list[str]) -> list[str]:
+    # A single URI is one shard: no brace expansion of names (``{a,b}``).
+    return [urls] if isinstance(urls, str) else list(urls)
+
+
 def webdataset(urls: str | list[str], shuffle: int = 0, resampled: bool = False,
                seed: int = 0):
-    """A ``webdataset.WebDataset`` yielding decoded samples (usable in a torch DataLoader;
-    shards are split across DataLoader workers). ``urls``: local paths or ``pipe:`` URLs
-    (``shard_urls`` makes them for s3://)."""
+    """A ``webdataset.DataPipeline`` yielding decoded samples (usable in a torch DataLoader;
+    shards are split across DataLoader workers, one node only). ``urls``: shard paths or
+    s3:// URIs (:func:`shard_urls`); ``shuffle``: sample buffer (and a 100-shard shuffle);
+    ``resampled``: shards drawn with replacement, endlessly."""
     import webdataset as wds
 
-    ds = wds.WebDataset(urls, shardshuffle=(100 if shuffle else False), resampled=resampled,
-                        seed=seed, empty_check=False)
-    if shuffle:
-        ds = ds.shuffle(shuffle, seed=seed)
-    return ds.map(decode_sample)
+    uris = _uri_list(urls)
+    shards = [wds.ResampledShards(uris, seed=seed) if resampled else wds.SimpleShardList(uris),
+              wds.single_node_only, wds.split_by_worker]
+    if shuffle and not resampled:
+        shards.append(wds.shuffle(100, seed=seed))
+    return _pipeline(shards, [wds.shuffle(shuffle, seed=seed)] if shuffle else [])
 
 
 def iter_samples(urls: str | list[str]) -> Iterator[dict]:
-    """Decoded samples of ``urls`` in shard order: all of them, also inside a
-    torch.distributed process (a Ray Train worker picks its own shards)."""
+    """Decoded samples of ``urls`` (shard paths or s3:// URIs) in shard order: all of them,
+    also inside a torch.distributed process (a Ray Train worker picks its own shards)."""
     import webdataset as wds
 
-    ds = wds.WebDataset([urls] if isinstance(urls, str) else list(urls), shardshuffle=False,
-                        nodesplitter=None, workersplitter=None, empty_check=False)
-    yield from ds.map(decode_sample)
+    yield from _pipeline([wds.SimpleShardList(_uri_list(urls))], [])
 
 
 def to_torch(sample: dict) -> dict:
