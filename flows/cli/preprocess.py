@@ -26,6 +26,7 @@ def preprocess(
 def detect(
     images: list[Path] = typer.Argument(..., help="photos to look at"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML file or configs/ name"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. preprocess.detector=dlib-cnn"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Every face in each photo: box, score and 68 landmarks in the photo's pixels (0-based,
@@ -35,7 +36,7 @@ def detect(
     from preprocessing.detect import make_detector
     from preprocessing.landmarks import make_landmarker
 
-    cfg = load_config(config).preprocess
+    cfg = load_config(config, list(set_)).preprocess
     detector, landmarker = make_detector(cfg), make_landmarker(cfg)
     results = []
     for path in images:
