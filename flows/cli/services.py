@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Optional
 
 import typer
@@ -34,8 +35,11 @@ def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
     typer.echo(json.dumps(services.up(cfg), indent=1))
     if deploy:
         services.deploy(cfg)
+    # The auth string stays out of this output (often kept in logs); `env` prints it.
     for key, value in services.client_env(cfg).items():
-        typer.echo(f"export {key}={value}")
+        if key != "PREFECT_API_AUTH_STRING":
+            typer.echo(f"export {key}={shlex.quote(value)}")
+    typer.echo('# and the Prefect auth string: eval "$(wildface services env)"')
 
 
 @app.command()
@@ -56,11 +60,12 @@ def status(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
 
 @app.command()
 def env(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
-    """Shell exports that point clients at the services: eval "$(wildface services env)"."""
+    """Shell exports that point clients at the services, the Prefect API's auth string
+    included: eval "$(wildface services env)"."""
     from infra import services
 
     for key, value in services.client_env(_cfg(config, set_)).items():
-        typer.echo(f"export {key}={value}")
+        typer.echo(f"export {key}={shlex.quote(value)}")
 
 
 @app.command("deploy")

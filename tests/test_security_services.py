@@ -1,0 +1,108 @@
+"""Local services against other local users and web pages (fast checks; the attacks on
+running services are in test_services.py): the Prefect auth string is private and reaches
+only the Prefect processes, the work pool's job template refuses (server side) and ignores
+(worker side) a caller's command, environment and working directory, and the MLflow server
+answers only its own host:port."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import stat
+
+import pytest
+
+from infra import services
+from infra.config import ServicesConfig
+
+ATTACKS = ({"command": "touch PWNED"}, {"env": {"LD_PRELOAD": "/tmp/evil.so"}},
+           {"working_dir": "/tmp/evil"})
+
+
+def test_auth_string_private_and_only_in_prefect_processes(tmp_path, monkeypatch):
+    cfg = ServicesConfig(state_dir=str(tmp_path / "svc"), prefect_port=4999)
+    assert services.auth_string(cfg) is None
+    assert "PREFECT_API_AUTH_STRING" not in services.client_env(cfg)
+    services._new_auth_string(cfg)
+    path = services.auth_file(cfg)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    first = services.auth_string(cfg)
+    user, password = first.split(":", 1)
+    assert user == "wildface" and len(password) >= 40
+    services._new_auth_string(cfg)
+    assert services.auth_string(cfg) != first
+
+    # A caller's own strings never reach MLflow or moto; the Prefect ones get ours.
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "caller:secret")
+    assert services.client_env(cfg)["PREFECT_API_AUTH_STRING"] == services.auth_string(cfg)
+    for name in services.PREFECT_SERVICES:
+        env = services.child_env(cfg, name)
+        assert env["PREFECT_API_AUTH_STRING"] == env["PREFECT_SERVER_API_AUTH_STRING"] == \
+            services.auth_string(cfg)
+        assert env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4999"
+        assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    for name in ("mlflow", "s3"):
+        env = services.child_env(cfg, name)
+        assert "PREFECT_API_AUTH_STRING" not in env
+        assert "PREFECT_SERVER_API_AUTH_STRING" not in env
+        assert "caller:secret" not in env.values()
+
+
+def _server_validates(template: dict, job_variables: dict) -> None:
+    """The Prefect server's own check of a flow run's job variables against a pool's
+    template (what POST /deployments/{id}/create_flow_run calls; no block references here,
+    so no database session is needed)."""
+    from prefect.server.api.validation import _validate_work_pool_job_variables
+
+    asyncio.run(_validate_work_pool_job_variables(
+        None, "wildface", template, {}, job_variables, ignore_required=False,
+        ignore_invalid_defaults=True))
+
+
+class _NoServer:
+    """A stand-in Prefect client: the templates hold no block or variable references, so a
+    worker building a job from them asks the server nothing (any call would fail here)."""
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+
+def _worker_job(template: dict, job_variables: dict):
+    """The job configuration a process worker builds from a template and a flow run's job
+    variables."""
+    from prefect.workers.process import ProcessJobConfiguration
+
+    return asyncio.run(ProcessJobConfiguration.from_template_and_values(
+        copy.deepcopy(template), job_variables, client=_NoServer()))
+
+
+@pytest.mark.parametrize("job_variables", ATTACKS)
+def test_job_template_refuses_and_ignores_callers_command(job_variables):
+    from prefect.utilities.schema_tools import ValidationError
+    from prefect.workers.process import ProcessWorker
+
+    # Prefect's default template takes the attack as given...
+    default = ProcessWorker.get_default_base_job_template()
+    _server_validates(default, job_variables)
+    config = _worker_job(default, job_variables)
+    key = next(iter(job_variables))
+    assert getattr(config, key) not in (None, {})
+    # ...ours refuses it at the server (HTTP 422 there)...
+    with pytest.raises(ValidationError, match="Additional properties"):
+        _server_validates(services.JOB_TEMPLATE, job_variables)
+    _server_validates(services.JOB_TEMPLATE, {"stream_output": False})
+    # ...and a worker given it anyway (e.g. a flow run stored before the pool was
+    # restricted) leaves the command, environment and folder its own.
+    config = _worker_job(services.JOB_TEMPLATE, job_variables)
+    assert config.command is None and config.env == {} and config.working_dir is None
+
+
+def test_mlflow_answers_only_its_own_host():
+    cfg = ServicesConfig(mlflow_port=5123)
+    cmd = services._commands(cfg)["mlflow"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--allowed-hosts") + 1] == "127.0.0.1:5123,localhost:5123"
+    assert "--cors-allowed-origins" not in cmd  # MLflow's default: localhost origins only
