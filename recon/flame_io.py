@@ -1,10 +1,8 @@
-"""Load real FLAME files safely (no chumpy, no arbitrary code) and pick the face model.
+"""Load real FLAME files safely (no chumpy, no arbitrary code, bounded memory) and pick the
+face model.
 
-A pickle is a program: :class:`RestrictedUnpickler` builds only what FLAME's files contain —
-numpy arrays and dtypes, scipy.sparse matrices, a stand-in for chumpy's ``Ch`` (whose state
-holds the array in ``x``), and torch tensors (whose storages are read by
-``torch.load(weights_only=True)``) — and refuses every other global with
-:class:`UnsafePickleError` naming it, before anything is called.
+Pickles go through :mod:`recon.safe_pickle` (allow-list and memory budget; its names are
+importable from here too).
 
 Files: FLAME 2020 ``generic_model.pkl`` and FLAME 2023 pickles (latin1, keys ``v_template f
 shapedirs posedirs J_regressor weights kintree_table``), DECA's ``landmark_embedding.npy`` (an
@@ -13,10 +11,7 @@ region -> vertex ids), ``FLAME_texture.npz`` (``mean``, ``tex_dir``, ``vt``, ``f
 """
 from __future__ import annotations
 
-import _compat_pickle
-import io
 import os
-import pickle
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,219 +20,8 @@ import numpy as np
 
 from recon.config import DEMO_HEAD, FaceModelConfig
 from recon.face_assets import FaceModelAssets, FaceModelFormatError
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle references a global outside the allow-list (named in the message)."""
-
-
-# ----------------------------------------------------------------------------- stand-ins
-class _StateHolder:
-    """Base of the stand-ins: records the pickled state instead of running any code."""
-
-    pickled_module = ""
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-        self.state: Any = None
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __reduce__(self):  # never re-pickle a stand-in as if it were the real class
-        raise TypeError(f"stand-in for {self.pickled_module} cannot be pickled")
-
-
-class ChumpyArray(_StateHolder):
-    """Stand-in for ``chumpy.ch.Ch`` and the chumpy classes FLAME pickles use."""
-
-    def to_numpy(self) -> np.ndarray:
-        state = self.state if isinstance(self.state, dict) else {}
-        if "x" in state:
-            return np.asarray(state["x"])
-        if "a" in state:  # chumpy.reordering nodes (e.g. Select/Reshape) wrap an operand
-            return to_numpy(state["a"])
-        raise FaceModelFormatError(f"unsupported chumpy object {self.pickled_module} (state keys {sorted(state)})")
-
-
-class SparseMatrix(_StateHolder):
-    """Stand-in for scipy.sparse csc/csr/coo matrices; converted with scipy afterwards."""
-
-    def to_scipy(self):
-        import scipy.sparse as sp
-
-        st = self.state if isinstance(self.state, dict) else {}
-        shape = tuple(int(s) for s in st.get("_shape", st.get("shape", ())))
-        fmt = self.pickled_module.rsplit(".", 1)[-1][:3]
-        if fmt in ("csc", "csr"):
-            cls = sp.csc_matrix if fmt == "csc" else sp.csr_matrix
-            return cls((np.asarray(st["data"]), np.asarray(st["indices"]), np.asarray(st["indptr"])), shape=shape)
-        if fmt == "coo":
-            row = st.get("row", st.get("coords", (None, None))[0])
-            col = st.get("col", st.get("coords", (None, None))[1])
-            return sp.coo_matrix((np.asarray(st["data"]), (np.asarray(row), np.asarray(col))), shape=shape)
-        raise FaceModelFormatError(f"unsupported sparse matrix {self.pickled_module}")
-
-
-def _stand_in(base: type, qualname: str) -> type:
-    return type(qualname.rsplit(".", 1)[-1], (base,), {"pickled_module": qualname})
-
-
-def _reconstructor(cls: type, base: type, state: Any):
-    """Safe ``copyreg._reconstructor``: only for allow-listed classes on ``object``."""
-    if base is not object or not (isinstance(cls, type) and issubclass(cls, _StateHolder)):
-        raise UnsafePickleError(f"copyreg._reconstructor of {cls!r} is not allowed")
-    return cls()
-
-
-def _load_torch_storage(data: bytes):
-    import torch
-
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
-    """``torch._utils._rebuild_tensor_v2`` without its hooks/metadata arguments."""
-    import torch
-
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise UnsafePickleError("tensor rebuild without a torch storage")
-    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    import torch
-
-    if func is not _rebuild_tensor or new_type not in (torch.Tensor, torch.nn.Parameter):
-        raise UnsafePickleError("unexpected torch tensor rebuild")
-    return func(*args)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, *rest):
-    return data
-
-
-def _torch_global(name: str):
-    import torch
-
-    return {"Tensor": torch.Tensor, "Parameter": torch.nn.Parameter}[name]
-
-
-_CHUMPY_CLASSES = {
-    "chumpy.ch Ch", "chumpy.ch_ops add", "chumpy.ch_ops subtract", "chumpy.ch_ops multiply",
-    "chumpy.reordering Select", "chumpy.reordering transpose", "chumpy.reordering Reshape",
-}
-_SPARSE_CLASSES = {
-    f"{mod} {fmt}_matrix"
-    for fmt in ("csc", "csr", "coo")
-    for mod in ("scipy.sparse", f"scipy.sparse.{fmt}", f"scipy.sparse._{fmt}")
-} | {f"scipy.sparse._{fmt} {fmt}_array" for fmt in ("csc", "csr", "coo")}
-
-
-def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
-    """``_codecs.encode`` as Python 3 pickles bytes for protocol 2, limited to the two codecs
-    it uses (no codec lookup by an attacker-chosen name)."""
-    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "utf8"):
-        raise UnsafePickleError(f"codec {encoding!r} is not allowed")
-    return text.encode(encoding)
-
-
-def _allowed() -> dict[str, Any]:
-    import collections
-
-    table: dict[str, Any] = {
-        "copyreg _reconstructor": _reconstructor,
-        "builtins object": object,
-        "builtins set": set,
-        "builtins frozenset": frozenset,
-        "builtins slice": slice,
-        "collections OrderedDict": collections.OrderedDict,
-        "_codecs encode": _codecs_encode,
-        "torch._utils _rebuild_tensor_v2": _rebuild_tensor,
-        "torch._utils _rebuild_tensor": _rebuild_tensor,
-        "torch._utils _rebuild_parameter": _rebuild_parameter,
-        "torch._tensor _rebuild_from_type_v2": _rebuild_from_type_v2,
-        "torch.storage _load_from_bytes": _load_torch_storage,
-    }
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        table[f"{mod} _reconstruct"] = _numpy_reconstruct
-        table[f"{mod} scalar"] = _numpy_scalar
-    table["numpy ndarray"] = np.ndarray
-    table["numpy dtype"] = np.dtype
-    for q in _CHUMPY_CLASSES:
-        table[q] = _stand_in(ChumpyArray, q.replace(" ", "."))
-    for q in _SPARSE_CLASSES:
-        table[q] = _stand_in(SparseMatrix, q.replace(" ", "."))
-    return table
-
-
-def _numpy_reconstruct(subtype, shape, dtype):
-    if subtype is not np.ndarray:
-        raise UnsafePickleError(f"numpy _reconstruct of {subtype!r} is not allowed")
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
-
-
-def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise UnsafePickleError("numpy scalar of an object dtype is not allowed")
-    if isinstance(data, str):
-        data = data.encode("latin1")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-_ALLOWED: dict[str, Any] | None = None
-_ALLOWED_LOCK = threading.Lock()
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose ``find_class`` only returns allow-listed, side-effect-free callables."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        global _ALLOWED
-        with _ALLOWED_LOCK:
-            if _ALLOWED is None:
-                _ALLOWED = _allowed()
-        # Python 2 names (copy_reg, __builtin__), as the stock find_class maps them.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        key = f"{module} {name}"
-        if key in _ALLOWED:
-            return _ALLOWED[key]
-        if key in ("torch Tensor", "torch.nn.parameter Parameter"):
-            return _torch_global(name)
-        raise UnsafePickleError(f"refusing to unpickle {module}.{name}: not a class FLAME files contain")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"refusing persistent id {pid!r}")
-
-
-def safe_loads(data: bytes, encoding: str = "latin1") -> Any:
-    """Unpickle ``data`` with the allow-list; returns plain python / numpy objects."""
-    try:
-        obj = RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
-    except UnsafePickleError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
-        raise FaceModelFormatError(f"corrupt or unexpected pickle ({type(e).__name__}: {e})") from e
-    return to_numpy(obj)
-
-
-def to_numpy(obj: Any) -> Any:
-    """Replace stand-ins and torch tensors by numpy arrays / scipy matrices, recursively."""
-    if isinstance(obj, ChumpyArray):
-        return obj.to_numpy()
-    if isinstance(obj, SparseMatrix):
-        return obj.to_scipy()
-    if isinstance(obj, dict):
-        return {(k.decode("latin1") if isinstance(k, bytes) else k): to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_numpy(v) for v in obj)
-    if isinstance(obj, np.ndarray) and obj.dtype == object:
-        return np.array([to_numpy(v) for v in obj.ravel()], dtype=object).reshape(obj.shape) if obj.ndim else to_numpy(obj.item())
-    if type(obj).__module__.startswith("torch"):
-        return obj.detach().cpu().numpy()
-    return obj
+from recon.safe_pickle import (  # noqa: F401 - re-exported for callers of recon.flame_io
+    PickleLimitError, UnsafePickleError, safe_loads)
 
 
 # ----------------------------------------------------------------------------- FLAME files
@@ -261,6 +45,10 @@ def _read_npy_object(path: str | os.PathLike) -> Any:
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
         if not dtype.hasobject:
+            # numpy allocates the header's shape before reading: the data must be there.
+            declared, held = int(np.prod(shape, dtype=object)) * dtype.itemsize, os.fstat(fh.fileno()).st_size - fh.tell()
+            if declared > held:
+                raise FaceModelFormatError(f"{path}: header declares {declared:,} bytes of data, the file holds {held:,}")
             fh.seek(0)
             return np.load(fh, allow_pickle=False)
         return safe_loads(fh.read())
@@ -397,19 +185,31 @@ def load_flame(
 
 
 def _resize_texture_space(tex: dict, mean_key: str, dir_key: str, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """A FLAME texture space -> ``(mean (size, size, 3), basis (size, size, 3, K))``, RGB.
+
+    As DECA's ``FLAMETex``: the arrays are read in C order as a square (H, W, 3) image per
+    component, whatever their stored shape (``MU`` may be flat); ``FLAME_texture.npz``
+    (``mean``/``tex_dir``) holds 0..255 and is divided by 255, ``FLAME_albedo_from_BFM.npz``
+    (``MU``/``PC``) is already 0..1; the channels are stored BGR (written with OpenCV) and
+    flipped to RGB; resampling to ``size`` is nearest-neighbour, so a model trained by DECA on
+    these albedos sees the same texels here.
+    """
     import torch
     import torch.nn.functional as F
 
     mean = np.asarray(tex[mean_key], np.float32)
     basis = np.asarray(tex[dir_key], np.float32)
-    if mean.ndim == 2 or mean.shape[-1] != 3:
-        raise FaceModelFormatError(f"texture space '{mean_key}' must be an (H,W,3) image, got {mean.shape}")
-    scale = 255.0 if mean.max() > 1.5 else 1.0
-    H, W, _ = mean.shape
+    side = int(round(np.sqrt(mean.size / 3)))
+    if side * side * 3 != mean.size or basis.ndim < 2 or basis.size % mean.size:
+        raise FaceModelFormatError(
+            f"texture space '{mean_key}' {mean.shape} / '{dir_key}' {basis.shape}: expected a "
+            "square RGB image and one such image per component")
     K = basis.shape[-1]
-    stack = np.concatenate([mean[..., None], basis.reshape(H, W, 3, K)], axis=3) / scale
+    scale = 255.0 if mean_key == "mean" else 1.0
+    stack = np.concatenate([mean.reshape(side, side, 3, 1), basis.reshape(side, side, 3, K)],
+                           axis=3) / scale
     t = torch.from_numpy(stack).permute(3, 2, 0, 1)  # (K+1, 3, H, W)
-    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    t = F.interpolate(t, size=(size, size), mode="nearest")[:, [2, 1, 0]]
     arr = t.permute(2, 3, 1, 0).numpy()
     return np.clip(arr[..., 0], 0, 1), np.ascontiguousarray(arr[..., 1:])
 

@@ -2,8 +2,11 @@
 the landmark-embedding .npy with torch tensors; malicious pickles are refused unexecuted."""
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
+import subprocess
 import sys
 import types
 
@@ -16,14 +19,13 @@ from recon.config import FaceModelConfig
 from recon.face_assets import FaceModelAssets
 from recon.flame import FLAME
 from recon.flame_io import (
-    UnsafePickleError,
     convert,
     load_face_model,
     load_flame,
     load_flame_pickle,
     load_landmark_embedding,
-    safe_loads,
 )
+from recon.safe_pickle import UnsafePickleError, safe_loads
 
 torch.set_num_threads(2)
 
@@ -189,3 +191,132 @@ def test_missing_landmarks_is_a_clear_error(tmp_path, demo, fake_chumpy):
     write_flame_pickle(pkl, demo, fake_chumpy)
     with pytest.raises(Exception, match="landmark embedding"):
         load_flame(pkl)
+
+
+# ------------------------------------------------------------------------- memory bombs
+def _memo_dag(depth: int) -> bytes:
+    """l0 = []; l_i = [l_(i-1), l_(i-1)] through the memo: 8 bytes a level, 2^depth lists
+    once a loader copies each reference (the 220-byte bomb)."""
+    p = b"\x80\x02]q\x00"  # PROTO 2, EMPTY_LIST, BINPUT 0
+    for i in range(1, depth):
+        p += b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i])  # MARK GET GET LIST PUT
+    return p + b"."
+
+
+def _torch_legacy_storage(numel: int) -> bytes:
+    """A storage in torch's legacy format (what ``torch.save(..., _use_new_zipfile_
+    serialization=False)`` writes and ``torch.storage._load_from_bytes`` reads): magic,
+    protocol, system info, then a pickle whose persistent id declares ``numel`` -- which
+    torch allocates before reading -- while holding the bytes of one float."""
+
+    class Declaring(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj == "s" else None
+
+    buf = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True,
+                                                   "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, buf, protocol=2)
+    Declaring(buf, protocol=2).dump("s")
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write((1).to_bytes(8, "little") + b"\0" * 4)
+    return buf.getvalue()
+
+
+class _StorageBomb:
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (_torch_legacy_storage(10**10),))
+
+
+def _bombs() -> dict[str, bytes]:
+    reconstruct = b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I3000000000\ntS'b'\ntR."
+    obj_array = (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I400000000\nt"
+                 b"cnumpy\ndtype\n(S'O8'\nI0\nI1\ntRtR.")
+    self_ref: list = []
+    self_ref.append(self_ref)
+    return {
+        "memo_dag": _memo_dag(27),
+        "numpy_shape": reconstruct,
+        "object_array": obj_array,
+        "ndarray_called": b"cnumpy\nndarray\n(I3000000000\ntR.",
+        "tensor_called": b"ctorch\nTensor\n(I3000000000\ntR.",
+        # A zero-stride view: 4 bytes of storage, 40 GB once a consumer densifies it.
+        "tensor_view": pickle.dumps({"v_template": torch.zeros(1).expand(10**5, 10**5)}, protocol=2),
+        "torch_storage": pickle.dumps(_StorageBomb(), protocol=2),
+        "deep_nesting": b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".",
+        "self_reference": pickle.dumps(self_ref, protocol=2),
+    }
+
+
+_LOAD_UNDER_LIMIT = r"""
+import json, resource, sys, time
+import torch
+from recon.flame_io import load_flame_pickle
+from recon.safe_pickle import UnsafePickleError
+# 2 GiB of address space beyond what the interpreter and torch already map.
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), vm + (2 << 30)))
+out = {}
+for path in sys.argv[1:]:
+    t = time.perf_counter()
+    try:
+        load_flame_pickle(path)
+        out[path] = ["loaded", ""]
+    except UnsafePickleError as e:  # PickleLimitError is one
+        out[path] = [type(e).__name__, str(e)]
+    except BaseException as e:
+        out[path] = [type(e).__name__, str(e)[:200]]
+    out[path].append(time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def test_memory_bombs_refused_with_bounded_memory(tmp_path):
+    """Each bomb, loaded in a child with 2 GiB of address space to spare, ends with our
+    error naming the declared size -- not MemoryError, a kill or minutes of growth."""
+    bombs = _bombs()
+    paths = []
+    for name, data in bombs.items():
+        paths.append(tmp_path / f"{name}.pkl")
+        paths[-1].write_bytes(data)
+    # The bombs themselves are tiny: the budget relative to the file decides.
+    assert len(bombs["memo_dag"]) < 250 and len(bombs["numpy_shape"]) < 100
+    proc = subprocess.run([sys.executable, "-c", _LOAD_UNDER_LIMIT, *map(str, paths)],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {os.path.basename(k)[:-4]: v for k, v in json.loads(proc.stdout).items()}
+    assert set(results) == set(bombs)
+    expected = {"memo_dag": "expand to over", "numpy_shape": "declares 3,000,000,000 bytes",
+                "object_array": "declares 3,200,000,000 bytes", "ndarray_called": "refusing to call",
+                "tensor_called": "refusing to call", "tensor_view": "declares 40,000,000,000 bytes",
+                "torch_storage": "declares 40,000,000,000 bytes", "deep_nesting": "nested deeper",
+                "self_reference": "holds itself"}
+    for name, (kind, message, seconds) in results.items():
+        want = "UnsafePickleError" if name.endswith("_called") else "PickleLimitError"
+        assert kind == want and expected[name] in message, (name, kind, message)
+        assert "out of memory" not in message
+        assert seconds < 5.0, (name, seconds)  # refused before growing, not after a long climb
+
+
+def test_real_files_fit_the_budget(tmp_path, demo, fake_chumpy):
+    """A FLAME-shaped pickle, its landmark embedding with torch tensors and a masks file whose
+    arrays are shared by two regions all load; sharing stays shared."""
+    pkl = tmp_path / "generic_model.pkl"
+    write_flame_pickle(pkl, demo, fake_chumpy)
+    assert load_flame_pickle(pkl)["shapedirs"].shape == (demo.n_vertices, 3, 400)
+    npy = tmp_path / "landmark_embedding.npy"
+    write_landmark_npy(npy, demo)
+    assert load_landmark_embedding(npy)["dynamic_lmk_bary_coords"].shape == (79, 17, 3)
+    ids = np.arange(50)
+    loaded = safe_loads(pickle.dumps({"face": ids, "nose": ids}, protocol=2))
+    assert loaded["face"] is loaded["nose"]
+
+
+def test_npy_header_larger_than_its_data_is_refused(tmp_path):
+    bad = tmp_path / "landmark_embedding.npy"
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (10**9,)})
+    bad.write_bytes(buf.getvalue() + b"\0" * 64)
+    with pytest.raises(Exception, match="declares 8,000,000,000 bytes"):
+        load_landmark_embedding(bad)
