@@ -114,6 +114,15 @@ class LossConfig(StrictModel):
     eye_closure: float = Field(1.0, ge=0)
     lip_closure: float = Field(0.5, ge=0)
     photometric: float = Field(2.0, ge=0, description="masked L1 on the lit render")
+    photometric_render: Literal["lit", "albedo"] = Field(
+        "lit", description="what the coarse photometric L1 compares with the photo: 'lit' "
+        "(albedo x SH shading, the paper) or 'albedo' (unlit, DECA's public release since "
+        "June 2022)"
+    )
+    photometric_saturation: bool = Field(
+        True, description="a render brighter than a saturated photo pixel is no error; "
+        "False: DECA's plain L1"
+    )
     identity: float = Field(0.2, ge=0, description="1 - cosine of identity features")
     shape_consistency: float = Field(1.0, ge=0, description="weight of the shape-swapped pass")
     keypoints: float = Field(
@@ -129,6 +138,10 @@ class LossConfig(StrictModel):
     # detail stage
     photometric_detail: float = Field(2.0, ge=0, description="UV-space L1, visible texels")
     mrf: float = Field(0.1, ge=0, description="ID-MRF; paper: 0.05 x photometric_detail")
+    mrf_centre: Literal["spatial", "channels"] = Field(
+        "spatial", description="ID-MRF feature centring: 'spatial' (the target's per-channel "
+        "mean, as Wang et al.) or 'channels' (each position's mean over channels, DECA's release)"
+    )
     symmetry: float = Field(5e-3, ge=0, description="soft symmetry on invisible texels")
     displacement: float = Field(5e-3, ge=0, description="L1 on the UV displacement")
     shading_smoothness: float = Field(5e-3, ge=0)

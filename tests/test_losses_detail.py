@@ -16,17 +16,22 @@ def test_erode_shrinks_by_one_texel_and_edges_count_as_outside():
 
 
 def test_symmetry_loss_known_value():
-    z = torch.zeros(1, 1, 4, 4)
-    z[0, 0, 1, 0] = 0.2  # left column texel, mirrored by column 3 (value 0)
-    visible = torch.zeros(1, 1, 4, 4)  # nothing visible: every texel counts
-    # |0.2 - 0| at (1, 0) and |0 - 0.2| at (1, 3)
+    z = torch.zeros(1, 1, 6, 6)
+    z[0, 0, 1, 0] = 0.2  # left column texel, mirrored by column 5 (value 0)
+    visible = torch.zeros(1, 1, 6, 6)  # nothing visible: every texel counts
+    # |0.2 - 0| at (1, 0) and |0 - 0.2| at (1, 5)
     assert symmetry_loss(z, visible).item() == pytest.approx(0.4)
-    visible[...] = 1.0  # all visible: eroded mask keeps the 2x2 centre; (1,0),(1,3) still invisible
+    # All visible: the 5 x 5 erosion keeps the 2x2 centre; (1,0),(1,5) are still invisible.
+    visible[...] = 1.0
     assert symmetry_loss(z, visible).item() == pytest.approx(0.4)
-    z2 = torch.zeros(1, 1, 4, 4)
-    z2[0, 0, 1, 1] = 0.2  # centre texel: visible after erosion, only its mirror (1,2) counts
+    z2 = torch.zeros(1, 1, 6, 6)
+    z2[0, 0, 2, 2] = 0.2  # centre texel and its mirror (2, 3): both visible after erosion
     assert symmetry_loss(z2, visible).item() == pytest.approx(0.0)
-    assert symmetry_loss(z2, torch.zeros(1, 1, 4, 4)).item() == pytest.approx(0.4)
+    assert symmetry_loss(z2, torch.zeros(1, 1, 6, 6)).item() == pytest.approx(0.4)
+    # A 4 x 4 map has no texel whose 5 x 5 neighbourhood is inside it: nothing stays visible.
+    z4 = torch.zeros(1, 1, 4, 4)
+    z4[0, 0, 1, 1] = 0.2
+    assert symmetry_loss(z4, torch.ones(1, 1, 4, 4)).item() == pytest.approx(0.4)
 
 
 def test_symmetry_gradient_does_not_flow_through_the_mirror():

@@ -31,8 +31,8 @@ def coarse_image_terms(
     identity_net: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Terms that compare a reconstruction with its photos: landmarks, eye and lip closure;
-    after pretraining also the photometric L1 on the lit render (skin mask x the render's face
-    region) and the identity loss. batch: ``images`` (B, 3, H, W), ``landmarks`` (B, 68, 2),
+    after pretraining also the photometric L1 on the lit render (or the unlit one,
+    ``cfg.photometric_render``; skin mask x the render's face region) and the identity loss. batch: ``images`` (B, 3, H, W), ``landmarks`` (B, 68, 2),
     ``masks`` (B, 1, H, W); rec rendered unless ``pretrain``."""
     lmk, target = rec.landmarks2d, batch["landmarks"].to(rec.landmarks2d.dtype)
     terms: dict[str, torch.Tensor] = {}
@@ -49,7 +49,9 @@ def coarse_image_terms(
     images = batch["images"].to(rec.images.dtype)
     if cfg.photometric > 0:
         mask = batch["masks"].to(images.dtype) * rec.face_mask
-        terms["photometric"] = cfg.photometric * photometric_loss(rec.images, images, mask)
+        rendered = rec.images if cfg.photometric_render == "lit" else rec.coarse_render.albedo_images
+        terms["photometric"] = cfg.photometric * photometric_loss(
+            rendered, images, mask, cfg.photometric_saturation)
     if cfg.identity > 0 and identity_net is not None:
         from recon.losses.identity import identity_loss
 
@@ -96,7 +98,7 @@ def detail_image_terms(
     terms: dict[str, torch.Tensor] = {}
     if cfg.photometric_detail > 0:
         terms["photometric_detail"] = cfg.photometric_detail * photometric_loss(
-            uv_pred, uv_target, uv_visible)
+            uv_pred, uv_target, uv_visible, cfg.photometric_saturation)
     if cfg.mrf > 0 and mrf is not None:
         terms["mrf"] = cfg.mrf * mrf(uv_pred * uv_visible, uv_target * uv_visible)
     return terms

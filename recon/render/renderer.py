@@ -200,15 +200,18 @@ class DecaRenderer(torch.nn.Module):
         return self.uv.world2uv(attrs)
 
     def displacement_to_normals(self, uv_z: torch.Tensor, verts_world: torch.Tensor,
-                                mask_uv: torch.Tensor | None = None) -> torch.Tensor:
+                                mask_uv: torch.Tensor | None = None,
+                                fixed_uv: torch.Tensor | None = None) -> torch.Tensor:
         """DECA's ``displacement2normal``: displace the coarse surface along its normals in
         UV space and recompute normals on the texel grid.
 
         uv_z: (B, 1, Huv, Wuv) displacement (mesh units); verts_world: (B, V, 3) coarse
-        mesh; mask_uv: (1 or B, 1, Huv, Wuv) where detail applies (DECA's face/eye mask).
-        Returns (B, 3, Huv, Wuv) unit normals: detail normals inside the mask and the
-        layout's interior, coarse normals elsewhere (0 outside the layout). Not detached:
-        detach the coarse mesh if it must not receive gradients (as DECA's detail stage).
+        mesh; mask_uv: (1 or B, 1, Huv, Wuv) where detail applies (DECA's face/eye mask);
+        fixed_uv: (Huv, Wuv) or None, DECA's fixed displacement (``fixed_displacement_256``),
+        added unmasked as DECA does. Returns (B, 3, Huv, Wuv) unit normals: detail normals
+        inside the mask and the layout's interior, coarse normals elsewhere (0 outside the
+        layout). Not detached: detach the coarse mesh if it must not receive gradients (as
+        DECA's detail stage).
         """
         coarse_pos = self.world2uv(verts_world)
         coarse_n = self.world2uv(vertex_normals(verts_world, self.faces))
@@ -217,6 +220,8 @@ class DecaRenderer(torch.nn.Module):
         if mask_uv is not None:
             keep = keep * mask_uv
         detail_pos = coarse_pos + (uv_z * keep) * coarse_n
+        if fixed_uv is not None:
+            detail_pos = detail_pos + fixed_uv.to(coarse_n.dtype).reshape(1, 1, *uv_z.shape[-2:]) * coarse_n
         detail_n = grid_normals(detail_pos, self.uv.orientation)
         return detail_n * keep + coarse_n * (1.0 - keep)
 

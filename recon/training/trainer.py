@@ -164,7 +164,8 @@ class Trainer:
                 from recon.losses.mrf import IDMRFLoss
                 from recon.perceptual import build_perceptual_network
 
-                mrf = IDMRFLoss(build_perceptual_network(config.perceptual, self.device))
+                mrf = IDMRFLoss(build_perceptual_network(config.perceptual, self.device),
+                                centre=config.loss.mrf_centre)
             self.step_fn = DetailStep(self.model, config.loss, tc, mrf=mrf)
         trained = {id(p) for p in self.step_fn.parameters()}
         for p in self.model.parameters():
