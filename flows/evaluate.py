@@ -13,9 +13,9 @@
 3. **Score** with the NoW protocol (``recon.evaluation.now.evaluate_now``), in parallel over
    scans (``evaluation.workers`` processes).
 4. **Record** on the model version's MLflow run: metrics ``now_median``, ``now_mean``,
-   ``now_std`` (mm; what ``promote`` reads), ``now_n_images``, ``now_n_missing``, and the
-   artifacts ``evaluation/now/cumulative_curve.png`` and ``metrics.json``; a registered version
-   also gets the tags ``metric.now_*``.
+   ``now_std`` (mm; what ``promote`` reads), ``now_n_images``, ``now_n_missing``,
+   ``now_n_failed``, and the artifacts ``evaluation/now/cumulative_curve.png`` and
+   ``metrics.json``; a registered version also gets the tags ``metric.now_*``.
 
 :func:`evaluate_model` is the same without Prefect or MLflow logging (the ``pipeline`` flow
 calls it and logs the metrics itself).
@@ -134,7 +134,8 @@ def now_metrics(metrics: dict) -> dict[str, float]:
             f"{METRIC_PREFIX}mean": float(metrics["mean"]),
             f"{METRIC_PREFIX}std": float(metrics["std"]),
             f"{METRIC_PREFIX}n_images": float(metrics["n_images"]),
-            f"{METRIC_PREFIX}n_missing": float(metrics["n_missing"])}
+            f"{METRIC_PREFIX}n_missing": float(metrics["n_missing"]),
+            f"{METRIC_PREFIX}n_failed": float(metrics["n_failed"])}
 
 
 def evaluate_model(model_uri: str, dataset: str | Path | None, out: str | Path,

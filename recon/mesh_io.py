@@ -258,7 +258,7 @@ def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarra
                             uv_faces.append([ti[0], ti[k], ti[k + 1]])
             except (ValueError, IndexError) as e:
                 raise ValueError(f"{path}:{lineno}: bad OBJ line {line.strip()!r} ({e})") from e
-    V = np.asarray(verts, dtype=np.float32).reshape(-1, 3)
+    V = _finite(path, np.asarray(verts, dtype=np.float32).reshape(-1, 3))
     Fa = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
     if Fa.size and (Fa.min() < 0 or Fa.max() >= len(V)):
         raise ValueError(f"{path}: face index out of range")
@@ -271,9 +271,32 @@ def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return V, Fa, None, None
 
 
+def _finite(path: str | os.PathLike, verts: np.ndarray) -> np.ndarray:
+    """``verts`` (V, 3), refused when a coordinate is NaN or infinite: such a mesh would
+    render blank or score NaN without any error."""
+    bad = ~np.isfinite(verts).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} of {len(verts)} vertices have NaN or infinite "
+                         f"coordinates (first: vertex {int(np.argmax(bad)) + 1})")
+    return verts
+
+
 def read_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a PLY written by :func:`write_ply` (binary little endian or ASCII, x/y/z first,
-    triangle/polygon faces): ``(verts (V,3) float32, faces (F,3) int64)``."""
+    triangle/polygon faces): ``(verts (V,3) float32, faces (F,3) int64)``. A malformed file
+    raises ValueError naming it."""
+    try:
+        verts, faces = _parse_ply(path)
+    except (ValueError, IndexError, KeyError, StopIteration) as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(f"{path}:") else
+                         f"{path}: malformed PLY ({type(e).__name__}: {msg})") from e
+    if faces.size and (faces.min() < 0 or faces.max() >= len(verts)):
+        raise ValueError(f"{path}: face index out of range")
+    return _finite(path, verts), faces
+
+
+def _parse_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     data = Path(path).read_bytes()
     end = data.find(b"end_header")
     if not data.startswith(b"ply") or end < 0:

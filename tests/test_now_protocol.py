@@ -155,10 +155,11 @@ def test_evaluate_now_on_synthetic_dataset(tmp_path):
     assert saved["median"] == pytest.approx(m["median"])
     assert {"median", "mean", "std"} <= saved.keys()
     assert set(saved["challenges"]) == {"neutral", "expression", "occlusion", "selfie"}
-    assert saved["n_images"] == 6 and saved["n_missing"] == 2
-    reasons = {r["image"]: r["reason"] for r in saved["missing"]}
-    assert reasons[missing.rel_path] == "missing predicted mesh"
-    assert "invalid prediction" in reasons[broken.rel_path] and "7x3" in reasons[broken.rel_path]
+    assert saved["n_images"] == 6 and saved["n_missing"] == 1 and saved["n_failed"] == 1
+    assert saved["missing"] == [{"image": missing.rel_path, "reason": "missing predicted mesh"}]
+    [failed] = saved["failed"]
+    assert failed["image"] == broken.rel_path
+    assert "invalid prediction" in failed["reason"] and "7x3" in failed["reason"]
     # deformation amplitude 1 mm: errors are sub-millimetre but clearly non-zero
     assert 0.05 < saved["median"] < 1.0 and saved["std"] > 0
     table = pq.read_table(out / "distances.parquet").to_pandas()
@@ -235,6 +236,15 @@ def test_predict_hook_writes_layout_that_scores_zero(tmp_path):
     # subject, so the score is clearly non-zero but finite)
     m = evaluate_now(syn.dataset_dir, out, tmp_path / "eval", EvaluationConfig(workers=1))
     assert m["n_images"] == 2 and m["n_missing"] == 2 and np.isfinite(m["median"])
+    assert m["n_failed"] == 0
+
+    def predict_nan(path):
+        verts, faces, lmk = predict_neutral(path)
+        return np.where(np.arange(len(verts))[:, None] == 0, np.nan, verts), faces, lmk
+
+    s = predict_now(predict_nan, syn.dataset_dir, tmp_path / "nan", image_root=root)
+    assert s.written == 0 and any("NaN or infinite" in why for _, why in s.failed)
+    assert not list((tmp_path / "nan").rglob("*.obj"))
 
 
 @pytest.mark.slow
@@ -244,3 +254,64 @@ def test_parallel_workers_match_serial(tmp_path):
     parallel = evaluate_now(syn.dataset_dir, syn.predictions_dir, tmp_path / "b", EvaluationConfig(workers=2))
     for k in ("median", "mean", "std", "n_points"):
         assert parallel[k] == pytest.approx(serial[k], rel=1e-6)
+
+
+def _malformed_predictions(syn):
+    """Break three predictions the ways found in the field: a PLY whose header promises more
+    than it holds, a PLY with an unknown property type, an OBJ with NaN coordinates."""
+    from recon.mesh_io import read_obj, write_ply
+
+    broken = {}
+    for image, kind in zip(syn.images, ("truncated_ply", "bad_type_ply", "nan_obj")):
+        obj = syn.predictions_dir / image.subject / image.challenge_dir / f"{image.stem}.obj"
+        verts, faces, _, _ = read_obj(obj)
+        if kind == "nan_obj":
+            text = obj.read_text().splitlines()
+            first_v = next(i for i, ln in enumerate(text) if ln.startswith("v "))
+            text[first_v] = "v nan 0 inf"
+            obj.write_text("\n".join(text) + "\n")
+        else:
+            obj.unlink()
+            ply = obj.with_suffix(".ply")
+            write_ply(ply, verts, faces)
+            data = ply.read_bytes()
+            ply.write_bytes(data[: len(data) // 2] if kind == "truncated_ply"
+                            else data.replace(b"property float x", b"property quad x", 1))
+        broken[image.rel_path] = kind
+    return broken
+
+
+def test_malformed_predictions_fail_their_scan_only(tmp_path):
+    syn = write_synthetic_now(tmp_path, n_subjects=2, images_per_challenge=1,
+                              mesh_resolution=(16, 32), deformation_mm=0.5, seed=5)
+    broken = _malformed_predictions(syn)
+    out = tmp_path / "out"
+    m = evaluate_now(syn.dataset_dir, syn.predictions_dir, out, EvaluationConfig(workers=1))
+    assert m["n_images"] == len(syn.images) - 3 and m["n_missing"] == 0 and m["n_failed"] == 3
+    reasons = {f["image"]: f["reason"] for f in m["failed"]}
+    assert set(reasons) == set(broken)
+    by_kind = {kind: reasons[image] for image, kind in broken.items()}
+    assert "malformed PLY" in by_kind["truncated_ply"] and ".ply" in by_kind["truncated_ply"]
+    assert "malformed PLY" in by_kind["bad_type_ply"] and "quad" in by_kind["bad_type_ply"]
+    assert "NaN or infinite" in by_kind["nan_obj"] and ".obj" in by_kind["nan_obj"]
+    assert np.isfinite(m["median"]) and json.loads((out / "metrics.json").read_text())["n_failed"] == 3
+
+
+def test_cli_exit_status_says_predictions_failed(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli.evaluate import app
+
+    syn = write_synthetic_now(tmp_path, n_subjects=1, images_per_challenge=1,
+                              mesh_resolution=(16, 32), seed=2)
+    args = ["now", "--dataset", str(syn.dataset_dir), "--predictions", str(syn.predictions_dir),
+            "--out", str(tmp_path / "eval"), "--workers", "1", "--set", "evaluation.refine_iters=3"]
+    runner = CliRunner()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "0 failed" in r.output, r.output
+    broken = _malformed_predictions(syn)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "3 failed" in r.output and "Traceback" not in r.output
+    for image in broken:
+        assert image in r.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_failed"] == 3

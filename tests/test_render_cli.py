@@ -58,3 +58,19 @@ def test_render_command_rejects_bad_input(tmp_path):
                               "--out", str(tmp_path / "x.npz")])
     assert res.exit_code == 2 and "3 comma-separated" in res.output
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_render_refuses_non_finite_mesh_and_camera(tmp_path):
+    """A NaN vertex used to render a blank image with exit 0."""
+    runner = CliRunner()
+    mesh = tmp_path / "head.obj"
+    mesh.write_text("v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n")
+    res = runner.invoke(app, ["render", str(mesh), "--size", "8", "--out", str(tmp_path / "x.npz")])
+    assert res.exit_code == 2
+    assert str(mesh) in res.output and "NaN or infinite" in res.output and "vertex 3" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x.npz").exists()
+    good = tmp_path / "t.obj"
+    _write_obj(good, [[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]])
+    res = runner.invoke(app, ["render", str(good), "--size", "8", "--camera", "ortho:nan,0,0",
+                              "--out", str(tmp_path / "x.npz")])
+    assert res.exit_code == 2 and "finite" in res.output and not (tmp_path / "x.npz").exists()

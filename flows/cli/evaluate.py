@@ -39,7 +39,10 @@ def now(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Score predictions with the NoW protocol; write metrics.json (median, mean, std in mm,
-    per challenge), distances.parquet and the cumulative error curve (CSV, PNG)."""
+    per challenge), distances.parquet and the cumulative error curve (CSV, PNG). Exit status
+    0 when every present prediction was scored (missing ones are counted, as the official
+    evaluation does), 1 when some failed (malformed, non-finite...: listed, the figures are
+    over the others) or nothing could be scored, 2 for a bad config."""
     extra = {k: v for k, v in (("evaluation.split", split),
                                ("evaluation.metrical", None if metrical is None else str(metrical).lower()),
                                ("evaluation.workers", workers)) if v is not None}
@@ -54,10 +57,15 @@ def now(
         raise typer.Exit(1) from None
     typer.echo(f"NoW {m['split']}{' (metrical)' if m['metrical'] else ''}: "
                f"median {m['median']:.3f} / mean {m['mean']:.3f} / std {m['std']:.3f} mm "
-               f"({m['n_images']} images, {m['n_missing']} missing)")
+               f"({m['n_images']} images, {m['n_missing']} missing, {m['n_failed']} failed)")
     for name, c in m["challenges"].items():
         typer.echo(f"  {name:<10} median {c['median']:.3f} / mean {c['mean']:.3f} / std {c['std']:.3f} mm")
     typer.echo(f"wrote {out / 'metrics.json'}")
+    if m["failed"]:  # scored without them: the exit status says the figures are partial
+        typer.echo(f"{m['n_failed']} prediction(s) failed:", err=True)
+        for f in m["failed"]:
+            typer.echo(f"  {f['image']}: {f['reason']}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("predict")

@@ -1,6 +1,7 @@
 """``wildface render MESH.obj``: rasterize a mesh with the project's renderer."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -32,8 +33,8 @@ def _numbers(text: str, n: int, what: str) -> list[float]:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != n:
-        _fail(f"--camera {what}: expected {n} comma-separated numbers, got {text!r}")
+    if len(values) != n or not all(math.isfinite(v) for v in values):  # nan renders blank
+        _fail(f"--camera {what}: expected {n} comma-separated finite numbers, got {text!r}")
     return values
 
 
@@ -59,8 +60,8 @@ def render(
         _fail(f"mesh not found: {mesh}")
     try:
         verts_np, faces_np, _, _ = read_obj(mesh)
-    except (ValueError, IndexError) as e:
-        _fail(f"{mesh}: {e}")
+    except (ValueError, IndexError) as e:  # read_obj's messages name the file
+        _fail(str(e))
     if len(faces_np) == 0:
         _fail(f"{mesh}: no faces")
     verts = torch.as_tensor(np.asarray(verts_np, dtype=np.float32))[None]

@@ -134,20 +134,34 @@ def _cropped_scan(mesh_path: str, pp_path: str) -> tuple[np.ndarray, np.ndarray]
     return crop_scan(verts, lmk), lmk
 
 
-def _score_one(args: tuple[str, str, NowImage, EvaluationConfig]) -> tuple[NowImage, np.ndarray | None, str]:
+@dataclass
+class _Scored:
+    """One image's outcome: distances, or why there are none (``failed``: a prediction was
+    there but could not be read or scored; otherwise it is missing)."""
+
+    image: NowImage
+    distances: np.ndarray | None
+    reason: str = ""
+    failed: bool = False
+
+
+def _score_one(args: tuple[str, str, NowImage, EvaluationConfig]) -> _Scored:
     dataset_dir, predictions_dir, image, cfg = args
     pred = find_prediction(predictions_dir, image)
     if pred.mesh is None or pred.landmarks is None:
         what = "mesh" if pred.mesh is None else "landmarks"
-        return image, None, f"missing predicted {what}"
+        return _Scored(image, None, f"missing predicted {what}")
     scan = find_scan(dataset_dir, image.subject)
     pts, lmk = _cropped_scan(str(scan.mesh), str(scan.landmarks))
     try:
         verts, faces = read_mesh(pred.mesh)
         res = evaluate_image(pts, lmk, verts, faces, read_landmarks(pred.landmarks), cfg, cropped=True)
-    except ValueError as e:  # includes NowFormatError: a bad prediction is a recorded rejection
-        return image, None, f"invalid prediction: {e}"
-    return image, res.distances.astype(np.float32), ""
+        if not np.isfinite(res.distances).all():
+            raise ValueError("the alignment gave non-finite distances")
+    except Exception as e:  # noqa: BLE001 - one bad prediction fails its image, not the evaluation
+        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        return _Scored(image, None, f"invalid prediction: {why}", failed=True)
+    return _Scored(image, res.distances.astype(np.float32))
 
 
 def _write_parquet(path: Path, rows: list[tuple[NowImage, np.ndarray]]) -> None:
@@ -203,9 +217,11 @@ def evaluate_now(
     distances, ``challenges`` with the same per challenge, counts, missing predictions,
     settings), ``distances.parquet`` (one row per image with its distances),
     ``cumulative_curve.csv`` and ``cumulative_curve.png``. Returns the metrics dict.
-    Images without a prediction, or with an unreadable/invalid one, are counted as missing
-    with the reason (as the official code counts missing files); no usable prediction at
-    all is an error, and so is a missing or malformed scan.
+    Images without a prediction are counted as missing (as the official code counts missing
+    files); an unreadable or invalid prediction (malformed file, NaN/inf coordinates, wrong
+    landmarks, an alignment that fails) fails its image only, and is listed in ``failed``
+    with the reason while the others are scored. No usable prediction at all is an error,
+    and so is a missing or malformed scan.
     """
     cfg = cfg or EvaluationConfig()
     dataset_dir, predictions_dir, out = Path(dataset_dir), Path(predictions_dir), Path(out_dir)
@@ -224,10 +240,14 @@ def evaluate_now(
         with ProcessPoolExecutor(max_workers=min(cfg.workers, len(jobs)), mp_context=ctx) as pool:
             results = list(pool.map(_score_one, jobs, chunksize=max(1, len(jobs) // (8 * cfg.workers))))
 
-    rows = [(im, d) for im, d, _ in results if d is not None]
-    missing = [{"image": im.rel_path, "reason": why} for im, d, why in results if d is None]
+    rows = [(r.image, r.distances) for r in results if r.distances is not None]
+    missing = [{"image": r.image.rel_path, "reason": r.reason} for r in results
+               if r.distances is None and not r.failed]
+    failed = [{"image": r.image.rel_path, "reason": r.reason} for r in results if r.failed]
     if not rows:
-        raise NowFormatError(f"no prediction found for any of the {len(images)} images in {predictions_dir}")
+        detail = f" ({len(failed)} failed, first: {failed[0]['image']}: {failed[0]['reason']})" if failed else ""
+        raise NowFormatError(f"no prediction found for any of the {len(images)} images in "
+                             f"{predictions_dir}{detail}")
 
     all_d = np.concatenate([d for _, d in rows]).astype(np.float64)
     metrics: dict = {
@@ -236,6 +256,8 @@ def evaluate_now(
         "n_images": len(rows),
         "n_missing": len(missing),
         "missing": missing,
+        "n_failed": len(failed),
+        "failed": failed,
         "split": cfg.split,
         "metrical": cfg.metrical,
         "unit": "mm",

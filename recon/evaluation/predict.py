@@ -61,6 +61,8 @@ def predict_now(
             verts, faces, lmk = (np.asarray(x) for x in predict_neutral(path))
             if verts.ndim != 2 or verts.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
                 raise ValueError(f"mesh must be (V,3)/(F,3), got {verts.shape}/{faces.shape}")
+            if not np.isfinite(verts).all():  # would be written, then fail every scoring
+                raise ValueError("mesh has NaN or infinite coordinates")
             if lmk.shape != (N_LANDMARKS, 3):
                 raise ValueError(f"landmarks must be (7,3), got {lmk.shape}")
             write_prediction(predictions_dir, image, verts, faces, lmk)
