@@ -152,7 +152,7 @@ def load_flame(
         mean_key, dir_key = ("mean", "tex_dir") if "mean" in tex else ("MU", "PC")
         if mean_key not in tex:
             raise FaceModelFormatError(f"{texture}: no 'mean'/'tex_dir' (FLAME_texture.npz) arrays")
-        albedo_mean, albedo_basis = _resize_texture_space(tex, mean_key, dir_key)
+        albedo_mean, albedo_basis = _resize_texture_space(tex, mean_key, dir_key, source=str(texture))
     if vt is None and uv_template:
         from recon.mesh_io import read_obj
 
@@ -184,7 +184,8 @@ def load_flame(
     )
 
 
-def _resize_texture_space(tex: dict, mean_key: str, dir_key: str, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _resize_texture_space(tex: dict, mean_key: str, dir_key: str, size: int = 256,
+                          source: str = "texture space") -> tuple[np.ndarray, np.ndarray]:
     """A FLAME texture space -> ``(mean (size, size, 3), basis (size, size, 3, K))``, RGB.
 
     As DECA's ``FLAMETex``: the arrays are read in C order as a square (H, W, 3) image per
@@ -192,7 +193,7 @@ def _resize_texture_space(tex: dict, mean_key: str, dir_key: str, size: int = 25
     (``mean``/``tex_dir``) holds 0..255 and is divided by 255, ``FLAME_albedo_from_BFM.npz``
     (``MU``/``PC``) is already 0..1; the channels are stored BGR (written with OpenCV) and
     flipped to RGB; resampling to ``size`` is nearest-neighbour, so a model trained by DECA on
-    these albedos sees the same texels here.
+    these albedos sees the same texels here. ``source`` names the file in errors.
     """
     import torch
     import torch.nn.functional as F
@@ -202,7 +203,7 @@ def _resize_texture_space(tex: dict, mean_key: str, dir_key: str, size: int = 25
     side = int(round(np.sqrt(mean.size / 3)))
     if side * side * 3 != mean.size or basis.ndim < 2 or basis.size % mean.size:
         raise FaceModelFormatError(
-            f"texture space '{mean_key}' {mean.shape} / '{dir_key}' {basis.shape}: expected a "
+            f"{source}: '{mean_key}' {mean.shape} / '{dir_key}' {basis.shape}: expected a "
             "square RGB image and one such image per component")
     K = basis.shape[-1]
     scale = 255.0 if mean_key == "mean" else 1.0

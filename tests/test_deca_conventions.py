@@ -185,6 +185,17 @@ def test_albedo_is_flametex(kind):
     assert (ours[:, 0] > ours[:, 2]).all()  # red first: the stored BGR was reversed
 
 
+def test_malformed_texture_space_is_refused_naming_the_file():
+    from recon.flame_io import FaceModelFormatError
+
+    bad = {"MU": np.zeros((1, 10 * 12 * 3), np.float32), "PC": np.zeros((10 * 12 * 3, 2), np.float32)}
+    with pytest.raises(FaceModelFormatError, match="FLAME_albedo_from_BFM.npz.*square RGB image"):
+        _resize_texture_space(bad, "MU", "PC", source="FLAME_albedo_from_BFM.npz")
+    short = {"mean": np.zeros((8, 8, 3), np.float32), "tex_dir": np.zeros((8, 8, 2), np.float32)}
+    with pytest.raises(FaceModelFormatError, match="FLAME_texture.npz"):
+        _resize_texture_space(short, "mean", "tex_dir", source="FLAME_texture.npz")
+
+
 def test_uv_rows_start_at_v_one():
     """DECA maps a UV coordinate to ``(2u - 1, -(2v - 1))`` in its y-down image space: UV
     row 0 is v = 1. A UV map of the interpolated (u, v) must read back that convention."""
