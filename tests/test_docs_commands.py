@@ -1,28 +1,24 @@
 """Every command the docs show is one the product accepts.
 
 The code blocks of README.md and docs/*.md are read; each ``wildface ...`` line is checked
-against the real command tree (click's, built by typer): the command path exists, every
-option exists, an option that takes a value has one, required options and arguments are
-present. Each ``prefect deployment run 'FLOW/NAME' -p k=v`` line is checked against
-prefect.yaml: the deployment exists and every parameter is one its flow function takes.
-Nothing is run: the check reads the command definitions and the flow signatures (``ast``).
+against the real command tree (:mod:`cli_commands`): the command path exists, every option
+exists, an option that takes a value has one, required options and arguments are present.
+Each ``prefect deployment run 'FLOW/NAME' -p k=v`` line is checked against prefect.yaml: the
+deployment exists and every parameter is one its flow function takes. Nothing is run.
 """
 from __future__ import annotations
 
-import ast
 import re
-import shlex
 from pathlib import Path
 
 import pytest
 import typer
-import yaml
 
+from cli_commands import (ROOT, cli_problems, deployment_problems, deployments,
+                          model_uri_problems, words_of)
 from flows.cli.main import app
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SHELL_ENDS = {"|", "||", "&&", ";", ">", ">>", "2>", "2>&1", "&"}
 
 
 def code_lines(path: Path) -> list[tuple[int, str, bool]]:
@@ -48,28 +44,6 @@ def code_lines(path: Path) -> list[tuple[int, str, bool]]:
     return out
 
 
-def words_of(line: str, program: str) -> list[str] | None:
-    """The arguments after ``program`` when the line runs it (after ``$ `` and VAR=value
-    prefixes), up to a comment or a shell operator; None when it does not."""
-    line = line.removeprefix("$ ")
-    # Usage notation: an optional group [A | B] is checked as its first alternative A.
-    line = re.sub(r"\[([^\[\]]*)\]", lambda m: m.group(1).split(" | ")[0], line)
-    try:
-        tokens = shlex.split(line, comments=True)
-    except ValueError:
-        return None
-    while tokens and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", tokens[0]):
-        tokens = tokens[1:]
-    if not tokens or Path(tokens[0]).name != program:
-        return None
-    words = []
-    for tok in tokens[1:]:
-        if tok in SHELL_ENDS:
-            break
-        words.append(tok)
-    return words
-
-
 def documented(program: str) -> list[tuple[str, list[str], bool]]:
     found = []
     for path in DOCS:
@@ -79,146 +53,6 @@ def documented(program: str) -> list[tuple[str, list[str], bool]]:
                 found.append((f"{path.relative_to(ROOT)}:{no}", words, whole))
     return found
 
-
-def cli_problems(words: list[str], whole: bool = True) -> list[str]:
-    """What is wrong with ``wildface WORDS`` according to the command tree; required options
-    and arguments only for a ``whole`` command."""
-    cmd = typer.main.get_command(app)  # typer's own click: duck-typed below
-    path = ["wildface"]
-    words = list(words)
-    while hasattr(cmd, "commands"):
-        if not words or words[0] in ("--help", "-h"):
-            return []
-        name = words.pop(0)
-        sub = cmd.commands.get(name)
-        if sub is None:
-            return [f"no command {' '.join(path + [name])!r}"]
-        cmd, path = sub, path + [name]
-    problems: list[str] = []
-    options = {o: p for p in cmd.params if p.param_type_name == "option"
-               for o in (*p.opts, *p.secondary_opts)}
-    given: set[str] = set()
-    positional: list[str] = []
-    i = 0
-    while i < len(words):
-        w = words[i]
-        i += 1
-        if w == "--help":
-            return []
-        if w == "...":
-            continue
-        if w.startswith("--") and "/" in w and "=" not in w:  # a --flag/--no-flag pair
-            for flag in w.split("/"):
-                if flag not in options:
-                    problems.append(f"{' '.join(path)}: no option {flag}")
-                else:
-                    given.add(options[flag].name)
-            continue
-        if w.startswith("-") and w != "-":
-            name, has_value = (w.split("=", 1)[0], True) if "=" in w else (w, False)
-            opt = options.get(name)
-            if opt is None:
-                problems.append(f"{' '.join(path)}: no option {name}")
-                continue
-            given.add(opt.name)
-            value = w.split("=", 1)[1] if has_value else None
-            if not (opt.is_flag or opt.count) and not has_value:
-                if i >= len(words) or (words[i].startswith("--") and words[i] in options):
-                    problems.append(f"{' '.join(path)}: {name} needs a value")
-                else:
-                    value = words[i]
-                i += 1
-            annotation = str(getattr(getattr(opt, "type_descriptor", None), "annotation", ""))
-            if value and "://" in value and "Path" in annotation:
-                problems.append(f"{' '.join(path)}: {name} takes a local path, not {value}")
-        else:
-            positional.append(w)
-    args = [p for p in cmd.params if p.param_type_name == "argument"]
-    if not any(a.nargs == -1 for a in args) and len(positional) > len(args):
-        problems.append(f"{' '.join(path)}: unexpected arguments {positional[len(args):]}")
-    if not whole:
-        return problems
-    for p in cmd.params:
-        if p.param_type_name == "option" and p.required and p.name not in given:
-            problems.append(f"{' '.join(path)}: missing required option {p.opts[0]}")
-    needed = sum(1 for a in args if a.required and a.nargs != -1) + \
-        sum(1 for a in args if a.required and a.nargs == -1)
-    if len(positional) < needed:
-        problems.append(f"{' '.join(path)}: missing arguments "
-                        f"({len(positional)} given, {needed} required)")
-    return problems
-
-
-def model_uri_problems(words: list[str]) -> list[str]:
-    """``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` must name the registered model
-    and an alias the product gives."""
-    from infra.config import TrackingConfig
-    from recon.evaluation.config import PromotionConfig
-
-    name = TrackingConfig().registered_model
-    aliases = {TrackingConfig().alias, PromotionConfig().champion_alias}
-    problems = []
-    for w in words:
-        m = re.search(r"models:/([^@/\s]+)(?:@([^\s/]+)|/\S+)?", w)
-        if m and not m.group(1).startswith("m-") and m.group(1) != "NAME":
-            if m.group(1) != name:
-                problems.append(f"{w}: the registered model is {name!r}")
-            if m.group(2) and m.group(2) not in aliases and m.group(2) != "ALIAS":
-                problems.append(f"{w}: no alias {m.group(2)!r} (given: {sorted(aliases)})")
-    return problems
-
-
-def test_every_config_command_takes_overrides():
-    """README: every command that takes --config also takes --set."""
-    def walk(cmd, path):
-        if hasattr(cmd, "commands"):
-            for name, sub in cmd.commands.items():
-                yield from walk(sub, path + [name])
-        else:
-            yield path, {o for p in cmd.params for o in getattr(p, "opts", [])}
-
-    missing = [" ".join(path) for path, opts in walk(typer.main.get_command(app), ["wildface"])
-               if "--config" in opts and "--set" not in opts]
-    assert missing == []
-
-
-def deployments() -> dict[str, set[str]]:
-    """'flow-name/deployment-name' -> the parameters its flow function takes."""
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    out = {}
-    for dep in spec["deployments"]:
-        file, func = dep["entrypoint"].split(":")
-        tree = ast.parse((ROOT / file).read_text())
-        fn = next(n for n in ast.walk(tree)
-                  if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == func)
-        flow_name = func.replace("_", "-")
-        for deco in fn.decorator_list:
-            if isinstance(deco, ast.Call):
-                for kw in deco.keywords:
-                    if kw.arg == "name" and isinstance(kw.value, ast.Constant):
-                        flow_name = kw.value.value
-        params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
-        out[f"{flow_name}/{dep['name']}"] = params
-    return out
-
-
-def deployment_problems(words: list[str], known: dict[str, set[str]]) -> list[str]:
-    if words[:2] != ["deployment", "run"] or len(words) == 2:
-        return []
-    rest = words[2:]
-    names = [w for w in rest if not w.startswith("-")]
-    problems = []
-    name = next((w for i, w in enumerate(rest) if not w.startswith("-") and
-                 (i == 0 or rest[i - 1] not in ("-p", "--param", "--params"))), None)
-    if name is None or name not in known:
-        return [f"no deployment {name!r} in prefect.yaml (known: {sorted(known)})"]
-    for i, w in enumerate(rest):
-        if w in ("-p", "--param") and i + 1 < len(rest):
-            key = rest[i + 1].split("=", 1)[0]
-            if key not in known[name]:
-                problems.append(f"{name}: no parameter {key!r} (takes {sorted(known[name])})")
-    del names
-    return problems
 
 
 WILDFACE = documented("wildface")
@@ -237,8 +71,23 @@ def test_wildface_command_exists(where, words, whole):
 
 @pytest.mark.parametrize("where,words,whole", PREFECT, ids=[w for w, *_ in PREFECT])
 def test_prefect_deployment_exists(where, words, whole):
-    problems = deployment_problems(words, deployments()) + model_uri_problems(words)
+    known = deployments() | deployments(ROOT / "infra/deploy/prefect/cluster-deployments.yaml")
+    problems = deployment_problems(words, known) + model_uri_problems(words)
     assert problems == [], f"{where}: prefect {' '.join(words)}"
+
+
+def test_every_config_command_takes_overrides():
+    """README: every command that takes --config also takes --set."""
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path, {o for p in cmd.params for o in getattr(p, "opts", [])}
+
+    missing = [" ".join(path) for path, opts in walk(typer.main.get_command(app), ["wildface"])
+               if "--config" in opts and "--set" not in opts]
+    assert missing == []
 
 
 def test_the_checker_flags_what_is_wrong():
