@@ -80,6 +80,26 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``line L, column C: problem`` (1-based, as editors count)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        what = err.problem or "syntax error"
+        if err.context:
+            what += f" ({err.context})"
+        return " ".join(f"line {mark.line + 1}, column {mark.column + 1}: {what}".split())
+    return " ".join(str(err).split())
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML at {_yaml_problem(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err})") from None
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A path, or the name of a file in ``configs/`` (``demo`` -> ``configs/demo.yaml``)."""
     path = Path(name_or_path)
@@ -100,7 +120,7 @@ def load_config(
     if path is not None:
         resolved = resolve_config_path(path)
         source = str(resolved)
-        loaded = yaml.safe_load(resolved.read_text()) or {}
+        loaded = _read_yaml(resolved) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{resolved}: top level must be a mapping")
         tree = loaded
@@ -111,7 +131,11 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: invalid YAML value at {_yaml_problem(err)}") from None
+        _set_dotted(tree, key.strip(), value)
         source += f" + {item}"
     try:
         return WildfaceConfig.model_validate(tree)

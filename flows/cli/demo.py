@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from flows.cli.options import load_config_or_exit
+
 
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="output folder (data, runs, "
@@ -33,15 +35,11 @@ def demo(
     # A busy 2-core machine can take longer than Prefect's default 20 s to start the
     # ephemeral API server; Prefect reads this when it is imported.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    from flows.config import ConfigError, load_config
 
     sets = list(overrides or [])
     if not any(s.startswith("ray.storage_path=") for s in sets):
         sets.append(f"ray.storage_path={(out / 'ray').resolve()}")
-    try:
-        cfg = load_config(config, sets)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from None
+    cfg = load_config_or_exit(config, sets)
     _use_services(cfg, services)
     from flows.pipeline import run_demo  # imports Prefect: after the services are chosen
 

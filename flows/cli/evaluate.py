@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from flows.cli.options import load_config_or_exit
+
 app = typer.Typer(help="NoW evaluation (scan-to-mesh error, mm) and champion promotion.",
                   no_args_is_help=True)
 
@@ -15,14 +17,8 @@ SetOption = typer.Option(None, "--set", help="override, e.g. --set evaluation.re
 
 
 def _config(config: Optional[str], overrides: Optional[list[str]], extra: dict):
-    from flows.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config, list(overrides or []) + [f"{k}={v}" for k, v in extra.items()])
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
-    return cfg
+    """The config with the command's own options (``extra``) after ``--set``."""
+    return load_config_or_exit(config, list(overrides or []) + [f"{k}={v}" for k, v in extra.items()])
 
 
 @app.command("now")

@@ -7,14 +7,15 @@ from typing import Optional
 
 import typer
 
+from flows.cli.options import load_config_or_exit
+
 app = typer.Typer(help="Local services on 127.0.0.1: Prefect server + process worker, "
                   "MLflow server, optional moto S3.", no_args_is_help=True)
 
 
 def _cfg(config: Optional[str], set_: list[str]):
-    from flows.config import load_config
 
-    return load_config(config, list(set_)).services
+    return load_config_or_exit(config, set_).services
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file or configs/ name")

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from flows.cli.options import load_config_or_exit
+
 
 def synth(
     out: Path = typer.Option(..., "--out", help="output folder (images/, labels.csv, "
@@ -26,17 +28,12 @@ def synth(
     truth (params.json) and each identity's neutral mesh + 7 landmarks in the NoW layout."""
     import torch
 
-    from flows.config import ConfigError, load_config
-
     sets = list(overrides or [])
     for key, value in (("identities", identities), ("images_per_identity", images_per_identity),
                        ("seed", seed)):
         if value is not None:
             sets.append(f"synth.{key}={value}")
-    try:
-        cfg = load_config(config, sets)
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from None
+    cfg = load_config_or_exit(config, sets)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     from recon.synth import generate
 
