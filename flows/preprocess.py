@@ -45,15 +45,17 @@ def preprocess(input: str, output: str, config: str | None = None,
                overrides: list[str] | None = None, use_ray: bool = True) -> dict:
     """Photos under ``input`` (folder or s3:// prefix) -> WebDataset shards, manifest and
     identities under ``output``. ``config``: YAML file or configs/ name; ``overrides``:
-    ``preprocess.key=value`` strings."""
+    ``preprocess.key=value`` strings. A local ``output`` is locked while the flow runs
+    (``infra.storage.OutputLocked`` at once when another run holds it)."""
     cfg_all = load_config(config, overrides)
     cfg, storage_cfg = cfg_all.preprocess, cfg_all.storage
     storage.configure(storage_cfg)
-    inputs = scan(input, cfg)
-    counts = process(inputs, output, cfg, storage_cfg, use_ray)
-    the_plan = plan(inputs, output, cfg)
-    n = write_shards(output, the_plan)
-    written = write_outputs(output, the_plan)
+    with storage.output_lock(output):
+        inputs = scan(input, cfg)
+        counts = process(inputs, output, cfg, storage_cfg, use_ray)
+        the_plan = plan(inputs, output, cfg)
+        n = write_shards(output, the_plan)
+        written = write_outputs(output, the_plan)
     summary = pipeline.summarise(the_plan) | {
         "processed": counts.get("todo", 0), "shards_written": n,
         "files_written": [k for k, v in written.items() if v]}

@@ -65,6 +65,7 @@ class Plan:
     identities: dict[str, dict[str, list[str]]]
     digests: dict[str, str] = field(default_factory=dict)
     label_outliers: list[str] = field(default_factory=list)  # paths far from their identity
+    pending: list[str] = field(default_factory=list)  # paths without a record: retry later
 
 
 def work_dir(output: str, cfg: PreprocessConfig) -> str:
@@ -151,7 +152,7 @@ class BatchProcessor:
 
     def __init__(self, cfg_json: str, storage_json: str, work: str):
         from infra.offline import apply_offline_env
-        from preprocessing.sample import SampleMaker
+        from preprocessing.sample import RETRY, SampleMaker
 
         apply_offline_env()
         import cv2
@@ -160,14 +161,20 @@ class BatchProcessor:
         storage.configure(StorageConfig.model_validate_json(storage_json))
         self.maker = SampleMaker(PreprocessConfig.model_validate_json(cfg_json))
         self.work = work
+        self.retry = RETRY
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["rid"])
         items = [{k: (str(batch[k][i]) or None) for k in batch} for i in range(n)]
         records = [self.maker.make(it) for it in items]
-        write_part(self.work, records)
+        # A transient failure is not a property of the photo: no record, so the next run
+        # processes it again instead of rejecting it for good.
+        stored = [r for r in records if r["status"] != self.retry]
+        if stored:
+            write_part(self.work, stored)
         return {"rid": np.array([r["rid"] for r in records]),
-                "status": np.array([r["status"] for r in records])}
+                "status": np.array([r["status"] for r in records]),
+                "reason": np.array([r["reason"] if r["status"] == self.retry else "" for r in records])}
 
 
 def _ray_init(cfg: PreprocessConfig) -> bool:
@@ -185,12 +192,21 @@ def _ray_init(cfg: PreprocessConfig) -> bool:
     return True
 
 
+def _count(batch: dict, counts: dict[str, int]) -> None:
+    """Add a processed batch's statuses to ``counts``; log what is left for the next run."""
+    for rid, status, reason in zip(batch["rid"], batch["status"], batch["reason"]):
+        counts[str(status)] += 1
+        if reason:
+            log.warning("image %s left for the next run after transient errors: %s", rid, reason)
+
+
 def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
                    storage_cfg: StorageConfig, use_ray: bool = True,
                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Run the per-image stages over ``items`` on a Ray Data actor pool (or in this process
     when ``use_ray`` is False). ``on_progress(done, total)`` is called after each batch.
-    Returns counts by status."""
+    Returns counts by status (``retry``: transient errors outlasted the retries; those
+    images have no record yet)."""
     counts: dict[str, int] = defaultdict(int)
     if not items:
         return dict(counts)
@@ -202,8 +218,7 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
         for start in range(0, len(items), bs):
             chunk = items[start:start + bs]
             out = proc({k: [it[k] for it in chunk] for k in chunk[0]})
-            for s in out["status"]:
-                counts[str(s)] += 1
+            _count(out, counts)
             log.info("processed %d/%d images", start + len(chunk), len(items))
             if on_progress:
                 on_progress(start + len(chunk), len(items))
@@ -222,8 +237,7 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
         )
         done = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for s in batch["status"]:
-                counts[str(s)] += 1
+            _count(batch, counts)
             done += len(batch["status"])
             log.info("processed %d/%d images", done, len(items))
             if on_progress:
@@ -258,10 +272,12 @@ def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfi
     rows: list[dict] = []
     first_of: dict[str, str] = {}
     ok: list[tuple[dict, dict]] = []  # (row, record)
+    pending: list[str] = []
     for f in sorted(inputs, key=lambda f: f.rel):
         rec = records.get(f.rid)
-        if rec is None:
-            raise RuntimeError(f"no record for {f.rel}: per-image stage incomplete")
+        if rec is None:  # transient errors outlasted the retries: neither ok nor rejected
+            pending.append(f.rel)
+            continue
         meta = json.loads(rec["meta"])
         row = {"path": f.rel, "status": "rejected", "reason": rec["reason"], "identity": "",
                "split": "", "shard": "", "key": f.rid[:16], "sha256": f.sha256,
@@ -335,8 +351,11 @@ def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfi
         log.warning("%d images are farther than %.2f from their identity's mean embedding "
                     "(check their labels): %s", len(outliers), cfg.label_check_distance,
                     outliers[:10])
+    if pending:
+        log.warning("%d images left for the next run after transient errors: %s",
+                    len(pending), pending[:10])
     return Plan(rows=rows, shards=shards, identities=identities, digests=digests,
-                label_outliers=outliers)
+                label_outliers=outliers, pending=pending)
 
 
 # -------------------------------------------------------------------------------- output
@@ -408,14 +427,23 @@ def summarise(the_plan: Plan) -> dict:
         "identities": {s: len(v) for s, v in the_plan.identities.items()},
         "shards": sorted(the_plan.shards),
         "label_outliers": len(the_plan.label_outliers),
+        "retry_later": len(the_plan.pending),
     }
 
 
 def run(input_root: str, output: str, cfg: PreprocessConfig,
         storage_cfg: StorageConfig | None = None, use_ray: bool = True) -> dict:
-    """All stages in order (the Prefect flow runs the same functions as tasks)."""
+    """All stages in order (the Prefect flow runs the same functions as tasks), holding
+    ``output``'s lock (``infra.storage.output_lock``: OutputLocked at once while another run
+    writes a local ``output``)."""
     storage_cfg = storage_cfg or StorageConfig()
     storage.configure(storage_cfg)
+    with storage.output_lock(output):
+        return _run_stages(input_root, output, cfg, storage_cfg, use_ray)
+
+
+def _run_stages(input_root: str, output: str, cfg: PreprocessConfig,
+                storage_cfg: StorageConfig, use_ray: bool) -> dict:
     inputs = scan_inputs(input_root, cfg)
     work = work_dir(output, cfg)
     records = load_records(work)
