@@ -85,6 +85,7 @@ def test_image_list_parsing(tmp_path):
 @pytest.mark.parametrize("line,match", [
     ("subj/unknown_challenge/IMG_1.jpg", "unknown challenge"),
     ("subj/../IMG_1.jpg", "bad path component"),
+    ("subj/multiview_neutral/IMG_1;touch${IFS}x.jpg", "bad path component"),
     ("IMG_1.jpg", "not <subject>"),
 ])
 def test_image_list_errors(tmp_path, line, match):

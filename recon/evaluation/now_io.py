@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.mesh_io import atomic_write_bytes, atomic_writer
+from recon.mesh_io import UnsafeName, atomic_write_bytes, atomic_writer, check_name
 
 #: NoW challenge folder -> short name used in metrics.
 CHALLENGES: dict[str, str] = {
@@ -60,9 +60,12 @@ class NowImage:
 
 
 def _safe_part(part: str, line: str, path: Path) -> str:
-    if part in ("", ".", "..") or "\\" in part:
-        raise NowFormatError(f"{path}: bad path component {part!r} in line {line!r}")
-    return part
+    # Prediction paths are built from these parts: the project's one name check.
+    try:
+        return check_name(part)
+    except UnsafeName as err:
+        raise NowFormatError(f"{path}: bad path component {part!r} in line {line!r} "
+                             f"({err})") from None
 
 
 def read_image_list(path: str | os.PathLike) -> list[NowImage]:
