@@ -119,6 +119,13 @@ class PreprocessConfig(StrictModel):
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = Field(0)
     shard_size: int = Field(1000, ge=1, description="samples per shard")
+    transient_retries: int = Field(
+        2, ge=0, description="retries of a photo after a transient error (out of memory, a "
+        "storage read); still failing, it is left unrecorded for the next run, never rejected"
+    )
+    transient_retry_delay: float = Field(
+        2.0, ge=0, description="seconds before the first retry (n x this before the n-th)"
+    )
 
     ray: PreprocessRayConfig = Field(default_factory=PreprocessRayConfig)
 

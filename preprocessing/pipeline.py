@@ -261,7 +261,8 @@ def _identity_mode(cfg: PreprocessConfig, inputs: list[InputFile]) -> str:
 
 
 def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfig) -> Plan:
-    """Manifest rows for every input, identities, split and the shard layout."""
+    """Manifest rows for every input with a record, identities, split and the shard layout;
+    inputs without one (transient errors outlasted their retries) are ``pending``."""
     mode = _identity_mode(cfg, inputs)
     labels = read_labels(storage.read_bytes(cfg.labels), cfg.labels) if mode == "labels" else {}
     if mode == "labels" and not cfg.labels:

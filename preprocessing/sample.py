@@ -2,12 +2,15 @@
 
 Models are loaded once per :class:`SampleMaker` (once per Ray actor). A record is a dict
 ``{rid, sha256, status, reason, jpg, lmk, mask, meta, embedding}``; rejected records keep
-only the reason (and the faces seen).
+only the reason (and the faces seen). A record with status :data:`RETRY` says a transient
+error (out of memory, a storage read) outlasted ``preprocess.transient_retries``: it is
+not stored, so the next run tries the photo again.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections import defaultdict
 
@@ -23,6 +26,21 @@ from preprocessing.decode import Rejected, decode_image
 from preprocessing.detect import make_detector
 from preprocessing.landmarks import landmark_box, make_landmarker, plausible
 from preprocessing.skin_mask import make_masker
+
+log = logging.getLogger("wildface.preprocess")
+
+#: Status of a record that must not be stored: its photo is retried by the next run.
+RETRY = "retry"
+
+
+class _Transient(Exception):
+    """Wraps an error that says nothing about the photo (retried, never recorded)."""
+
+
+def _is_transient_in_processing(err: BaseException) -> bool:
+    # torch's OutOfMemoryError (CPU or CUDA) is a RuntimeError, matched by name so this
+    # module does not import torch.
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
 
 
 def _png(gray: np.ndarray) -> bytes:
@@ -65,22 +83,42 @@ class SampleMaker:
             self.stage_seconds[stage] += time.perf_counter() - t
 
     def make(self, item: dict) -> dict:
-        """item: {uri, rid, sha256, pts (uri | None), mask (uri | None)} -> record."""
+        """item: {uri, rid, sha256, pts (uri | None), mask (uri | None)} -> record. Transient
+        errors are retried ``cfg.transient_retries`` times; then the record has status
+        :data:`RETRY` and the error as its reason."""
+        attempts = self.cfg.transient_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._attempt(item)
+            except _Transient as wrapped:
+                err = wrapped.__cause__
+                log.warning("%s: transient %s (attempt %d of %d): %s", item["uri"],
+                            type(err).__name__, attempt, attempts, err)
+                if attempt < attempts:
+                    time.sleep(self.cfg.transient_retry_delay * attempt)
+        return {"rid": item["rid"], "sha256": item["sha256"], "status": RETRY,
+                "reason": f"{type(err).__name__}: {err} (after {attempts} attempts)", "jpg": None,
+                "lmk": None, "mask": None, "meta": "{}", "embedding": None}
+
+    def _attempt(self, item: dict) -> dict:
         record = {"rid": item["rid"], "sha256": item["sha256"], "status": "rejected",
                   "reason": "", "jpg": None, "lmk": None, "mask": None, "meta": "{}",
                   "embedding": None}
         meta: dict = {}
-        # Reads happen first and are not caught: an I/O error is transient (the task is
-        # retried), not a property of the file to be recorded.
-        data = self._timed("read", storage.read_bytes, item["uri"])
-        pts = storage.read_bytes(item["pts"]) if item.get("pts") else None
-        mask = storage.read_bytes(item["mask"]) if item.get("mask") else None
+        try:  # a failing read (timeout, connection) says nothing about the photo
+            data = self._timed("read", storage.read_bytes, item["uri"])
+            pts = storage.read_bytes(item["pts"]) if item.get("pts") else None
+            mask = storage.read_bytes(item["mask"]) if item.get("mask") else None
+        except (OSError, MemoryError) as err:
+            raise _Transient() from err
         try:
             self._make(data, pts, mask, record, meta)
             record["status"] = "ok"
         except Rejected as err:
             record["reason"] = str(err)
         except Exception as err:  # noqa: BLE001 - one odd file must not stop the dataset
+            if _is_transient_in_processing(err):
+                raise _Transient() from err
             record["reason"] = f"processing error: {type(err).__name__}: {err}"
         record["meta"] = json.dumps(meta, sort_keys=True)
         return record

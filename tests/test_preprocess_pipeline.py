@@ -145,3 +145,55 @@ def test_ray_actor_pool_gives_the_same_result(corpus, reference, tmp_path):
     assert summary["processed"] == len(corpus[1])
     assert (out / "manifest.parquet").read_bytes() == (reference / "manifest.parquet").read_bytes()
     assert (out / "identities.json").read_bytes() == (reference / "identities.json").read_bytes()
+
+
+def test_transient_errors_are_retried_never_rejected(corpus, tmp_path, monkeypatch):
+    """Out of memory on one photo every time, a storage read that times out twice on
+    another: the first is left unrecorded (not a rejection) and processed by the rerun, the
+    second succeeds within the retries; a bad photo stays a rejection."""
+    import shutil
+
+    from preprocessing import sample
+
+    src = tmp_path / "in" / "eileen"
+    src.mkdir(parents=True)
+    for name in ("good.jpg", "palette.png", "text.jpg"):
+        shutil.copy(corpus[0] / "eileen" / name, src / name)
+    oom_bytes = (src / "good.jpg").read_bytes()
+    real_decode, real_storage = sample.decode_image, sample.storage
+    attempts = {"decode": 0, "read": 0}
+
+    def decode(data, **kw):
+        if data == oom_bytes:
+            attempts["decode"] += 1
+            raise MemoryError()
+        return real_decode(data, **kw)
+
+    class FlakyStorage:
+        def __getattr__(self, name):
+            return getattr(real_storage, name)
+
+        def read_bytes(self, uri):
+            if uri.endswith("palette.png") and attempts["read"] < 2:
+                attempts["read"] += 1
+                raise TimeoutError("read timed out")
+            return real_storage.read_bytes(uri)
+
+    monkeypatch.setattr(sample, "decode_image", decode)
+    monkeypatch.setattr(sample, "storage", FlakyStorage())
+    cfg = CFG.model_copy(update={"transient_retries": 2, "transient_retry_delay": 0.0})
+    out = tmp_path / "out"
+    summary = run(str(tmp_path / "in"), str(out), cfg, use_ray=False)
+    assert attempts == {"decode": 3, "read": 2}  # 1 try + 2 retries; 2 timeouts then a read
+    assert summary["retry_later"] == 1 and summary["ok"] == 1 and summary["rejected"] == 1
+    m = read_manifest(str(out)).set_index("path")
+    assert sorted(m.index) == ["eileen/palette.png", "eileen/text.jpg"]  # good.jpg: no row yet
+    assert m.loc["eileen/palette.png"].status == "ok"
+    assert m.loc["eileen/text.jpg"].status == "rejected"
+    assert not any("MemoryError" in r for r in m.reason)
+
+    monkeypatch.setattr(sample, "decode_image", real_decode)
+    again = run(str(tmp_path / "in"), str(out), cfg, use_ray=False)
+    assert again["processed"] == 1 and again["retry_later"] == 0 and again["ok"] == 2
+    m = read_manifest(str(out)).set_index("path")
+    assert m.loc["eileen/good.jpg"].status == "ok"

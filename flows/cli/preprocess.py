@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from flows.cli.options import load_config_or_exit
+
 
 def preprocess(
     input: str = typer.Option(..., "--input", "-i", help="folder or s3:// prefix of photos"),
@@ -16,11 +18,21 @@ def preprocess(
     no_ray: bool = typer.Option(False, "--no-ray", help="process in this process (debugging)"),
 ) -> None:
     """Photos in, WebDataset shards + manifest out (runs the Prefect flow `preprocess`)."""
+    load_config_or_exit(config, set_)  # a mistake: one line here, not a failed flow run
     from flows.preprocess import preprocess as flow
+    from infra.storage import OutputLocked
 
-    summary = flow(input=input, output=output, config=config, overrides=list(set_),
-                   use_ray=not no_ray)
+    try:
+        summary = flow(input=input, output=output, config=config, overrides=list(set_),
+                       use_ray=not no_ray)
+    except OutputLocked as err:  # another run writes this output folder
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(json.dumps(summary, indent=1))
+    if summary["retry_later"]:
+        typer.echo(f"error: {summary['retry_later']} photo(s) hit transient errors (out of memory, "
+                   "storage) and are left for the next run: run the same command again", err=True)
+        raise typer.Exit(1)
 
 
 def detect(
@@ -30,13 +42,13 @@ def detect(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Every face in each photo: box, score and 68 landmarks in the photo's pixels (0-based,
-    x right, y down), with the configured detector and landmarker."""
-    from flows.config import load_config
+    x right, y down), with the configured detector and landmarker. Exit status 1 when no
+    photo could be read."""
     from preprocessing.decode import Rejected, decode_image
     from preprocessing.detect import make_detector
     from preprocessing.landmarks import make_landmarker
 
-    cfg = load_config(config, list(set_)).preprocess
+    cfg = load_config_or_exit(config, set_).preprocess
     detector, landmarker = make_detector(cfg), make_landmarker(cfg)
     results = []
     for path in images:
@@ -54,12 +66,15 @@ def detect(
         results.append(entry)
     if as_json:
         typer.echo(json.dumps(results, indent=1))
-        return
-    for entry in results:
-        if "error" in entry:
-            typer.echo(f"{entry['image']}: {entry['error']}")
-            continue
-        typer.echo(f"{entry['image']}: {len(entry['faces'])} face(s)")
-        for face in entry["faces"]:
-            typer.echo(f"  box={face['box']} score={face['score']} "
-                       f"landmarks[0..2]={face['landmarks'][:3]}")
+    else:
+        for entry in results:
+            if "error" in entry:
+                typer.echo(f"{entry['image']}: {entry['error']}")
+                continue
+            typer.echo(f"{entry['image']}: {len(entry['faces'])} face(s)")
+            for face in entry["faces"]:
+                typer.echo(f"  box={face['box']} score={face['score']} "
+                           f"landmarks[0..2]={face['landmarks'][:3]}")
+    if not any("faces" in entry for entry in results):
+        typer.echo(f"error: none of the {len(results)} photo(s) could be read", err=True)
+        raise typer.Exit(1)
