@@ -12,9 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown fields and wrong types are errors."""
+    """Base for every config section: unknown fields, wrong types and non-finite numbers
+    (``inf``, ``nan``, YAML's ``.inf`` / ``.nan``) are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite learning rate or weight passes every `gt=0` bound and
+    # turns the weights non-finite at the first step; refuse it before any work starts.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 DEMO_HEAD = "demo-head"
@@ -172,6 +175,10 @@ class TrainConfig(StrictModel):
     )
     amp: bool = Field(True, description="mixed precision for the encoders on CUDA (ignored on CPU)")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm; None = off")
+    max_skipped_steps: int = Field(
+        3, ge=1, description="stop with an error after this many consecutive optimiser steps "
+        "skipped for a non-finite loss or gradient (recon.training.steps.NonFiniteTraining)"
+    )
     seed: int = 0
     checkpoint_every: int = Field(1000, ge=1)
 
