@@ -1,5 +1,6 @@
 """Training steps: gradients reach only the stage's networks, pretraining phase, non-finite
-steps skipped and counted, determinism and resumable step state.
+steps skipped and counted (batch-norm statistics kept), divergence stopped with an error,
+determinism and resumable step state.
 
 Runs on a tiny FLAME-format grid model (tests/tiny_face_model.py); the learning test (marked
 slow: it trains) uses the demo head."""
@@ -15,7 +16,7 @@ import torch
 from recon.config import FaceModelConfig, LossConfig, NetworkConfig, TrainConfig
 from recon.deca import DECA
 from recon.losses.mrf import IDMRFLoss
-from recon.training.steps import CoarseStep, DetailStep
+from recon.training.steps import CoarseStep, DetailStep, NonFiniteTraining
 from tiny_face_model import tiny_face_assets
 
 NET = NetworkConfig(backbone="mobilenet_v3_small", hidden=32, n_detail=8, image_size=32, uv_size=16)
@@ -144,6 +145,56 @@ def test_non_finite_loss_is_skipped_and_counted(assets):
     assert step.skipped == 1
     assert all(torch.equal(p, b) for p, b in zip(step.parameters(), before))
     assert all(p.grad is None for p in step.parameters())
+
+
+def test_consecutive_skipped_steps_stop_training(assets):
+    step = CoarseStep(_model(assets), LossConfig(), TrainConfig(pretrain_steps=0,
+                                                                max_skipped_steps=2))
+    opt = torch.optim.Adam(step.parameters(), lr=1e-3)
+    nan_batch = _batch()
+    nan_batch["landmarks"][0, 0, 0] = float("nan")
+    assert step.optim_step(step(nan_batch)[0], opt) is False
+    assert step.optim_step(step(_batch())[0], opt)  # a step taken: the count starts again
+    assert step.optim_step(step(nan_batch)[0], opt) is False
+    assert step.state_dict()["consecutive_skipped"] == 1
+    with pytest.raises(NonFiniteTraining, match=r"at step 4: 2 consecutive steps skipped "
+                                                r"\(train\.max_skipped_steps=2\).*the loss"):
+        step.optim_step(step(nan_batch)[0], opt)
+    assert step.skipped == 3
+
+
+def test_non_finite_gradient_is_named_when_it_stops_training(assets):
+    step = CoarseStep(_model(assets), LossConfig(), TrainConfig(pretrain_steps=0,
+                                                                max_skipped_steps=1))
+    opt = torch.optim.Adam(step.parameters(), lr=1e-3)
+    loss, _ = step(_batch())
+    name, weight = next((n, p) for n, p in step.model.named_parameters()
+                        if n.startswith("coarse_encoder") and n.endswith("bias"))
+    weight.register_hook(lambda g: g * float("inf"))  # one gradient overflows
+    with pytest.raises(NonFiniteTraining, match=rf"the gradient of {name}$"):
+        step.optim_step(loss, opt)
+
+
+def test_non_finite_weights_after_a_step_stop_training(assets):
+    step = CoarseStep(_model(assets), LossConfig(), TrainConfig(pretrain_steps=0))
+    first = next(n for n, p in step.model.named_parameters() if p is step.parameters()[0])
+    opt = torch.optim.SGD(step.parameters(), lr=math.inf)  # every moved weight -> inf/nan
+    with pytest.raises(NonFiniteTraining, match=rf"at step 1: parameter {first} is not finite"):
+        step.optim_step(step(_batch())[0], opt)
+
+
+def test_skipped_step_keeps_the_batch_norm_statistics(assets):
+    model = _model(assets)
+    step = CoarseStep(model, LossConfig(), TrainConfig(pretrain_steps=0))
+    opt = torch.optim.Adam(step.parameters(), lr=1e-3)
+    before = _snapshot(model.coarse_encoder)
+    batch = _batch()
+    batch["images"][0, :, 4, 4] = float("nan")  # reaches every running mean and variance
+    loss, _ = step(batch)
+    running = [b for n, b in model.coarse_encoder.named_buffers() if n.endswith("running_mean")]
+    assert running and not all(torch.isfinite(b).all() for b in running)  # the forward's mark
+    assert step.optim_step(loss, opt) is False
+    assert _same(before, _snapshot(model.coarse_encoder))
 
 
 def test_gradient_clipping_bounds_the_update_norm(assets):

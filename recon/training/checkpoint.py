@@ -12,10 +12,15 @@ a detail stage started from, or None).
 
 Files: ``<dir>/<stage>-<step:09d>.pt``; the latest is the highest step. Temporary files of an
 interrupted save (``.<name>.*.tmp``) are never mistaken for checkpoints.
+
+Numerical integrity: :func:`save_checkpoint` refuses (before writing anything) a payload
+holding a non-finite floating-point value, and :func:`assert_finite_state` is the one check
+that loaders and the model registry apply to a state dict (:class:`NonFiniteState`).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +37,46 @@ _NAME = re.compile(r"^(coarse|detail)-(\d{9})\.pt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (wrong format, stage or face model)."""
+
+
+class NonFiniteState(CheckpointError):
+    """A state (weights, optimiser moments) holding ``inf`` or ``nan``: a diverged model."""
+
+
+def _first_non_finite(value: Any, key: str) -> tuple[str, int] | None:
+    """(dotted key, count of non-finite entries) of the first floating-point tensor or float
+    in ``value`` (nested dicts, lists and tuples) that is not finite, else None."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                return key, bad
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, 1)
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        found = _first_non_finite(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def assert_finite_state(state: Any, what: str) -> None:
+    """Raise :class:`NonFiniteState` when ``state`` (a state dict, a checkpoint payload, or
+    any nesting of dicts / lists / tuples of tensors and floats) holds ``inf`` or ``nan``.
+    ``what`` names it in the message (e.g. the checkpoint's path), with the first offending
+    entry's key; integer tensors (RNG states, counters) are not numbers to check."""
+    found = _first_non_finite(state, "")
+    if found is not None:
+        key, bad = found
+        raise NonFiniteState(f"{what}: non-finite values (inf or nan) in {key or 'the value'} "
+                             f"({bad} entries): a diverged model, refused")
 
 
 def checkpoint_path(directory: str | os.PathLike, stage: str, step: int) -> Path:
@@ -86,7 +131,8 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temp file in the same folder, fsync, then rename).
-    ``extra``: more top-level entries (plain types and tensors), e.g. the step object's state."""
+    ``extra``: more top-level entries (plain types and tensors), e.g. the step object's state.
+    Raises :class:`NonFiniteState`, writing nothing, when any of it holds ``inf`` or ``nan``."""
     path = Path(path)
     payload = {
         "format": FORMAT_VERSION, "stage": stage, "step": int(step), "skipped": int(skipped),
@@ -97,6 +143,7 @@ def save_checkpoint(
     if clash:
         raise ValueError(f"extra entries clash with the checkpoint's own: {sorted(clash)}")
     payload.update(extra or {})
+    assert_finite_state(payload, f"checkpoint {path}")
     # fsync: a resumed run must find a complete file even after a machine crash.
     with atomic_writer(path, fsync=True) as fh:
         torch.save(payload, fh)

@@ -7,6 +7,11 @@ Usage (what a trainer does each iteration)::
     loss, terms = step(batch)          # forward + losses; terms: name -> float
     stepped = step.optim_step(loss, optimizer, scaler)   # False: skipped (non-finite)
 
+Numerical integrity: a step whose loss or gradient is not finite is skipped; after
+``train.max_skipped_steps`` consecutive skips, or when the weights themselves are not finite
+after an optimiser step, ``optim_step`` raises :class:`NonFiniteTraining` (naming the step and
+the first offending parameter) instead of training on with a diverged model.
+
 Batches: ``images`` (B, 3, S, S) in [0, 1], ``landmarks`` (B, 68, 2) in the [-1, 1] image
 convention, ``masks`` (B, 1, S, S) skin masks, ``identity`` (B,) long labels (N identities x K
 images). The coarse stage trains the coarse encoder only (with ``model.head: keypoints`` the
@@ -41,6 +46,10 @@ Batch = Mapping[str, torch.Tensor]
 _IMAGE_KEYS = ("images", "landmarks", "masks")
 
 
+class NonFiniteTraining(RuntimeError):
+    """Training diverged: too many consecutive skipped steps, or non-finite weights."""
+
+
 def _rows(batch: Batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: batch[k][rows] for k in _IMAGE_KEYS}
 
@@ -62,9 +71,22 @@ class _Stage:
         self.generator = torch.Generator().manual_seed(train_cfg.seed)
         self.iteration = 0  # calls so far
         self.skipped = 0  # optimiser steps skipped for a non-finite loss or gradient
+        self.consecutive_skipped = 0  # ... of them since the last step taken
+        self._statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The networks this stage trains (their parameters are :meth:`parameters`)."""
+        raise NotImplementedError
 
     def parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def _keep_statistics(self) -> None:
+        """Copy the trained networks' buffers (batch-norm running statistics) before a
+        forward pass: a skipped step puts them back, since a non-finite batch would leave
+        them ``nan`` although the weights never moved."""
+        self._statistics = [(b, b.detach().clone()) for m in self.trained_modules()
+                            for b in m.buffers()]
 
     def _autocast(self, device: torch.device) -> torch.autocast:
         enabled = self.train_cfg.amp and device.type == "cuda"
@@ -81,9 +103,17 @@ class _Stage:
         """Backward, optional gradient-norm clipping (``train.grad_clip``), optimiser step.
 
         A non-finite loss or gradient never reaches the optimiser: the step is skipped,
-        counted in ``self.skipped``, and False returned. ``sync_grads`` (e.g. an all-reduce
-        for data-parallel training) runs on the gradients before the check; a worker with a
-        non-finite loss hands it NaN gradients, so every worker skips the same step.
+        counted in ``self.skipped``, the trained networks' buffers (batch-norm statistics) are
+        put back as they were before the forward pass, and False returned. ``sync_grads``
+        (e.g. an all-reduce for data-parallel training) runs on the gradients before the
+        check; a worker with a non-finite loss hands it NaN gradients, so every worker skips
+        the same step.
+
+        Raises :class:`NonFiniteTraining` at the ``train.max_skipped_steps``-th consecutive
+        skip, and when a parameter is not finite after the optimiser step (every worker holds
+        the same weights, so all of them stop). float16 overflows under a ``scaler`` are its
+        normal back-off (it halves its scale and retries) and count towards the limit only
+        once the scale has fallen below 1.
         """
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer.zero_grad(set_to_none=True)
@@ -97,28 +127,66 @@ class _Stage:
                 p.grad = torch.full_like(p, math.nan)
         if sync_grads is not None:
             sync_grads(params)
-        max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # The norm first, clipping after: a skipped step's gradients still name the culprit.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not bool(torch.isfinite(norm)):
+            culprit = "the loss" if not finite_loss else \
+                f"the gradient of {self._first_non_finite(params, grads=True)}"
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in self._statistics:
+                    buffer.copy_(saved)
+            backing_off = False
             if scaler is not None and finite_loss:
                 scaler.update()  # float16 overflow: lower the scale, as GradScaler does
+                backing_off = scaler.get_scale() >= 1.0
             self.skipped += 1
+            if not backing_off:
+                self.consecutive_skipped += 1
+            limit = self.train_cfg.max_skipped_steps
+            if self.consecutive_skipped >= limit:
+                raise NonFiniteTraining(
+                    f"training diverged at step {self.iteration}: {self.consecutive_skipped} "
+                    f"consecutive steps skipped (train.max_skipped_steps={limit}), the last one "
+                    f"for a non-finite value in {culprit}")
             return False
+        if self.train_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.train_cfg.grad_clip, norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        self.consecutive_skipped = 0
+        # One device sync per step for the whole set of parameters.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise NonFiniteTraining(
+                f"training diverged at step {self.iteration}: parameter "
+                f"{self._first_non_finite(params)} is not finite after the optimiser step "
+                f"(learning rate {optimizer.param_groups[0]['lr']:g})")
         return True
+
+    def _first_non_finite(self, params: list[nn.Parameter], grads: bool = False) -> str:
+        """The model's name of the first of ``params`` (or of their gradients) holding inf
+        or nan; only called once something is known to be non-finite (a gradient norm can
+        also overflow with every entry finite)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in params:
+            value = p.grad if grads else p
+            if value is not None and not bool(torch.isfinite(value).all()):
+                return names.get(id(p), "<unnamed>")
+        return "every parameter (entries finite, their norm overflowed)"
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "skipped": self.skipped,
+                "consecutive_skipped": self.consecutive_skipped,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.iteration = int(state["iteration"])
         self.skipped = int(state["skipped"])
+        # Checkpoints written before the count was kept resume with none.
+        self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
         self.generator.set_state(state["generator"])
 
 
@@ -142,6 +210,9 @@ class CoarseStep(_Stage):
     def parameters(self) -> list[nn.Parameter]:
         return self.model.coarse_parameters()
 
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.model.coarse_encoder]
+
     @property
     def phase(self) -> str:
         """The next call's phase: ``keypoints``, ``pretrain`` or ``full``."""
@@ -153,6 +224,7 @@ class CoarseStep(_Stage):
         model, cfg = self.model, self.loss_cfg
         phase = self.phase
         self.iteration += 1
+        self._keep_statistics()
         model.coarse_encoder.train()
         images = batch["images"]
         with self._autocast(images.device):
@@ -199,6 +271,9 @@ class DetailStep(_Stage):
     def parameters(self) -> list[nn.Parameter]:
         return self.model.detail_parameters()
 
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.model.detail_encoder, self.model.detail_decoder]
+
     def _detail_terms(self, codes: Codes, albedo_uv: torch.Tensor, uv_target: torch.Tensor,
                       uv_visible: torch.Tensor, with_maps: bool) -> dict[str, torch.Tensor]:
         with self._autocast(codes.shape.device):
@@ -213,6 +288,7 @@ class DetailStep(_Stage):
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         model, cfg = self.model, self.loss_cfg
         self.iteration += 1
+        self._keep_statistics()
         model.coarse_encoder.eval()
         model.detail_encoder.train()
         model.detail_decoder.train()

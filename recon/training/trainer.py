@@ -9,6 +9,12 @@ Resume: at start the trainer loads the latest checkpoint of its stage in ``<out>
 (model, optimiser, grad scaler, step counters and generator, RNG states) and continues at its
 step with the very batches an uninterrupted run would have drawn (batches and augmentation
 depend only on the seed and the step), so on CPU the continuation is bit-identical.
+
+Divergence: :meth:`Trainer.run` raises :class:`recon.training.steps.NonFiniteTraining` after
+``train.max_skipped_steps`` consecutive skipped steps or as soon as a weight is not finite,
+and a checkpoint is never written with a non-finite value in it
+(:class:`recon.training.checkpoint.NonFiniteState`): a diverged run fails, it does not end
+with a checkpoint that reconstructs ``nan`` meshes.
 """
 from __future__ import annotations
 
@@ -25,11 +31,12 @@ from torch import nn
 
 from recon.config import DataConfig, FaceModelConfig, LossConfig, NetworkConfig, TrainConfig
 from recon.devices import pick_device
-from recon.training.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint,
-                                       load_checkpoint, prune_checkpoints, save_checkpoint,
-                                       set_rng_state)
+from recon.training.checkpoint import (CheckpointError, NonFiniteState, checkpoint_path,
+                                       latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                       save_checkpoint, set_rng_state)
 from recon.training.data import (CropAugment, IdentityBatchSampler, SampleStore,
                                  make_train_loader)
+from recon.training.steps import CoarseStep, DetailStep, NonFiniteTraining
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +133,6 @@ class Trainer:
         resume: bool = True,
     ) -> None:
         from recon.deca import DECA
-        from recon.training.steps import CoarseStep, DetailStep
 
         if stage not in ("coarse", "detail"):
             raise ValueError(f"stage must be 'coarse' or 'detail', got {stage!r}")
@@ -207,16 +213,22 @@ class Trainer:
         log.info("resumed %s stage from %s (step %d)", self.stage, path, self.step)
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically) and prune old ones."""
-        path = save_checkpoint(
-            checkpoint_path(self.ckpt_dir, self.stage, self.step), stage=self.stage,
-            step=self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            config_json=self.config.model_dump_json(), face_model=self.model.face_model_name,
-            skipped=self.step_fn.skipped,
-            scaler=None if self.scaler is None else self.scaler.state_dict(),
-            extra={"step_state": self.step_fn.state_dict(),
-                   "coarse_checkpoint": self.coarse_checkpoint},
-        )
+        """Write a checkpoint of the current step (atomically) and prune old ones. Raises
+        ``NonFiniteTraining`` (nothing written) when the state is not finite, e.g. batch-norm
+        statistics that a non-finite batch reached although its step was skipped."""
+        try:
+            path = save_checkpoint(
+                checkpoint_path(self.ckpt_dir, self.stage, self.step), stage=self.stage,
+                step=self.step, model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                config_json=self.config.model_dump_json(),
+                face_model=self.model.face_model_name, skipped=self.step_fn.skipped,
+                scaler=None if self.scaler is None else self.scaler.state_dict(),
+                extra={"step_state": self.step_fn.state_dict(),
+                       "coarse_checkpoint": self.coarse_checkpoint},
+            )
+        except NonFiniteState as err:
+            raise NonFiniteTraining(f"training diverged at step {self.step}: {err}") from err
         prune_checkpoints(self.ckpt_dir, self.stage, self.keep_checkpoints)
         for cb in self.callbacks:
             cb.on_checkpoint(path)
@@ -225,7 +237,9 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------------
     def run(self, steps: int | None = None) -> TrainResult:
         """Train until ``steps`` optimiser steps are done in total (default ``train.steps``),
-        checkpointing every ``train.checkpoint_every`` steps and at the end."""
+        checkpointing every ``train.checkpoint_every`` steps and at the end. Raises
+        ``NonFiniteTraining`` when training diverges (see the module doc); the checkpoints
+        written before it stay."""
         total = self.config.train.steps if steps is None else steps
         every = self.config.train.checkpoint_every
         started = time.perf_counter()
@@ -266,5 +280,5 @@ class Trainer:
                            seconds=time.perf_counter() - started, images=images)
 
 
-__all__ = ["CHECKPOINT_DIR", "JsonlLog", "TrainResult", "Trainer", "TrainerCallback",
-           "TrainingConfig"]
+__all__ = ["CHECKPOINT_DIR", "JsonlLog", "NonFiniteTraining", "TrainResult", "Trainer",
+           "TrainerCallback", "TrainingConfig"]
