@@ -7,20 +7,12 @@ from typing import Optional
 
 import typer
 
+from flows.cli.options import load_config_or_exit
+
 MODEL_HELP = ("a checkpoint (.pt) or training folder, models:/<name>@<alias> (e.g. "
               "models:/wildface-deca@champion), models:/<name>/<N>, or runs:/<run id>")
 FACE_MODEL_HELP = ("face model to run with ('demo-head', a FLAME .pkl or .npz); default: the "
                    "one recorded with the model (a different one is an error)")
-
-
-def _config(config: Optional[str], overrides: Optional[list[str]]):
-    from flows.config import ConfigError, load_config
-
-    try:
-        return load_config(config, list(overrides or []))
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -44,8 +36,9 @@ def reconstruct(
     (OBJ with UVs, albedo texture, normal and displacement maps), a visual grid; for videos a
     per-frame parameter table (Parquet). One folder per input, resumable: finished inputs
     are skipped; failures are listed with their reason in OUT/summary.json."""
-    cfg = _config(config, overrides)
+    cfg = load_config_or_exit(config, overrides)
     from flows.reconstruct import run_batch
+    from infra.storage import OutputLocked
     from recon.reconstruct import FaceModelMismatch
 
     def progress(done: int, total: int, result: dict) -> None:
@@ -55,7 +48,7 @@ def reconstruct(
     try:
         summary = run_batch(inputs, out, model, cfg, use_ray=ray, face_model=face_model,
                             tracking_uri=tracking_uri, progress=progress)
-    except (FaceModelMismatch, FileNotFoundError, ValueError) as err:
+    except (FaceModelMismatch, FileNotFoundError, ValueError, OutputLocked) as err:
         _fail(str(err))
     typer.echo(json.dumps({k: summary[k] for k in ("inputs", "processed", "counts", "seconds")}))
     if summary["failures"]:
@@ -89,7 +82,7 @@ def animate(
     """Keep SOURCE's identity, albedo, light and detail code; take expression and jaw pose
     from DRIVER (or named controls); render the sequence with expression-dependent detail
     (shape and textured) to PNG frames, animation.mp4 and animation.gif."""
-    cfg = _config(config, overrides)
+    cfg = load_config_or_exit(config, overrides)
     import tempfile
 
     import torch
