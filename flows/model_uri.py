@@ -11,13 +11,24 @@ Accepted forms:
 
 A registered model is the reconstructor pyfunc of :mod:`flows.reconstructor`: its artifacts
 (the detail checkpoint, the resolved config and the face model's arrays) are downloaded and
-used directly; nothing is unpickled. The tracking URI is ``tracking_uri``, else
-``$MLFLOW_TRACKING_URI``, else the MLflow server of ``wildface services`` when it answers.
+used directly; nothing is unpickled and the pyfunc's code file is never executed. The tracking
+URI is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the MLflow server of ``wildface
+services`` when it answers.
+
+Trust: the artifact store (files) is the untrusted side, the tracking database the record.
+Logging records the sha256 of every model file (:func:`model_checksums`) as ``sha256.<name>``
+tags of the logged model; registering copies them onto the version's tags. Every MLflow model
+is checked against that record after its download and before anything reads it
+(:func:`verify_model_dir`): a file that differs, is missing, or has no recorded checksum is
+refused (:class:`ModelIntegrityError`, naming the file and both hashes). Local paths are the
+user's own files and are not checked.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +36,22 @@ from typing import Any
 import yaml
 
 from recon.config import FaceModelConfig, RefineConfig
+from recon.weights_file import ChecksumMismatchError, sha256_file, verify_file
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
+CHECKSUM_TAG = "sha256."  # + file name: the record of one model file (tag value: hex digest)
+MLMODEL = "MLmodel"
+# The models-from-code file, copied into the model folder under this name (never executed here).
+CODE_FILE = "python_model"
+CODE_FILE_NAME = "reconstructor.py"
+# What the loader reads: a record without these cannot vouch for the model.
+REQUIRED_CHECKSUMS = (MLMODEL, "checkpoint", "config", "face_model")
+
+log = logging.getLogger(__name__)
+
+
+class ModelIntegrityError(ValueError):
+    """A downloaded model whose files do not match the registry's record of them."""
 
 
 @dataclass
@@ -38,6 +63,8 @@ class ModelFiles:
     face_model: Path | None = None  # the face model's .npz shipped with a registered model
     config_json: str | None = None  # the resolved config shipped with a registered model
     source: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)  # every file of an MLflow model
+    checksums: dict[str, str] = field(default_factory=dict)  # the record they were checked on
 
     @property
     def run_id(self) -> str | None:
@@ -81,20 +108,31 @@ def latest_local_checkpoint(folder: Path) -> Path:
                             f"{folder / 'checkpoints'}")
 
 
-def read_pyfunc_dir(model_dir: Path, source: dict[str, Any]) -> ModelFiles:
-    """The checkpoint, config and face model of a downloaded reconstructor pyfunc."""
-    mlmodel = model_dir / "MLmodel"
+def _read_mlmodel(model_dir: Path) -> tuple[dict, dict[str, Path]]:
+    """A model folder's ``MLmodel`` spec and its files by name: ``MLmodel``, the code file
+    (``python_model``, when there) and each pyfunc artifact (refused when it points outside
+    the folder)."""
+    root = model_dir.resolve()
+    mlmodel = root / MLMODEL
     if not mlmodel.is_file():
         raise FileNotFoundError(f"{model_dir}: not an MLflow model (no MLmodel file)")
     spec = yaml.safe_load(mlmodel.read_text()) or {}
     artifacts = (spec.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
-    paths: dict[str, Path] = {}
+    paths: dict[str, Path] = {MLMODEL: mlmodel}
+    if (root / CODE_FILE_NAME).is_file():
+        paths[CODE_FILE] = root / CODE_FILE_NAME
     for name, entry in artifacts.items():
         rel = entry.get("path") if isinstance(entry, dict) else entry
-        path = (model_dir / str(rel)).resolve()
-        if not path.is_relative_to(model_dir.resolve()):
+        path = (root / str(rel)).resolve()
+        if not path.is_relative_to(root):
             raise ValueError(f"{mlmodel}: artifact {name!r} points outside the model folder")
-        paths[name] = path
+        paths[str(name)] = path
+    return spec, paths
+
+
+def read_pyfunc_dir(model_dir: Path, source: dict[str, Any]) -> ModelFiles:
+    """The checkpoint, config and face model of a downloaded reconstructor pyfunc."""
+    spec, paths = _read_mlmodel(model_dir)
     if "checkpoint" not in paths:
         raise ValueError(f"{model_dir}: not a wildface reconstructor (no 'checkpoint' artifact)")
     config_json = paths["config"].read_text() if "config" in paths else None
@@ -103,20 +141,92 @@ def read_pyfunc_dir(model_dir: Path, source: dict[str, Any]) -> ModelFiles:
         source["run_id"] = spec["run_id"]
     return ModelFiles(checkpoint=paths["checkpoint"], face_model=paths.get("face_model"),
                       config_json=config_json,
-                      source={k: v for k, v in source.items() if v is not None})
+                      source={k: v for k, v in source.items() if v is not None},
+                      artifacts=paths)
 
 
-def _registry_source(client, ref: str) -> tuple[str, dict[str, Any]]:
-    """``models:/...`` -> (URI to download, source details)."""
+# -- the record of a model's files ------------------------------------------------------------
+def model_checksums(files: Mapping[str, str | os.PathLike]) -> dict[str, str]:
+    """``{name: path}`` -> the record's tags ``{"sha256.<name>": hex digest}``."""
+    return {f"{CHECKSUM_TAG}{name}": sha256_file(path) for name, path in sorted(files.items())}
+
+
+def recorded_checksums(tags: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``sha256.*`` tags of a logged model or model version."""
+    return {k: v for k, v in (tags or {}).items() if k.startswith(CHECKSUM_TAG)}
+
+
+def verify_model_dir(model_dir: Path, record: Mapping[str, str], label: str) -> dict[str, Path]:
+    """Check a downloaded model folder against its record (``sha256.<name>`` tags) before
+    anything reads it; returns its files by name. ``label`` names the model in errors.
+
+    Refused (:class:`ModelIntegrityError`): a record without the files the loader reads, a
+    recorded file that is missing, a file whose sha256 differs (the message names the file
+    and both hashes), a file of the model that the record does not cover."""
+    record = recorded_checksums(record)
+    missing = [n for n in REQUIRED_CHECKSUMS if f"{CHECKSUM_TAG}{n}" not in record]
+    if missing:
+        raise ModelIntegrityError(
+            f"{label}: the registry has no recorded sha256 of {', '.join(missing)} (a model "
+            f"logged without checksums); refusing to load files it cannot vouch for. Log and "
+            f"register the model again with this version of wildface.")
+    # The MLmodel first: it says where the other files are.
+    expected = record[f"{CHECKSUM_TAG}{MLMODEL}"]
+    _verify(model_dir.resolve() / MLMODEL, expected, f"{label}: {MLMODEL}")
+    _, paths = _read_mlmodel(model_dir)
+    unrecorded = sorted(set(paths) - {k[len(CHECKSUM_TAG):] for k in record})
+    if unrecorded:
+        raise ModelIntegrityError(f"{label}: files {unrecorded} have no recorded sha256; "
+                                  f"refusing to load the model")
+    for key, digest in sorted(record.items()):
+        name = key[len(CHECKSUM_TAG):]
+        if name == MLMODEL:
+            continue
+        if name not in paths or not paths[name].is_file():
+            raise ModelIntegrityError(f"{label}: recorded file {name!r} is missing from the "
+                                      f"downloaded model; refusing to load it")
+        _verify(paths[name], digest,
+                f"{label}: {name} ({paths[name].relative_to(model_dir.resolve())})")
+    return paths
+
+
+def _verify(path: Path, digest: str, label: str) -> None:
+    """:func:`recon.weights_file.verify_file` as a :class:`ModelIntegrityError` (a ValueError:
+    the CLI reports it as a clear error)."""
+    if not path.is_file():
+        raise ModelIntegrityError(f"{label}: missing from the downloaded model; refusing to "
+                                  f"load it")
+    try:
+        verify_file(path, digest, label=label)
+    except ChecksumMismatchError as err:
+        raise ModelIntegrityError(str(err)) from err
+
+
+def assert_finite_model(files: ModelFiles) -> None:
+    """Refuse (:class:`recon.training.checkpoint.NonFiniteState`) a model whose checkpoint's
+    networks hold ``inf`` or ``nan`` (a diverged run): never registered nor promoted."""
+    from recon.training.checkpoint import assert_finite_state, load_checkpoint
+
+    ckpt = load_checkpoint(files.checkpoint, map_location="cpu")
+    assert_finite_state(ckpt["model"], f"{files.source.get('uri', files.checkpoint)}: checkpoint")
+
+
+def _registry_source(client, ref: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """``models:/...`` or ``runs:/...`` -> (URI to download, source details, the record of its
+    files), the record read from the tracking database, never from the artifact store."""
+    if ref.startswith("runs:/"):
+        run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
+        logged = _run_logged_model(client, ref, run_id, sub or "model")
+        return (f"models:/{logged.model_id}",
+                {"uri": ref, "run_id": run_id, "model_id": logged.model_id}, logged.tags)
     rest = ref[len("models:/"):].strip("/")
     if rest.startswith("m-") and "/" not in rest and "@" not in rest:
-        import mlflow
-
-        logged = mlflow.get_logged_model(rest)
-        return ref, {"uri": ref, "model_id": rest, "run_id": logged.source_run_id}
+        logged = client.get_logged_model(rest)
+        return ref, {"uri": ref, "model_id": rest, "run_id": logged.source_run_id}, logged.tags
     if "@" in rest:
         name, alias = rest.split("@", 1)
         mv = client.get_model_version_by_alias(name, alias)
+        _warn_untraced_alias(name, alias, mv)
     else:
         name, _, version = rest.rpartition("/")
         if not name or not version.isdigit():
@@ -125,13 +235,36 @@ def _registry_source(client, ref: str) -> tuple[str, dict[str, Any]]:
         mv = client.get_model_version(name, version)
     return (f"models:/{name}/{mv.version}",
             {"uri": ref, "registered_model": name, "version": str(mv.version),
-             "run_id": mv.run_id, "model_id": getattr(mv, "model_id", None)})
+             "run_id": mv.run_id, "model_id": getattr(mv, "model_id", None)}, mv.tags)
+
+
+def _run_logged_model(client, ref: str, run_id: str, name: str):
+    """The latest model named ``name`` logged by run ``run_id``."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"{ref}: expected runs:/<run id>[/<model name>]")
+    run = client.get_run(run_id)
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
+    if not found:
+        raise FileNotFoundError(f"{ref}: run {run_id} logged no model named {name!r}")
+    return max(found, key=lambda m: m.creation_timestamp)
+
+
+def _warn_untraced_alias(name: str, alias: str, mv) -> None:
+    """An alias that wildface did not move (no ``alias.<alias>.set_at`` tag on its version)
+    was moved by hand or by another tool: said, since the registry kept no trace of who."""
+    from flows.tracking import alias_tag
+
+    if alias_tag(alias, "set_at") not in (mv.tags or {}):
+        log.warning("alias %s of %s points at version %s with no recorded move (%s): it was "
+                    "set outside wildface", alias, name, mv.version, alias_tag(alias, "set_by"))
 
 
 def resolve_model(ref: str, directory: str | os.PathLike | None = None,
                   tracking_uri: str | None = None) -> ModelFiles:
     """``--model`` -> local files (MLflow models are downloaded to ``directory``, default a
-    new temporary folder)."""
+    new temporary folder, and checked against their record: :func:`verify_model_dir`)."""
     ref = str(ref)
     if not is_mlflow_uri(ref):
         path = Path(ref).expanduser()
@@ -149,22 +282,20 @@ def resolve_model(ref: str, directory: str | os.PathLike | None = None,
 
     uri = tracking_uri_for(tracking_uri)
     client = MlflowClient(uri, uri)
-    if ref.startswith("runs:/"):
-        rest = ref[len("runs:/"):].strip("/")
-        run_id, _, sub = rest.partition("/")
-        download = f"runs:/{run_id}/{sub or 'model'}"
-        source: dict[str, Any] = {"uri": ref, "run_id": run_id}
-    else:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        download, source = _registry_source(client, ref)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    download, source, tags = _registry_source(client, ref)
+    record = recorded_checksums(tags)
     dst = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="wildface-model-"))
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=download, dst_path=str(dst),
                                                      tracking_uri=uri))
-    model_dir = local if (local / "MLmodel").is_file() else next(
-        (p.parent for p in local.rglob("MLmodel")), local)
-    return read_pyfunc_dir(model_dir, source)
+    model_dir = local if (local / MLMODEL).is_file() else next(
+        (p.parent for p in local.rglob(MLMODEL)), local)
+    verify_model_dir(model_dir, record, ref)
+    files = read_pyfunc_dir(model_dir, source)
+    files.checksums = record
+    return files
 
 
 def load_reconstructor(ref: str, *, face_model: str | None = None,
@@ -188,5 +319,6 @@ def load_reconstructor(ref: str, *, face_model: str | None = None,
                       device=device, source=files.source, refine=refine)
 
 
-__all__ = ["ModelFiles", "is_mlflow_uri", "latest_local_checkpoint", "load_reconstructor",
-           "read_pyfunc_dir", "resolve_model", "tracking_uri_for"]
+__all__ = ["ModelFiles", "ModelIntegrityError", "assert_finite_model", "is_mlflow_uri",
+           "latest_local_checkpoint", "load_reconstructor", "model_checksums", "read_pyfunc_dir",
+           "recorded_checksums", "resolve_model", "tracking_uri_for", "verify_model_dir"]

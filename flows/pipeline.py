@@ -43,27 +43,33 @@ REAL_PHOTOS = {"astronaut": ("skimage", "astronaut")}
 
 # -- evaluation -------------------------------------------------------------------------------
 def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
-                        mesh_dir: Path | None = None, n_meshes: int = 4) -> dict[str, float]:
+                        mesh_dir: Path | None = None, n_meshes: int = 4,
+                        tracking_uri: str | None = None) -> dict[str, float]:
     """Neutral-shape error of a logged/registered model on a held-out synthetic set.
 
-    Every image of ``heldout`` (a ``wildface synth`` folder of identities not trained on) is
-    cropped at the evaluation scale and given to the model's pyfunc ``predict``; its
-    ``neutral_vertices`` are compared with the identity's true neutral mesh over the face
-    region after a similarity alignment. Also the error of the mean shape (the template) as
-    the baseline. Metres -> mm. ``mesh_dir``: the first ``n_meshes`` predictions are written
-    there as OBJ (posed coarse mesh and neutral mesh).
+    The model loads through wildface's own loader (:func:`flows.model_uri.load_reconstructor`:
+    files checked against their recorded sha256, weights only; the pyfunc's code file is never
+    run). Every image of ``heldout`` (a ``wildface synth`` folder of identities not trained
+    on) is cropped at the evaluation scale and reconstructed as the pyfunc's ``predict`` does;
+    the identity's predicted neutral mesh is compared with its true one over the face region
+    after a similarity alignment. Also the error of the mean shape (the template) as the
+    baseline. Metres -> mm. ``mesh_dir``: the first ``n_meshes`` predictions are written there
+    as OBJ (posed coarse mesh and neutral mesh).
     """
-    import mlflow
+    import tempfile
+
     import torch
 
+    from flows.model_uri import load_reconstructor
     from recon.evaluation.alignment import aligned_error
     from recon.mesh_io import write_obj
     from recon.synth import iter_samples, load_params
     from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 
-    model = mlflow.pyfunc.load_model(model_uri,
-                                     model_config={"device": cfg.reconstruct.device})
-    deca = model.unwrap_python_model().model
+    with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
+        recon = load_reconstructor(model_uri, directory=tmp, tracking_uri=tracking_uri,
+                                   device=cfg.reconstruct.device)
+    deca = recon.model
     device = deca.device
     params = load_params(heldout)
     store = SampleStore.from_samples(iter_samples(heldout))
@@ -78,7 +84,9 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
         mean_verts = deca.neutral(torch.zeros(1, n_shape, device=device)).vertices[0]
         mean_verts = mean_verts.double().cpu().numpy()
         for keys, batch in iter_eval_batches(store, augment, batch_size=8):
-            out = model.predict(batch["images"].permute(0, 2, 3, 1).numpy())
+            rec = recon.reconstruct(batch["images"], render=False)
+            out = {"vertices": rec.vertices.cpu().numpy(),
+                   "neutral_vertices": deca.neutral(rec.codes.shape).vertices.cpu().numpy()}
             truth_codes = torch.zeros(len(keys), n_shape)
             for i, k in enumerate(keys):
                 code = params["identities"][params["images"][k]["identity"]]["shape"][:n_shape]
@@ -125,7 +133,8 @@ def evaluate_task(cfg: WildfaceConfig, model_uri: str, heldout: str | None, out_
             logger.error("NoW evaluation failed (%s: %s): the version gets no now_* metrics",
                          type(err).__name__, err)
     if heldout is not None:
-        metrics.update(heldout_shape_error(model_uri, heldout, cfg, Path(out_dir) / "meshes"))
+        metrics.update(heldout_shape_error(model_uri, heldout, cfg, Path(out_dir) / "meshes",
+                                           tracking_uri=tracking_uri))
     if not metrics:
         logger.warning("no held-out data given: nothing evaluated")
         return metrics

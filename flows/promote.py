@@ -4,9 +4,12 @@ The challenger (the version with alias ``tracking.alias``, default ``challenger`
 compared with the version holding ``promotion.champion_alias`` (default ``champion``) on
 ``promotion.metric`` (default ``now_median``, lower is better), read from each version's
 run metrics (else from a version tag of that name). The challenger is promoted when there
-is no champion, or when it beats the champion by more than ``promotion.margin``. Either
+is no champion, or when it beats the champion by more than ``promotion.margin``, and its
+files pass the load-time checks: they match the sha256 recorded at registration
+(:func:`flows.model_uri.resolve_model`) and its checkpoint holds no ``inf`` / ``nan``. Either
 way the decision and both numbers are written to the challenger version's tags
-(``promotion.*``) and description.
+(``promotion.*``) and description; the alias moves through :func:`flows.tracking.set_alias`,
+which records who moved it, when, and the previous champion on the version's tags.
 
 :func:`decide` is the pure rule; :func:`promote_version` does the MLflow I/O with a given
 client; :func:`promote` is the flow.
@@ -98,9 +101,13 @@ def promote_version(
     """Decide and apply the promotion in the registry via an ``MlflowClient``.
 
     ``version`` names the challenger explicitly; default: the version with
-    ``challenger_alias``.
+    ``challenger_alias``. A challenger the rule would promote is first downloaded from
+    ``client``'s tracking URI and checked (:func:`integrity_problem`); one that fails is
+    rejected with the reason recorded.
     """
     from mlflow.exceptions import MlflowException
+
+    from flows.tracking import set_alias
 
     challenger = (client.get_model_version(model_name, str(version)) if version is not None
                   else client.get_model_version_by_alias(model_name, challenger_alias))
@@ -117,6 +124,10 @@ def promote_version(
         promoted, reason = decide(ch_value, champ_value, margin=cfg.margin,
                                   lower_is_better=cfg.lower_is_better,
                                   has_champion=champion is not None)
+    if promoted:  # only then: the check downloads the model
+        problem = integrity_problem(client, model_name, str(challenger.version))
+        if problem is not None:
+            promoted, reason = False, f"refused: {problem}"
     decision = PromotionDecision(
         promoted=promoted, reason=reason, metric=cfg.metric, margin=cfg.margin,
         lower_is_better=cfg.lower_is_better, challenger_version=str(challenger.version),
@@ -126,8 +137,25 @@ def promote_version(
     )
     _record(client, model_name, decision)
     if promoted:
-        client.set_registered_model_alias(model_name, cfg.champion_alias, challenger.version)
+        set_alias(client, model_name, cfg.champion_alias, challenger.version)
     return decision
+
+
+def integrity_problem(client, model_name: str, version: str) -> str | None:
+    """Why version ``version`` must not be promoted (its files differ from the sha256 recorded
+    at registration, or its checkpoint holds ``inf`` / ``nan``), else None."""
+    import tempfile
+
+    from flows.model_uri import assert_finite_model, resolve_model
+
+    with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
+        try:
+            files = resolve_model(f"models:/{model_name}/{version}", tmp, client.tracking_uri)
+            assert_finite_model(files)
+        # ModelIntegrityError, CheckpointError / NonFiniteState (ValueErrors), a missing file
+        except (ValueError, FileNotFoundError) as err:
+            return str(err)
+    return None
 
 
 def _fmt(x: float | None) -> str:
@@ -176,7 +204,10 @@ def promote(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
     decision = promote_version(client, cfg.tracking.registered_model, cfg.promotion,
                                challenger_alias=cfg.tracking.alias, version=version)
-    get_run_logger().info("promotion of %s v%s: %s (%s)", cfg.tracking.registered_model,
-                          decision.challenger_version,
-                          "promoted" if decision.promoted else "rejected", decision.reason)
+    logger = get_run_logger()
+    # A refused challenger is a broken or tampered model, not a worse one: said loudly.
+    say = logger.error if decision.reason.startswith("refused:") else logger.info
+    say("promotion of %s v%s: %s (%s)", cfg.tracking.registered_model,
+        decision.challenger_version, "promoted" if decision.promoted else "rejected",
+        decision.reason)
     return decision.as_dict()

@@ -7,6 +7,14 @@ installed where it loads) and call ``predict(images)``. It runs on the GPU when 
 process sees one; ``load_model(uri, model_config={"device": "cpu"})`` (or ``cuda:N``; for
 ``mlflow models serve`` the environment variable ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device":
 "cpu"}'``) chooses.
+
+Trust: loaded the MLflow way, the copy of this file in the artifact store is executed, and the
+artifact store is not authenticated. wildface itself never does that: ``wildface
+reconstruct`` / ``evaluate`` / the pipeline load registered models with
+:func:`flows.model_uri.resolve_model`, which checks every file (this one included) against the
+sha256 recorded in the version's ``sha256.*`` tags and reads the weights only. Whoever loads
+the pyfunc should run ``resolve_model`` on the URI first and load the checked folder it
+returns (``mlflow.pyfunc.load_model(str(files.checkpoint.parents[1]))``).
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@
 - Registry: the full coarse+detail reconstructor is ONE registered model, a pyfunc
   (:class:`flows.reconstructor.Reconstructor`) whose artifacts are the detail checkpoint, the resolved config and
   the face model's cached arrays; each new version gets the ``tracking.alias`` alias
-  (``challenger``) and tags naming its data and metrics. Aliases, never stages.
+  (``challenger``) and tags naming its data, metrics and the sha256 of its files (checked at
+  every load, :mod:`flows.model_uri`). Aliases, never stages; every move of one records who,
+  when and the previous holder (:func:`set_alias`).
 
 Where runs go (:func:`resolve_tracking_uri`): ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``,
 else the MLflow server of ``wildface services`` when it answers, else a sqlite store in the
@@ -366,23 +368,30 @@ def deca_figure(model, images, landmarks) -> np.ndarray:
 def log_reconstructor(uri: str, cfg, *, run_id: str, detail_checkpoint: str,
                       coarse_checkpoint: str) -> str:
     """Log the reconstructor pyfunc (:mod:`flows.reconstructor`) into ``run_id`` as ``model/``:
-    artifacts = both checkpoints, the resolved config and the face model's arrays. Returns
-    the model URI (``models:/m-...``) to load or register."""
+    artifacts = both checkpoints, the resolved config and the face model's arrays. The sha256
+    of every file (:func:`flows.model_uri.model_checksums`, the ``MLmodel`` and the code file
+    included) become ``sha256.*`` tags of the logged model: the record each load checks the
+    artifact store's copies against. Returns the model URI (``models:/m-...``) to load or
+    register."""
     from importlib.metadata import version
 
+    from flows.model_uri import CODE_FILE, MLMODEL, model_checksums
     from recon.flame_io import load_face_model
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(cfg.model_dump_json(indent=1))
         face_path = load_face_model(cfg.face_model).save_npz(Path(tmp) / "face_model.npz")
+        artifacts = {"checkpoint": detail_checkpoint, "coarse_checkpoint": coarse_checkpoint,
+                     "config": str(config_path), "face_model": str(face_path)}
+        # Hashed here, from the files handed to MLflow, not read back from its artifact store.
+        record = model_checksums({**artifacts, CODE_FILE: RECONSTRUCTOR_FILE})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(RECONSTRUCTOR_FILE),
-                artifacts={"checkpoint": detail_checkpoint, "coarse_checkpoint": coarse_checkpoint,
-                           "config": str(config_path), "face_model": str(face_path)},
+                name="model", python_model=str(RECONSTRUCTOR_FILE), artifacts=artifacts,
                 # Declared so that loading may override it (load_model(model_config=...) or
                 # MLFLOW_PYFUNC_INFERENCE_CONFIG): MLflow ignores keys not logged here.
                 model_config={"device": "auto"},
@@ -390,6 +399,13 @@ def log_reconstructor(uri: str, cfg, *, run_id: str, detail_checkpoint: str,
                 pip_requirements=[f"wildface=={version('wildface')}",
                                   f"torch=={version('torch')}", f"mlflow=={mlflow.__version__}"],
             )
+        # MLflow writes the MLmodel itself: read back at once, before anyone else uses it.
+        logged = client.get_logged_model(info.model_id)
+        mlmodel = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{logged.artifact_location.rstrip('/')}/{MLMODEL}", dst_path=tmp,
+            tracking_uri=uri)
+        record.update(model_checksums({MLMODEL: mlmodel}))
+    client.set_logged_model_tags(info.model_id, record)
     return info.model_uri
 
 
@@ -397,13 +413,23 @@ def register_model(uri: str, cfg, model_uri: str, *, run_id: str, data: str,
                    metrics: Mapping[str, float] | None = None,
                    extra_tags: Mapping[str, str] | None = None) -> dict[str, str]:
     """Register ``model_uri`` as a new version of ``tracking.registered_model``, tagged with
-    its data (root, manifest hash), code version, face model, backbone and ``metrics``
-    (``metric.<name>``), and point the ``tracking.alias`` alias (``challenger``) at it.
-    Returns ``{"name", "version", "uri", "run_id"}``."""
+    its data (root, manifest hash), code version, face model, backbone, ``metrics``
+    (``metric.<name>``) and the sha256 of its files (``sha256.*``), and point the
+    ``tracking.alias`` alias (``challenger``) at it (:func:`set_alias`).
+    Returns ``{"name", "version", "uri", "run_id"}``.
+
+    Refused, registering nothing: a model whose files do not match the checksums recorded when
+    it was logged (:class:`flows.model_uri.ModelIntegrityError`) and one whose checkpoint holds
+    ``inf`` / ``nan`` (:class:`recon.training.checkpoint.NonFiniteState`)."""
+    from flows.model_uri import assert_finite_model, resolve_model
+
     tc = cfg.tracking
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
+    with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
+        files = resolve_model(model_uri, tmp, uri)
+        assert_finite_model(files)
     mv = mlflow.register_model(model_uri, tc.registered_model)
     tags = {"data_root": str(data), "code_version": code_version(),
             "face_model": cfg.face_model.path if cfg.face_model.path == "demo-head"
@@ -413,11 +439,51 @@ def register_model(uri: str, cfg, model_uri: str, *, run_id: str, data: str,
     tags["manifest_sha256"] = client.get_run(run_id).data.tags.get("wildface.manifest_sha256",
                                                                    "unknown")
     tags.update(extra_tags or {})
+    tags.update(files.checksums)  # last: nothing else may overwrite the record
     for k, v in tags.items():
         client.set_model_version_tag(tc.registered_model, mv.version, k, str(v)[:5000])
-    client.set_registered_model_alias(tc.registered_model, tc.alias, mv.version)
+    set_alias(client, tc.registered_model, tc.alias, mv.version)
     return {"name": tc.registered_model, "version": str(mv.version),
             "uri": f"models:/{tc.registered_model}/{mv.version}", "run_id": run_id}
+
+
+def alias_tag(alias: str, field: str) -> str:
+    """The version tag recording a move of ``alias``: ``alias.<alias>.<field>`` with field
+    ``set_by`` (user@host), ``set_at`` (ISO UTC time) or ``previous`` (the version that held
+    it, or ``none``)."""
+    return f"alias.{alias}.{field}"
+
+
+def _who() -> str:
+    """``user@host`` of this process (the uid when the user has no name here)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry or $USER
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str | int) -> str | None:
+    """Point ``alias`` of registered model ``name`` at ``version``, the one way wildface moves
+    an alias: who, when and the previous holder are written to the version's tags
+    (:func:`alias_tag`) before the move, so no move is left without a record. Returns the
+    previous holder's version (None when the alias was free)."""
+    from datetime import datetime, timezone
+
+    try:
+        previous = str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:  # the alias is free
+        previous = None
+    record = {"set_by": _who(),
+              "set_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "previous": previous or "none"}
+    for field, value in record.items():
+        client.set_model_version_tag(name, str(version), alias_tag(alias, field), value)
+    client.set_registered_model_alias(name, alias, str(version))
+    return previous
 
 
 def download_coarse_checkpoint(ref: str, uri: str, directory: Path) -> Path:
@@ -433,17 +499,10 @@ def download_coarse_checkpoint(ref: str, uri: str, directory: Path) -> Path:
         if not files:
             raise FileNotFoundError(f"{ref}: the run has no checkpoint/ artifact")
         return Path(client.download_artifacts(run_id, sorted(files)[-1], str(directory)))
-    rest = ref[len("models:/"):]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
-    else:
-        name, version_ = rest.rsplit("/", 1)
-        mv = client.get_model_version(name, version_)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(directory),
-        tracking_uri=uri)
-    found = sorted(Path(local).rglob("coarse-*.pt"))
-    if not found:
+    from flows.model_uri import resolve_model
+
+    files = resolve_model(ref, directory, uri)  # checked against the version's record
+    coarse = files.artifacts.get("coarse_checkpoint")
+    if coarse is None or not coarse.name.startswith("coarse-"):
         raise FileNotFoundError(f"{ref}: the model version has no coarse checkpoint artifact")
-    return found[-1]
+    return coarse

@@ -1,7 +1,10 @@
 """Promotion: the pure rule, then the registry I/O against a real MLflow store."""
 from __future__ import annotations
 
+import getpass
 import math
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -45,10 +48,34 @@ def store(tmp_path_factory):
     return root, uri, client, exp
 
 
+def _model_folder(src: Path) -> dict[str, Path]:
+    """The smallest folder a promotion checks: an MLmodel naming a checkpoint (finite weights
+    of the checkpoint format), a config and a face model (never read by the promotion)."""
+    import torch
+
+    from recon.training.checkpoint import FORMAT_VERSION
+
+    (src / "artifacts").mkdir(parents=True)
+    files = {"MLmodel": src / "MLmodel", "checkpoint": src / "artifacts" / "detail-000000001.pt",
+             "config": src / "artifacts" / "config.json",
+             "face_model": src / "artifacts" / "face_model.npz"}
+    files["MLmodel"].write_text("flavors:\n  python_function:\n    artifacts:\n" + "".join(
+        f"      {k}: {{path: {v.relative_to(src)}}}\n" for k, v in files.items()
+        if k != "MLmodel"))
+    torch.save({"format": FORMAT_VERSION, "stage": "detail", "step": 1,
+                "model": {"w": torch.zeros(2)}}, files["checkpoint"])
+    files["config"].write_text("{}")
+    files["face_model"].write_bytes(b"unused")
+    return files
+
+
 @pytest.fixture()
 def registry(store, request):
     """A fresh registered model per test; ``add_version(median)`` registers a version whose
-    run logged ``now_median`` and gives it the challenger alias."""
+    run logged ``now_median``, with its files' sha256 recorded as registration records them,
+    and gives it the challenger alias."""
+    from flows.model_uri import model_checksums
+
     root, uri, client, exp = store
     name = f"{MODEL}-{request.node.name}".replace("[", "-").replace("]", "")
     client.create_registered_model(name)
@@ -59,8 +86,9 @@ def registry(store, request):
             client.log_metric(run.info.run_id, "now_median", median)
         client.set_terminated(run.info.run_id)
         src = root / "models" / run.info.run_id
-        src.mkdir(parents=True)
-        mv = client.create_model_version(name, source=src.as_uri(), run_id=run.info.run_id)
+        record = model_checksums(_model_folder(src))
+        mv = client.create_model_version(name, source=src.as_uri(), run_id=run.info.run_id,
+                                         tags=record)
         client.set_registered_model_alias(name, "challenger", mv.version)
         return str(mv.version)
 
@@ -81,6 +109,9 @@ def test_better_challenger_promoted_worse_not(registry):
     d2 = promote_version(client, MODEL, cfg)
     assert d2.promoted and (d2.challenger_value, d2.champion_value) == (1.30, 1.50)
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
+    moved = client.get_model_version(MODEL, v2).tags  # who moved the alias, and from where
+    assert moved["alias.champion.set_by"] == f"{getpass.getuser()}@{socket.gethostname()}"
+    assert moved["alias.champion.previous"] == v1 and moved["alias.champion.set_at"]
 
     v3 = add_version(1.27)  # better by 0.03, within the margin
     d3 = promote_version(client, MODEL, cfg)
