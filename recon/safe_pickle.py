@@ -21,6 +21,7 @@ import _compat_pickle
 import functools
 import io
 import pickle
+import pickletools
 import zipfile
 from typing import Any
 
@@ -193,7 +194,9 @@ def _declared_storage_bytes(data: bytes) -> int:
         return sum(i.file_size for i in infos)
     fh = io.BytesIO(data)
     for _ in range(3):  # magic number, protocol version, system info
+        _check_declared_lengths(fh)
         _StorageScan(fh).load()
+    _check_declared_lengths(fh)
     scan = _StorageScan(fh)
     scan.load()
     return scan.nbytes
@@ -326,11 +329,31 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"refusing persistent id {pid!r}")
 
 
+def _check_declared_lengths(fh: io.BytesIO) -> None:
+    """Python's unpickler allocates a counted string's declared length before reading it (a
+    21-byte file can ask for 1 TB); pickletools reads only what is there, so a walk over
+    the opcodes of the pickle at ``fh``'s position finds a length that runs past the end
+    first. ``fh`` is left where it was."""
+    start = fh.tell()
+    try:
+        for _ in pickletools.genops(fh):
+            pass
+    except ValueError as e:
+        if "remain" in str(e):
+            raise PickleLimitError(f"refusing pickle: an opcode declares more bytes than the file "
+                                   f"holds ({e})") from None
+        raise FaceModelFormatError(f"corrupt or unexpected pickle ({e})") from e
+    finally:
+        fh.seek(start)
+
+
 def safe_loads(data: bytes, encoding: str = "latin1") -> Any:
     """Unpickle ``data`` with the allow-list and the memory budget; returns plain python /
     numpy objects. Raises :class:`UnsafePickleError` (:class:`PickleLimitError` for a
     memory bomb) or :class:`FaceModelFormatError` for a corrupt pickle."""
-    unpickler = RestrictedUnpickler(io.BytesIO(data), n_bytes=len(data), encoding=encoding)
+    fh = io.BytesIO(data)
+    _check_declared_lengths(fh)
+    unpickler = RestrictedUnpickler(fh, n_bytes=len(data), encoding=encoding)
     try:
         obj = unpickler.load()
         return _Converter(unpickler.budget).convert(obj)

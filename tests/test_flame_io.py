@@ -245,6 +245,8 @@ def _bombs() -> dict[str, bytes]:
         "torch_storage": pickle.dumps(_StorageBomb(), protocol=2),
         "deep_nesting": b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".",
         "self_reference": pickle.dumps(self_ref, protocol=2),
+        # BINBYTES8 of 1 TiB: Python's unpickler allocates the length before reading.
+        "declared_length": b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"x" * 10 + b".",
     }
 
 
@@ -291,7 +293,7 @@ def test_memory_bombs_refused_with_bounded_memory(tmp_path):
                 "object_array": "declares 3,200,000,000 bytes", "ndarray_called": "refusing to call",
                 "tensor_called": "refusing to call", "tensor_view": "declares 40,000,000,000 bytes",
                 "torch_storage": "declares 40,000,000,000 bytes", "deep_nesting": "nested deeper",
-                "self_reference": "holds itself"}
+                "self_reference": "holds itself", "declared_length": "more bytes than the file holds"}
     for name, (kind, message, seconds) in results.items():
         want = "UnsafePickleError" if name.endswith("_called") else "PickleLimitError"
         assert kind == want and expected[name] in message, (name, kind, message)
