@@ -11,8 +11,9 @@ or prefix it was found in, without its suffix):
 
 - images: ``face_00/``, ``face_01/``, ... (main face first; :func:`recon.reconstruct.write_face`);
 - videos: ``face_00/`` for the first frame with a face and ``frames.parquet``, one row per
-  frame read: ``frame``, ``time_s``, ``status`` (ok | no face | ...), ``reason`` and the codes
-  (``shape``, ``tex``, ``exp``, ``pose``, ``cam``, ``light`` (27), ``detail``) as lists;
+  frame read: ``frame``, ``time_s``, ``status`` (ok | no face | failed: non-finite codes or
+  mesh), ``reason`` and the codes (``shape``, ``tex``, ``exp``, ``pose``, ``cam``, ``light``
+  (27), ``detail``) as lists;
 - ``result.json``, written LAST (the completion marker): ``status`` (ok | rejected | error),
   ``reason``, ``faces`` (folders), ``failed_faces`` (face, reason), the model's identity.
 
@@ -233,7 +234,7 @@ class InputReconstructor:
     def _image(self, item: InputItem, stage: Path, result: dict) -> None:
         import torch
 
-        from recon.reconstruct import write_face
+        from recon.reconstruct import NonFiniteOutput, write_face
 
         rgb = self.finder.decode(storage.read_bytes(item.uri))
         pts = storage.read_bytes(item.pts) if item.pts else None
@@ -257,13 +258,18 @@ class InputReconstructor:
             x = r.to_tensor(batch)
             for k, (face, (_, transform, lmk)) in enumerate(zip(chunk, crops)):
                 folder = f"face_{start + k:02d}"
-                write_face(stage / folder, r, rec, k, x[k], torch.from_numpy(lmk), extra={
-                    "source": item.uri, "face_index": start + k,
-                    "detection": {"box": [round(float(v), 2) for v in face.box],
-                                  "score": face.score, "landmarks_from": face.source},
-                    "landmarks_photo": np.round(face.landmarks, 2).tolist(),
-                    "crop_transform": np.round(transform, 6).tolist(),
-                    "crop_size": r.image_size, "crop_scale": r.crop_scale})
+                try:
+                    write_face(stage / folder, r, rec, k, x[k], torch.from_numpy(lmk), extra={
+                        "source": item.uri, "face_index": start + k,
+                        "detection": {"box": [round(float(v), 2) for v in face.box],
+                                      "score": face.score, "landmarks_from": face.source},
+                        "landmarks_photo": np.round(face.landmarks, 2).tolist(),
+                        "crop_transform": np.round(transform, 6).tolist(),
+                        "crop_size": r.image_size, "crop_scale": r.crop_scale})
+                except NonFiniteOutput as err:  # this face fails (nothing written), others go on
+                    result["failed_faces"].append({"face": f"face {start + k}",
+                                                   "reason": str(err)})
+                    continue
                 result["faces"].append(folder)
         if not result["faces"]:
             raise _Rejected("; ".join(f["reason"] for f in result["failed_faces"]))
@@ -308,21 +314,30 @@ class InputReconstructor:
     def _video_batch(self, pending, rows, stage, result, fps) -> None:
         import torch
 
-        from recon.reconstruct import codes_dict, write_face
+        from recon.reconstruct import NonFiniteOutput, check_face_finite, codes_dict, write_face
 
         r = self.recon
         batch = np.stack([p[1] for p in pending])
         first = not result["faces"]
         rec = r.reconstruct(batch, render=first)
+        ok = []
         for k, (index, _, _) in enumerate(pending):
+            try:
+                check_face_finite(rec, k)
+            except NonFiniteOutput as err:  # this frame fails, the others go on
+                rows.append({"frame": index, "time_s": index / fps, "status": "failed",
+                             "reason": str(err)})
+                continue
+            ok.append(k)
             codes = codes_dict(rec.codes, k)
             codes["light"] = np.asarray(codes["light"]).ravel().tolist()
             rows.append({"frame": index, "time_s": index / fps, "status": "ok", "reason": "",
                          **codes})
-        if first:
-            write_face(stage / "face_00", r, rec, 0, r.to_tensor(batch)[0],
-                       torch.from_numpy(pending[0][2]),
-                       extra={"source": result["input"], "frame": pending[0][0]})
+        if first and ok:
+            k = ok[0]
+            write_face(stage / "face_00", r, rec, k, r.to_tensor(batch)[k],
+                       torch.from_numpy(pending[k][2]),
+                       extra={"source": result["input"], "frame": pending[k][0]})
             result["faces"].append("face_00")
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,7 +197,8 @@ def run_stage(
             if not files:
                 raise RuntimeError(f"Ray checkpoint {result.checkpoint.path} holds no {stage} file")
             final = local_dir / files[-1].name
-            shutil.copy2(files[-1], final)
+            # Atomic (temp + rename): a reader or a rerun never sees a half-copied checkpoint.
+            storage.put_file(files[-1], final)
         metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                    if isinstance(v, (int, float))}
         figure = None

@@ -28,6 +28,11 @@ Per-face outputs (:func:`write_face`), in one folder:
 
 Normal maps are object-space unit normals encoded as ``(n + 1) / 2``; UV images have row 0 at
 v = 1 (the OBJ convention of :func:`recon.mesh_io.write_obj`).
+
+Numerical integrity: :func:`load_model` refuses a checkpoint whose weights hold ``inf`` or
+``nan`` (:class:`recon.training.checkpoint.NonFiniteState`), and :func:`write_face` refuses,
+before writing anything, a face whose codes, mesh or displacement are not finite
+(:class:`NonFiniteOutput`; :func:`check_face_finite`), so no ``nan`` mesh is ever reported ok.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from recon.devices import pick_device
 from recon.face_assets import FaceModelAssets
 from recon.mesh_io import atomic_write_bytes, write_obj
 from recon.render import draw_landmarks, vertex_normals
-from recon.training.checkpoint import load_checkpoint
+from recon.training.checkpoint import assert_finite_state, load_checkpoint
 
 DEFAULT_CROP_SCALE = 1.6  # DataConfig.eval_scale: crop side / landmark-box size at test time
 GRID_PANELS = ("input", "landmarks (green given, red predicted)", "coarse shape",
@@ -57,6 +62,10 @@ GRID_PANELS = ("input", "landmarks (green given, red predicted)", "coarse shape"
 
 class FaceModelMismatch(ValueError):
     """The configured face model is not the one the model was trained with."""
+
+
+class NonFiniteOutput(ValueError):
+    """A face whose reconstruction holds ``inf`` or ``nan`` (codes, mesh or displacement)."""
 
 
 def face_model_fingerprint(assets: FaceModelAssets) -> str:
@@ -210,6 +219,7 @@ def load_model(checkpoint: str | os.PathLike, *, face_model: FaceModelConfig | N
     """
     device = pick_device(device)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    assert_finite_state(ckpt["model"], f"model weights of {checkpoint}")
     tree = json.loads(config_json or ckpt["config"])
     recorded = FaceModelConfig.model_validate(tree.get("face_model", {}))
     model_tree = {**tree.get("model", {}), "backbone_weights": None}
@@ -321,6 +331,23 @@ def codes_dict(codes: Codes, index: int) -> dict[str, Any]:
             if v is not None}
 
 
+# The per-face outputs that the files are made of (the renders only derive from them).
+_FACE_OUTPUTS = ("vertices", "landmarks2d", "now7", "uv_displacement", "uv_detail_vertices")
+
+
+def check_face_finite(rec: Reconstruction, index: int) -> None:
+    """Raise :class:`NonFiniteOutput` naming every code (``codes.shape``, ...) and output
+    (``vertices``, ``landmarks2d``, ``now7``, ``uv_displacement``, ``uv_detail_vertices``) of
+    face ``index`` of ``rec`` that holds ``inf`` or ``nan``; outputs not computed are skipped."""
+    values = {f"codes.{k}": v for k, v in rec.codes.as_dict().items()}
+    values.update({k: getattr(rec, k) for k in _FACE_OUTPUTS})
+    bad = [k for k, v in values.items()
+           if v is not None and not bool(torch.isfinite(v[index]).all())]
+    if bad:
+        raise NonFiniteOutput(f"non-finite values (inf or nan) in "
+                              f"{', '.join(bad)}; nothing written")
+
+
 def write_face(out_dir: str | os.PathLike, recon: FaceReconstructor, rec: Reconstruction,
                index: int, crop: torch.Tensor, landmarks: torch.Tensor | None = None,
                extra: dict[str, Any] | None = None) -> Path:
@@ -328,7 +355,10 @@ def write_face(out_dir: str | os.PathLike, recon: FaceReconstructor, rec: Recons
 
     rec: a rendered reconstruction with detail; crop: (3, S, S) input in [0, 1];
     landmarks: (68, 2) given landmarks in the crop's image convention, for the grid.
+    Raises :class:`NonFiniteOutput` (and writes nothing, not even the folder) when the face's
+    codes or outputs are not finite (:func:`check_face_finite`).
     """
+    check_face_finite(rec, index)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = recon.model
@@ -381,6 +411,7 @@ def codes_from_params(params: dict[str, Any], device: str | torch.device = "cpu"
 
 
 __all__ = ["DEFAULT_CROP_SCALE", "FaceModelMismatch", "FaceReconstructor", "GRID_PANELS",
-           "ModelInfo", "codes_dict", "codes_from_params", "displacement_png", "encode_normals",
-           "face_grid", "face_model_fingerprint", "grid_mesh", "load_model", "png_bytes",
+           "ModelInfo", "NonFiniteOutput", "check_face_finite", "codes_dict",
+           "codes_from_params", "displacement_png", "encode_normals", "face_grid",
+           "face_model_fingerprint", "grid_mesh", "load_model", "png_bytes",
            "read_displacement_png", "resolve_face_model", "to_uint8", "write_face"]

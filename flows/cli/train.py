@@ -41,6 +41,7 @@ def train(
     from flows.config import ConfigError, load_config, with_stage_weights
     from flows.samples import rank_store
     from recon.devices import pick_device
+    from recon.training.steps import NonFiniteTraining
     from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
 
     try:
@@ -72,6 +73,10 @@ def train(
                       callbacks=[Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
     if trainer.resumed_from is not None:
         typer.echo(f"resuming at step {trainer.resumed_from}")
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except NonFiniteTraining as err:  # a diverged run fails; its last checkpoint is finite
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"{stage}: {result.step} steps, {result.skipped} skipped, "
                f"checkpoint {result.checkpoint}")
