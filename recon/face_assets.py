@@ -7,6 +7,9 @@ names and layouts, so everything downstream works the same on either.
 Conventions (FLAME's): metres, y up, the face looks toward +z. Joints: 0 global, 1 neck, 2 jaw,
 3 left eye, 4 right eye (parents ``[-1, 0, 1, 1, 1]``). ``shapedirs`` holds the identity
 components first, then the expression components; coefficients are in standard-deviation units.
+
+A model converted with DECA's ``data/`` folder (:mod:`recon.deca_data`) also carries DECA's UV
+maps and dense template; they are optional, so files written before them still load.
 """
 from __future__ import annotations
 
@@ -41,9 +44,81 @@ _ARRAYS: dict[str, type] = {
     "albedo_basis": np.float32,
 }
 
+# DECA's UV maps (optional), with their number of dimensions: grey masks (H, W), the fixed
+# displacement (H, W), the mean texture (H, W, 3); each as DECA reads it (see recon.deca_data).
+DECA_MAPS: dict[str, int] = {
+    "uv_face_eye_mask": 2,
+    "uv_face_mask": 2,
+    "fixed_displacement": 2,
+    "mean_texture": 3,
+}
+# The entries of DECA's dense template (``texture_data_256.npy``) that its detail mesh uses.
+DENSE_TEMPLATE_KEYS = ("img_size", "f", "x_coords", "y_coords", "valid_pixel_ids",
+                       "valid_pixel_3d_faces", "valid_pixel_b_coords")
+_DENSE_PREFIX = "dense_template__"
+
 
 class FaceModelFormatError(ValueError):
     """A face-model file or array set does not have FLAME's structure."""
+
+
+def check_deca_map(key: str, value: np.ndarray, where: str) -> np.ndarray:
+    """One of :data:`DECA_MAPS` as float32, checked (dimensions, finite, masks and texture in
+    [0, 1]); raises :class:`FaceModelFormatError` starting with ``where`` (a file or model)."""
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise FaceModelFormatError(f"{where}: {key} is not numeric ({e})") from e
+    ndim = DECA_MAPS[key]
+    if arr.ndim != ndim or min(arr.shape[:2], default=0) < 1 or (ndim == 3 and arr.shape[2] != 3):
+        want = "(H, W, 3)" if ndim == 3 else "(H, W)"
+        raise FaceModelFormatError(f"{where}: {key} must be {want}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise FaceModelFormatError(f"{where}: {key} holds NaN or infinite values")
+    if key != "fixed_displacement" and (arr.min() < 0 or arr.max() > 1):
+        raise FaceModelFormatError(f"{where}: {key} must lie in [0, 1]")
+    return np.ascontiguousarray(arr)
+
+
+def check_dense_template(raw: dict, n_vertices: int, where: str) -> dict[str, np.ndarray]:
+    """DECA's dense template -> the :data:`DENSE_TEMPLATE_KEYS` arrays, checked against a
+    model of ``n_vertices``: ``img_size`` () int64; ``x_coords``, ``y_coords`` (P,) int64
+    texel columns / rows (truncated, as DECA's ``astype(int)``); ``valid_pixel_ids`` (N,)
+    into them; ``valid_pixel_3d_faces`` (N, 3) vertex ids of the coarse triangle under each
+    dense vertex; ``valid_pixel_b_coords`` (N, 3) float32 barycentrics; ``f`` (Fd, 3) dense
+    triangles over the N dense vertices. Raises :class:`FaceModelFormatError` naming ``where``."""
+    missing = [k for k in DENSE_TEMPLATE_KEYS if k not in raw]
+    if missing:
+        raise FaceModelFormatError(f"{where}: dense template misses {missing}")
+    try:
+        size = np.asarray(raw["img_size"]).astype(np.int64)
+        x = np.asarray(raw["x_coords"]).astype(np.int64)
+        y = np.asarray(raw["y_coords"]).astype(np.int64)
+        ids = np.asarray(raw["valid_pixel_ids"]).astype(np.int64)
+        tri = np.asarray(raw["valid_pixel_3d_faces"]).astype(np.int64)
+        bary = np.asarray(raw["valid_pixel_b_coords"]).astype(np.float32)
+        faces = np.asarray(raw["f"]).astype(np.int64)
+    except (TypeError, ValueError) as e:
+        raise FaceModelFormatError(f"{where}: dense template entries must be numeric ({e})") from e
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise FaceModelFormatError(f"{where}: dense template {what}")
+
+    need(size.size == 1 and int(size.reshape(-1)[0]) > 0, "img_size must be one positive number")
+    side = int(size.reshape(-1)[0])
+    need(x.ndim == 1 and x.shape == y.shape, "x_coords / y_coords must be two (P,) arrays")
+    N = ids.shape[0] if ids.ndim == 1 else -1
+    need(N > 0 and ids.min() >= 0 and ids.max() < x.size, "valid_pixel_ids must be (N,) into x_coords")
+    for name, c in (("x_coords", x[ids]), ("y_coords", y[ids])):
+        need(c.min() >= 0 and c.max() < side, f"{name} of valid pixels must lie in [0, img_size)")
+    need(tri.shape == (N, 3) and tri.min() >= 0 and tri.max() < n_vertices,
+         f"valid_pixel_3d_faces must be (N, 3) vertex ids of the model's {n_vertices} vertices")
+    need(bary.shape == (N, 3) and bool(np.isfinite(bary).all()), "valid_pixel_b_coords must be (N, 3) finite")
+    need(faces.ndim == 2 and faces.shape[1] == 3 and faces.size > 0 and faces.min() >= 0
+         and faces.max() < N, "f must be (Fd, 3) into the N dense vertices")
+    return {"img_size": size.reshape(()), "f": faces, "x_coords": x, "y_coords": y,
+            "valid_pixel_ids": ids, "valid_pixel_3d_faces": tri, "valid_pixel_b_coords": bary}
 
 
 @dataclass
@@ -67,6 +142,12 @@ class FaceModelAssets:
       ``albedo_basis (H, W, 3, K)``
     - ``masks``: vertex index arrays by region (``face``, ``left_eyeball``, ...)
     - ``expression_names``: names of the first expression components ([] for FLAME)
+
+    From DECA's ``data/`` folder, None / empty when the model was converted without it (UV
+    maps at the file's resolution, row 0 = v = 1, as DECA reads them):
+    ``uv_face_eye_mask``, ``uv_face_mask`` (Hm, Wm) float32 in [0, 1]; ``fixed_displacement``
+    (Hd, Wd) float32, model units; ``mean_texture`` (Ht, Wt, 3) float32 RGB in [0, 1];
+    ``dense_template``: :data:`DENSE_TEMPLATE_KEYS` -> arrays (:func:`check_dense_template`).
     """
 
     v_template: np.ndarray
@@ -91,10 +172,18 @@ class FaceModelAssets:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     expression_names: list[str] = field(default_factory=list)
     name: str = "flame"
+    uv_face_eye_mask: np.ndarray | None = None
+    uv_face_mask: np.ndarray | None = None
+    fixed_displacement: np.ndarray | None = None
+    mean_texture: np.ndarray | None = None
+    dense_template: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, dtype in _ARRAYS.items():
             setattr(self, key, np.ascontiguousarray(np.asarray(getattr(self, key), dtype=dtype)))
+        for key in DECA_MAPS:
+            if getattr(self, key) is not None:
+                setattr(self, key, check_deca_map(key, getattr(self, key), f"face model '{self.name}'"))
         self.masks = {k: np.asarray(v, dtype=np.int64).ravel() for k, v in self.masks.items()}
         self.expression_names = [str(n) for n in self.expression_names]
         self.n_shape_total = int(self.n_shape_total)
@@ -155,6 +244,8 @@ class FaceModelAssets:
              "albedo_basis must be (H,W,3,K)")
         for k, m in self.masks.items():
             need(m.size == 0 or (m.min() >= 0 and m.max() < V), f"mask '{k}' out of range")
+        if self.dense_template:
+            self.dense_template = check_dense_template(self.dense_template, V, f"face model '{self.name}'")
 
     # -- cached format -------------------------------------------------------------------
     def save_npz(self, path: str | os.PathLike) -> Path:
@@ -169,6 +260,8 @@ class FaceModelAssets:
         arrays["expression_names"] = np.array(self.expression_names, dtype=np.str_).reshape(-1)
         for k, m in self.masks.items():
             arrays[f"mask__{k}"] = m
+        arrays.update({k: getattr(self, k) for k in DECA_MAPS if getattr(self, k) is not None})
+        arrays.update({_DENSE_PREFIX + k: v for k, v in self.dense_template.items()})
         with atomic_writer(path) as fh:
             np.savez(fh, **arrays)
         return path
@@ -195,6 +288,9 @@ class FaceModelAssets:
             masks=masks,
             expression_names=[str(s) for s in data.get("expression_names", np.array([], dtype=np.str_))],
             name=str(data.get("name", "flame")),
+            **{k: data[k] for k in DECA_MAPS if k in data},  # absent from older files
+            dense_template={k[len(_DENSE_PREFIX):]: v for k, v in data.items()
+                            if k.startswith(_DENSE_PREFIX)},
         )
 
     def summary(self) -> dict:
@@ -216,9 +312,20 @@ class FaceModelAssets:
             "texcoords": int(self.vt.shape[0]),
             "masks": {k: int(v.size) for k, v in sorted(self.masks.items())},
             "expression_names": list(self.expression_names),
+            "deca_data": self.deca_data_summary(),
         }
+
+    def deca_data_summary(self) -> dict:
+        """Which of DECA's ``data/`` files the model carries: map -> its shape, and the dense
+        template's vertex and triangle counts."""
+        out: dict = {k: list(getattr(self, k).shape) for k in DECA_MAPS if getattr(self, k) is not None}
+        if self.dense_template:
+            out["dense_template"] = {"vertices": int(self.dense_template["valid_pixel_ids"].size),
+                                     "faces": int(self.dense_template["f"].shape[0])}
+        return out
 
 
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
 
-__all__ = ["FaceModelAssets", "FaceModelFormatError", "JOINT_NAMES", "FORMAT_VERSION"]
+__all__ = ["FaceModelAssets", "FaceModelFormatError", "JOINT_NAMES", "FORMAT_VERSION", "DECA_MAPS",
+           "DENSE_TEMPLATE_KEYS", "check_deca_map", "check_dense_template"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,18 @@ from recon.safe_pickle import (  # noqa: F401 - re-exported for callers of recon
 
 
 # ----------------------------------------------------------------------------- FLAME files
+def _unpickle(data: bytes, path: str | os.PathLike) -> Any:
+    """:func:`safe_loads` of a file's pickled bytes; a refusal names the file (a model is
+    read from several)."""
+    try:
+        return safe_loads(data)
+    except UnsafePickleError as e:
+        raise type(e)(f"{path}: {e}") from e
+
+
 def load_flame_pickle(path: str | os.PathLike) -> dict:
     """A FLAME model pickle as a dict of numpy arrays / scipy.sparse (latin1, restricted)."""
-    obj = safe_loads(Path(path).read_bytes())
+    obj = _unpickle(Path(path).read_bytes(), path)
     if not isinstance(obj, dict):
         raise FaceModelFormatError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
@@ -51,14 +61,14 @@ def _read_npy_object(path: str | os.PathLike) -> Any:
                 raise FaceModelFormatError(f"{path}: header declares {declared:,} bytes of data, the file holds {held:,}")
             fh.seek(0)
             return np.load(fh, allow_pickle=False)
-        return safe_loads(fh.read())
+        return _unpickle(fh.read(), path)
 
 
 def load_landmark_embedding(path: str | os.PathLike) -> dict:
     """DECA's ``landmark_embedding.npy`` (or the same dict pickled) -> dict of numpy arrays
     with the shapes of :class:`FaceModelAssets` (``full_*`` flattened to (68,) / (68, 3))."""
     path = Path(path)
-    raw = safe_loads(path.read_bytes()) if path.suffix == ".pkl" else _read_npy_object(path)
+    raw = _unpickle(path.read_bytes(), path) if path.suffix == ".pkl" else _read_npy_object(path)
     if isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 0:
         raw = raw.item()
     if not isinstance(raw, dict):
@@ -81,7 +91,7 @@ def load_landmark_embedding(path: str | os.PathLike) -> dict:
 
 def load_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """``FLAME_masks.pkl``: region name -> vertex indices."""
-    raw = safe_loads(Path(path).read_bytes())
+    raw = _unpickle(Path(path).read_bytes(), path)
     if not isinstance(raw, dict):
         raise FaceModelFormatError(f"{path}: expected a dict of masks")
     return {str(k): np.asarray(v, dtype=np.int64).ravel() for k, v in raw.items()}
@@ -145,18 +155,25 @@ def load_flame(
     vt = ft = None
     albedo_mean = albedo_basis = None
     if texture:
-        with np.load(texture, allow_pickle=False) as z:
-            tex = {k: z[k] for k in z.files}
+        try:
+            with np.load(texture, allow_pickle=False) as z:
+                tex = {k: z[k] for k in z.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:  # object arrays, bad zips
+            raise FaceModelFormatError(f"{texture}: not a texture-space .npz ({e})") from e
         if "vt" in tex and "ft" in tex:
             vt, ft = tex["vt"], tex["ft"]
         mean_key, dir_key = ("mean", "tex_dir") if "mean" in tex else ("MU", "PC")
-        if mean_key not in tex:
-            raise FaceModelFormatError(f"{texture}: no 'mean'/'tex_dir' (FLAME_texture.npz) arrays")
+        if mean_key not in tex or dir_key not in tex:
+            raise FaceModelFormatError(f"{texture}: no 'mean'/'tex_dir' (FLAME_texture.npz) or "
+                                       "'MU'/'PC' (FLAME_albedo_from_BFM.npz) arrays")
         albedo_mean, albedo_basis = _resize_texture_space(tex, mean_key, dir_key, source=str(texture))
     if vt is None and uv_template:
         from recon.mesh_io import read_obj
 
-        _, obj_faces, vt, ft = read_obj(uv_template)
+        try:
+            _, obj_faces, vt, ft = read_obj(uv_template)
+        except (ValueError, OSError) as e:
+            raise FaceModelFormatError(f"{uv_template}: not a readable OBJ ({e})") from e
         if vt is None or obj_faces.shape != faces.shape:
             raise FaceModelFormatError(f"{uv_template}: no UVs or a different triangle count than the model")
     if vt is None:
@@ -229,10 +246,18 @@ def convert(
     landmarks: str | os.PathLike | None = None,
     masks: str | os.PathLike | None = None,
     texture: str | os.PathLike | None = None,
+    deca_data: str | os.PathLike | None = None,
 ) -> Path:
-    """FLAME pickle (+ embedding, masks, texture) -> cached ``.npz``. Nothing is written when
-    loading fails (the write itself is atomic)."""
-    assets = load_flame(src, landmarks=landmarks, masks=masks, texture=texture)
+    """FLAME pickle (+ embedding, masks, texture; with ``deca_data``, what DECA's ``data/``
+    folder holds: :func:`recon.deca_data.load_flame_with_deca_data`) -> cached ``.npz``.
+    Nothing is written when loading fails (the write itself is atomic)."""
+    if deca_data is not None:
+        from recon.deca_data import load_flame_with_deca_data  # it builds on this module
+
+        assets = load_flame_with_deca_data(src, deca_data, landmarks=landmarks, masks=masks,
+                                           texture=texture)
+    else:
+        assets = load_flame(src, landmarks=landmarks, masks=masks, texture=texture)
     return assets.save_npz(dst)
 
 
