@@ -21,6 +21,12 @@ Resumable: an input whose folder has a ``result.json`` with status ok or rejecte
 an input with no marker (interrupted) or status error is redone from scratch. Every input
 ends with outputs or a recorded reason; a face that cannot be reconstructed is listed and the
 other faces of its photo still complete. ``OUT/summary.json`` counts the statuses.
+
+Names from outside: an input whose name cannot be a folder below ``OUT``
+(:func:`recon.mesh_io.check_name`: ``..`` or empty parts, an absolute key, control or shell
+characters) is rejected with the reason in the summary and gets no folder; every folder is
+checked to lie inside ``OUT`` (symlinks followed) before anything in it is deleted or written.
+A local ``OUT`` is locked while the job runs (``infra.storage.output_lock``).
 """
 from __future__ import annotations
 
@@ -50,12 +56,14 @@ FINAL = ("ok", "rejected")  # statuses a rerun keeps; "error" is retried
 @dataclass(frozen=True)
 class InputItem:
     """One input: ``uri`` (path or s3://), ``name`` (its output folder), ``kind`` (image |
-    video), ``pts`` (an annotation sidecar or "")."""
+    video), ``pts`` (an annotation sidecar or ""), ``unsafe`` (why its name cannot be an
+    output folder, then ``name`` is ""; such an input is rejected, never read)."""
 
     uri: str
     name: str
     kind: str
     pts: str = ""
+    unsafe: str = ""
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -68,13 +76,16 @@ def _suffix(uri: str) -> str:
 def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
                 use_annotations: bool = True) -> list[InputItem]:
     """Expand files, folders and s3:// prefixes into inputs (images and videos), sorted;
-    output names are unique (a clash keeps the suffix in the name)."""
+    output names are unique (a clash keeps the suffix in the name). A name that fails
+    :func:`recon.mesh_io.check_name` gives an item with ``unsafe`` set instead."""
     from preprocessing import annotations
+    from recon.mesh_io import UnsafeName, check_name
     from recon.video import VIDEO_SUFFIXES, ANIMATION_SUFFIXES
 
     image_exts = {"." + e.lower().lstrip(".") for e in image_extensions} - set(ANIMATION_SUFFIXES)
     video_exts = set(VIDEO_SUFFIXES) | set(ANIMATION_SUFFIXES)
     found: list[tuple[str, str]] = []  # (uri, relative name)
+    items: list[InputItem] = []
     for raw in inputs:
         raw = str(raw)
         if storage.is_s3(raw) or Path(raw).is_dir():
@@ -82,25 +93,33 @@ def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
             for uri in files:
                 if annotations.is_sidecar(uri) or _suffix(uri) not in image_exts | video_exts:
                     continue
-                found.append((uri, storage.relative(uri, raw)))
+                try:
+                    found.append((uri, storage.relative(uri, raw)))
+                except ValueError as err:  # a link out of the folder
+                    items.append(InputItem(uri=uri, name="", kind="image",
+                                           unsafe=f"unsafe name: {err}"))
         elif Path(raw).is_file():
             found.append((raw, Path(raw).name))
         else:
             raise FileNotFoundError(f"input not found: {raw}")
-    items: list[InputItem] = []
     names: dict[str, int] = {}
     for uri, rel in sorted(found):
         stem, suffix = posixpath.splitext(rel.replace(os.sep, "/"))
         names[stem] = names.get(stem, 0) + 1
         name = stem if names[stem] == 1 else f"{stem}{suffix.replace('.', '_')}"
         kind = "video" if suffix.lower() in video_exts else "image"
+        try:  # an S3 key with '..' or '//' parts, a file name with shell characters, ...
+            check_name(name)
+        except UnsafeName as err:
+            items.append(InputItem(uri=uri, name="", kind=kind, unsafe=f"unsafe name: {err}"))
+            continue
         pts = ""
         if kind == "image" and use_annotations:
             side = annotations.sidecar_stem(uri) + annotations.PTS_SUFFIX
             pts = side if (storage.is_s3(uri) and storage.exists(side)) or \
                 (not storage.is_s3(uri) and Path(side).is_file()) else ""
         items.append(InputItem(uri=uri, name=name, kind=kind, pts=pts))
-    return items
+    return sorted(items, key=lambda it: it.uri)
 
 
 # -- finding faces -------------------------------------------------------------------------------
@@ -198,11 +217,21 @@ class InputReconstructor:
         self.video_every, self.video_max_frames = video_every, video_max_frames
 
     def __call__(self, item: InputItem) -> dict[str, Any]:
-        """Write the input's folder (marker last) and return its result."""
+        """Write the input's folder (marker last) and return its result. An input whose
+        folder would not lie inside ``out`` is rejected before anything is deleted or
+        written (no marker: the result is all there is)."""
+        from recon.mesh_io import UnsafeName, check_name, path_inside
+
         started = time.perf_counter()
         local_out = not storage.is_s3(self.out)
-        stage = Path(self.out) / item.name if local_out else Path(
-            tempfile.mkdtemp(prefix="wildface-recon-"))
+        try:
+            check_name(item.name)  # on s3:// the name becomes the keys below ``out``
+            stage = path_inside(self.out, item.name) if local_out else Path(
+                tempfile.mkdtemp(prefix="wildface-recon-"))
+        except UnsafeName as err:
+            return {"input": item.uri, "name": item.name, "kind": item.kind,
+                    "status": "rejected", "reason": f"unsafe name: {err}", "faces": [],
+                    "failed_faces": []}
         if local_out and stage.exists():
             shutil.rmtree(stage)  # an interrupted or failed attempt: start clean
         stage.mkdir(parents=True, exist_ok=True)
@@ -409,18 +438,29 @@ def run_batch(inputs: Iterable[str], out: str, model: str, cfg, *, use_ray: bool
     model: ``--model`` (:mod:`flows.model_uri`); cfg: ``WildfaceConfig``; face_model: a
     configured face model that must match the model's; progress(done, total, result) after
     each input. Returns and writes ``OUT/summary.json``: counts by status and the failures.
+    OutputLocked at once when another job holds a local ``out``.
     """
+    storage.configure(cfg.storage)
+    with storage.output_lock(out):
+        return _run_batch(inputs, out, model, cfg, use_ray, face_model, tracking_uri, progress)
+
+
+def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
+               face_model: str | None, tracking_uri: str | None,
+               progress: Callable[[int, int, dict], None] | None) -> dict[str, Any]:
     from flows.model_uri import resolve_model
     from recon.config import FaceModelConfig
 
-    storage.configure(cfg.storage)
     pc = cfg.preprocess
     out_prefix = str(out).rstrip("/") + "/" if storage.is_s3(out) else str(Path(out).resolve()) + os.sep
     items = [it for it in list_inputs(inputs, pc.extensions, pc.use_annotations)
              if not (it.uri if storage.is_s3(it.uri) else str(Path(it.uri).resolve())
                      ).startswith(out_prefix)]  # never our own outputs
-    todo = [it for it in items if not is_done(out, it.name)]
-    log.info("%d inputs, %d already done, %d to reconstruct", len(items),
+    for it in items:
+        if it.unsafe:
+            log.warning("rejected %s: %s", it.uri, it.unsafe)
+    todo = [it for it in items if not it.unsafe and not is_done(out, it.name)]
+    log.info("%d inputs, %d already done or rejected, %d to reconstruct", len(items),
              len(items) - len(todo), len(todo))
     started = time.perf_counter()
     rc = cfg.reconstruct
@@ -452,8 +492,8 @@ def run_batch(inputs: Iterable[str], out: str, model: str, cfg, *, use_ray: bool
                 report(run(item))
         elif todo:
             _run_ray(todo, out, files, configured, cfg, report)
-    summary = _summary(out, items, time.perf_counter() - started, len(todo))
-    return summary
+    return _summary(out, items, time.perf_counter() - started, len(todo),
+                    {r["name"]: r for r in results})
 
 
 def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
@@ -493,11 +533,15 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
             ray.shutdown()
 
 
-def _summary(out: str, items: list[InputItem], seconds: float, processed: int) -> dict[str, Any]:
+def _summary(out: str, items: list[InputItem], seconds: float, processed: int,
+             results: dict[str, dict]) -> dict[str, Any]:
+    """Counts and failures from the markers; ``results`` (by name) stand in for inputs
+    rejected without a folder."""
     counts: dict[str, int] = {}
     failures = []
     for it in items:
-        marker = read_marker(out, it.name)
+        marker = ({"status": "rejected", "reason": it.unsafe} if it.unsafe
+                  else read_marker(out, it.name) or results.get(it.name))
         status = marker.get("status", "missing") if marker else "missing"
         counts[status] = counts.get(status, 0) + 1
         if status != "ok":

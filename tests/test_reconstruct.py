@@ -259,3 +259,42 @@ def test_video_gives_a_per_frame_table(checkpoint, tmp_path):
     assert len(table["exp"][0]) == 10 and len(table["light"][0]) == 27
     assert table["time_s"].tolist() == pytest.approx([0.0, 0.2, 0.4])
     assert (tmp_path / "out" / "clip" / "face_00" / "detail.obj").is_file()
+
+
+def test_bucket_keys_cannot_escape_the_output_folder(synth, checkpoint, moto_s3, tmp_path):
+    """Keys ``photos/../victim/x.jpg`` and ``photos//<absolute>/y.jpg`` (valid annotated
+    photos) are rejected with the reason: nothing outside --out is deleted or written; the
+    good photo beside them is reconstructed."""
+    from flows.reconstruct import MARKER, run_batch
+    from infra import storage
+    from infra.config import StorageConfig
+
+    cfg = tiny_config(**{"storage.endpoint_url": moto_s3})
+    storage.configure(cfg.storage)
+    storage._client().create_bucket(Bucket="traversal")
+    victim = tmp_path / "run" / "victim" / "x"  # where OUT/../victim/x leads
+    absolute = tmp_path / "abs" / "y"
+    for folder in (victim, absolute):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text("precious")
+    src = synth / "images" / "id0000" / "img000"
+    keys = ("photos/good", "photos/../victim/x", f"photos/{absolute}")  # the last has '//'
+    for key in keys:
+        for ext in (".jpg", ".pts"):
+            storage.write_bytes(f"s3://traversal/{key}{ext}", src.with_suffix(ext).read_bytes())
+    before = sorted(p for p in tmp_path.rglob("*"))
+    out = tmp_path / "run" / "out"
+    try:
+        summary = run_batch(["s3://traversal/photos"], str(out), str(checkpoint), cfg)
+    finally:
+        storage.configure(StorageConfig())
+    assert summary["counts"] == {"ok": 1, "rejected": 2}, summary
+    reasons = {f["input"]: f["reason"] for f in summary["failures"]}
+    assert "'..' path part" in reasons["s3://traversal/photos/../victim/x.jpg"]
+    assert "absolute name" in reasons[f"s3://traversal/photos/{absolute}.jpg"]
+    assert all(r.startswith("unsafe name: ") for r in reasons.values())
+    assert json.loads((out / "good" / MARKER).read_text())["status"] == "ok"
+    after = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    assert after == before  # nothing outside --out was written or deleted
+    assert (victim / "keep.txt").read_text() == "precious"
+    assert json.loads((out / "summary.json").read_text())["counts"] == summary["counts"]

@@ -30,53 +30,64 @@ def train(
     steps and at the end."""
     if stage not in ("coarse", "detail"):
         raise typer.BadParameter("--stage must be coarse or detail")
-    if use_ray:
-        from flows.train import train_with_ray
+    from contextlib import ExitStack
 
-        train_with_ray(stage, data, out, config, list(overrides or []),
-                       None if coarse_checkpoint is None else str(coarse_checkpoint))
-        return
-    import torch
+    from infra.storage import OutputLocked, configure, output_lock
 
-    from flows.config import ConfigError, load_config, with_stage_weights
-    from flows.samples import rank_store
-    from recon.devices import pick_device
-    from recon.training.steps import NonFiniteTraining
-    from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
+    with ExitStack() as held:
+        try:
+            held.enter_context(output_lock(out))
+        except OutputLocked as err:  # another run writes this folder
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        if use_ray:
+            from flows.train import train_with_ray
 
-    try:
-        cfg = load_config(config, list(overrides or []))
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from None
-    cfg = with_stage_weights(cfg, stage)
-    try:
-        dev = pick_device(device)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--device") from None
-    if dev.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    n_ids, _ = cfg.train.batch_shape(stage)
-    store, _ = rank_store(str(data), 0, 1, n_ids, cfg.data.cache_dir)
-    typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
+            train_with_ray(stage, data, out, config, list(overrides or []),
+                           None if coarse_checkpoint is None else str(coarse_checkpoint))
+            return
+        import torch
 
-    class Printer(TrainerCallback):
-        def on_step(self, step: int, terms: dict[str, float]) -> None:
-            if step % log_every == 0 or step == cfg.train.steps:
-                typer.echo(f"{stage} step {step}/{cfg.train.steps} loss {terms['loss']:.4f} "
-                           f"({terms['images_per_s']:.1f} img/s)")
+        from flows.config import ConfigError, load_config, with_stage_weights
+        from flows.samples import rank_store
+        from recon.devices import pick_device
+        from recon.training.steps import NonFiniteTraining
+        from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
 
-        def on_checkpoint(self, path: Path) -> None:
-            typer.echo(f"checkpoint {path}")
+        try:
+            cfg = load_config(config, list(overrides or []))
+        except ConfigError as err:
+            raise typer.BadParameter(str(err)) from None
+        cfg = with_stage_weights(cfg, stage)
+        configure(cfg.storage)  # s3:// data is read with the configured endpoint
+        try:
+            dev = pick_device(device)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--device") from None
+        if dev.type == "cpu":
+            torch.set_num_threads(min(2, torch.get_num_threads()))
+        n_ids, _ = cfg.train.batch_shape(stage)
+        store, _ = rank_store(str(data), 0, 1, n_ids, cfg.data.cache_dir)
+        typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
 
-    trainer = Trainer(cfg, stage, out, store, device=dev,
-                      coarse_checkpoint=coarse_checkpoint,
-                      callbacks=[Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
-    if trainer.resumed_from is not None:
-        typer.echo(f"resuming at step {trainer.resumed_from}")
-    try:
-        result = trainer.run()
-    except NonFiniteTraining as err:  # a diverged run fails; its last checkpoint is finite
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"{stage}: {result.step} steps, {result.skipped} skipped, "
-               f"checkpoint {result.checkpoint}")
+        class Printer(TrainerCallback):
+            def on_step(self, step: int, terms: dict[str, float]) -> None:
+                if step % log_every == 0 or step == cfg.train.steps:
+                    typer.echo(f"{stage} step {step}/{cfg.train.steps} loss {terms['loss']:.4f} "
+                               f"({terms['images_per_s']:.1f} img/s)")
+
+            def on_checkpoint(self, path: Path) -> None:
+                typer.echo(f"checkpoint {path}")
+
+        trainer = Trainer(cfg, stage, out, store, device=dev,
+                          coarse_checkpoint=coarse_checkpoint,
+                          callbacks=[Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
+        if trainer.resumed_from is not None:
+            typer.echo(f"resuming at step {trainer.resumed_from}")
+        try:
+            result = trainer.run()
+        except NonFiniteTraining as err:  # a diverged run fails; its last checkpoint is finite
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"{stage}: {result.step} steps, {result.skipped} skipped, "
+                   f"checkpoint {result.checkpoint}")
