@@ -13,8 +13,8 @@ from preprocessing import pipeline
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def scan(input_root: str, cfg) -> list:
-    return pipeline.scan_inputs(input_root, cfg)
+def scan(inputs: str | list[str], cfg, fmt: str | None = None) -> list:
+    return pipeline.scan_inputs(inputs, cfg, fmt)
 
 
 @task(retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -41,17 +41,20 @@ def write_outputs(output: str, the_plan) -> dict:
 
 
 @flow(name="preprocess", log_prints=True)
-def preprocess(input: str, output: str, config: str | None = None,
-               overrides: list[str] | None = None, use_ray: bool = True) -> dict:
-    """Photos under ``input`` (folder or s3:// prefix) -> WebDataset shards, manifest and
-    identities under ``output``. ``config``: YAML file or configs/ name; ``overrides``:
-    ``preprocess.key=value`` strings. A local ``output`` is locked while the flow runs
-    (``infra.storage.OutputLocked`` at once when another run holds it)."""
+def preprocess(input: str | list[str], output: str, config: str | None = None,
+               overrides: list[str] | None = None, use_ray: bool = True,
+               format: str | None = None) -> dict:
+    """Photos under ``input`` (folder or s3:// prefix read as dataset ``format``, default
+    ``folders``; or ``NAME=ROOT`` pairs, one per dataset: :mod:`preprocessing.datasets`)
+    -> WebDataset shards, manifest and identities under ``output``. ``config``: YAML file or
+    configs/ name; ``overrides``: ``preprocess.key=value`` strings. A local ``output`` is
+    locked while the flow runs (``infra.storage.OutputLocked`` at once when another run holds
+    it)."""
     cfg_all = load_config(config, overrides)
     cfg, storage_cfg = cfg_all.preprocess, cfg_all.storage
     storage.configure(storage_cfg)
     with storage.output_lock(output):
-        inputs = scan(input, cfg)
+        inputs = scan(input, cfg, format)
         counts = process(inputs, output, cfg, storage_cfg, use_ray)
         the_plan = plan(inputs, output, cfg)
         n = write_shards(output, the_plan)

@@ -67,6 +67,14 @@ class PreprocessConfig(StrictModel):
     use_annotations: bool = Field(
         True, description="use <name>.pts / <name>.mask.png beside an image instead of models"
     )
+    dataset_boxes: Literal["match", "use"] = Field(
+        "match", description="a dataset's face box: 'match' picks the detected face it labels "
+        "(the box itself when none matches), 'use' skips the detector"
+    )
+
+    # Dataset readers (preprocessing/datasets.py): what is listed, not how an image is made
+    video_fps: float = Field(1.0, gt=0, description="frames sampled per second of a video")
+    video_max_frames: int = Field(10, ge=1, description="frames sampled from one video at most")
 
     # Crop and mask
     crop_size: int = Field(256, ge=32)
@@ -150,6 +158,8 @@ class PreprocessConfig(StrictModel):
         # keep the fingerprint they had before the optional ones existed.
         if self.landmarker == "fan":
             keys += ["landmarker_weights"]
+        if self.dataset_boxes != "match":
+            keys += ["dataset_boxes"]
         if self.mask == "segmentation":
             keys += ["mask", "segmentation_weights", "segmentation_size", "segmentation_mean",
                      "segmentation_std", "segmentation_skin_classes"]

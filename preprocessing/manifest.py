@@ -25,7 +25,24 @@ SCHEMA = pa.schema([
     ("detector_score", pa.float32()),
     ("landmark_source", pa.string()),
     ("identity_distance", pa.float32()),  # to the identity's mean embedding (label check)
+    # Where the input came from (preprocessing/datasets.py); empty/null for a plain folder.
+    ("source", pa.string()),        # the dataset: vggface2, celeba, aflw, bupt, voxceleb2, ...
+    ("source_identity", pa.string()),  # the identity as the source names it (identity: namespaced)
+    ("race", pa.string()),          # BUPT-Balancedface's race folder
+    ("frame", pa.int32()),          # frame index of a video input
+    ("dataset_box", pa.list_(pa.float32())),  # the dataset's face box (x0, y0, x1, y1), pixels
+    ("dataset_landmarks", pa.list_(pa.list_(pa.float32()))),  # the dataset's points (K, 2),
+    # in its own order (5: eyes, nose, mouth corners; AFLW: 21), NaN where not annotated
 ])
+
+
+def manifest_row(path: str, reason: str, sha256: str) -> dict:
+    """A rejected row of ``path`` with every column present; the plan fills in the rest."""
+    return {"path": path, "status": "rejected", "reason": reason, "identity": "", "split": "",
+            "shard": "", "key": "", "sha256": sha256, "n_faces": 0, "detector_score": None,
+            "landmark_source": "", "identity_distance": None, "source": "",
+            "source_identity": "", "race": "", "frame": None, "dataset_box": None,
+            "dataset_landmarks": None}
 
 
 def manifest_bytes(rows: list[dict]) -> bytes:

@@ -1,8 +1,9 @@
 """The preprocessing pipeline: per-image work on Ray Data actor pools, whole-dataset work
 (identities, split, shards, manifest) on the driver. Restartable and idempotent:
 
-- Every input is hashed; its record id (``rid``) is the sha256 of its bytes (and of its
-  annotation sidecars). Ray actors write records in atomic Parquet parts under
+- Inputs are listed by the dataset readers (:mod:`preprocessing.datasets`) and hashed; an
+  input's record id (``rid``) is the sha256 of its bytes (and of its annotation sidecars,
+  its dataset's box and landmarks, its video frame index). Ray actors write records in atomic Parquet parts under
   ``DST/work/<config fingerprint>/``; a rerun or a resumed run processes only the rids that
   no part holds yet.
 - Shards are planned deterministically (keys sorted within a split) and written as
@@ -21,7 +22,6 @@ import posixpath
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +30,11 @@ import pyarrow.parquet as pq
 
 from infra import storage
 from infra.config import StorageConfig
-from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
+from preprocessing.datasets import InputFile, list_inputs
 from preprocessing.identity import (cluster, folder_identity, label_distances, read_labels)
 from preprocessing.manifest import (IDENTITIES_FILE, MANIFEST_FILE, identities_bytes,
+                                    manifest_row,
                                     manifest_bytes, write_if_changed)
 from preprocessing.shards import shard_bytes
 from preprocessing.split import split_identities
@@ -46,16 +47,6 @@ PART_SCHEMA = pa.schema([
     ("mask", pa.binary()), ("meta", pa.string()), ("embedding", pa.list_(pa.float32())),
 ])
 META_COLUMNS = ["rid", "sha256", "status", "reason", "meta", "embedding"]
-
-
-@dataclass
-class InputFile:
-    uri: str
-    rel: str  # relative to the input root, '/' separators
-    sha256: str
-    rid: str
-    pts: str | None = None
-    mask: str | None = None
 
 
 @dataclass
@@ -73,33 +64,12 @@ def work_dir(output: str, cfg: PreprocessConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------- scan
-def scan_inputs(input_root: str, cfg: PreprocessConfig, threads: int = 8) -> list[InputFile]:
-    """Every candidate image under ``input_root`` with its hashes, sorted by path."""
-    files = storage.list_files(input_root)
-    present = set(files)
-    exts = {e.lower().lstrip(".") for e in cfg.extensions}
-    images = [u for u in files if not annotations.is_sidecar(u)
-              and posixpath.splitext(u)[1].lower().lstrip(".") in exts]
-
-    def one(uri: str) -> InputFile:
-        sha = hashlib.sha256(storage.read_bytes(uri)).hexdigest()
-        stem = annotations.sidecar_stem(uri)
-        pts = stem + annotations.PTS_SUFFIX
-        mask = stem + annotations.MASK_SUFFIX
-        pts = pts if cfg.use_annotations and pts in present else None
-        mask = mask if cfg.use_annotations and mask in present else None
-        rid = sha
-        if pts or mask:
-            extra = [hashlib.sha256(storage.read_bytes(u)).hexdigest() if u else "-"
-                     for u in (pts, mask)]
-            rid = hashlib.sha256(":".join([sha, *extra]).encode()).hexdigest()
-        return InputFile(uri=uri, rel=storage.relative(uri, input_root), sha256=sha, rid=rid,
-                         pts=pts, mask=mask)
-
-    with ThreadPoolExecutor(threads) as pool:
-        out = list(pool.map(one, images))
-    log.info("scanned %d input images under %s", len(out), input_root)
-    return sorted(out, key=lambda f: f.rel)
+def scan_inputs(inputs: str | list[str], cfg: PreprocessConfig, fmt: str | None = None,
+                threads: int = 8) -> list[InputFile]:
+    """Every input with its hashes, sorted by manifest path. ``inputs``: a folder or s3://
+    prefix (read with the dataset reader ``fmt``, default ``folders``), or ``NAME=ROOT``
+    pairs, one per dataset (:mod:`preprocessing.datasets`)."""
+    return list_inputs(inputs, cfg, fmt, threads)
 
 
 # ------------------------------------------------------------------------------- records
@@ -127,11 +97,12 @@ def todo_items(inputs: list[InputFile], done: set[str]) -> list[dict]:
     seen: set[str] = set()
     items = []
     for f in inputs:
-        if f.rid in done or f.rid in seen:
+        if f.reason or f.rid in done or f.rid in seen:  # refused at listing: nothing to make
             continue
         seen.add(f.rid)
         items.append({"uri": f.uri, "rid": f.rid, "sha256": f.sha256, "pts": f.pts or "",
-                      "mask": f.mask or ""})
+                      "mask": f.mask or "", "guide": f.guide(),
+                      "frame": "" if f.frame is None else str(f.frame)})
     return items
 
 
@@ -263,7 +234,9 @@ def _identity_mode(cfg: PreprocessConfig, inputs: list[InputFile]) -> str:
 def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfig) -> Plan:
     """Manifest rows for every input with a record, identities, split and the shard layout;
     inputs without one (transient errors outlasted their retries) are ``pending``."""
-    mode = _identity_mode(cfg, inputs)
+    # Folder, label file or clustering name what no dataset labels.
+    unlabelled = [f for f in inputs if f.label is None and not f.reason]
+    mode = _identity_mode(cfg, unlabelled) if unlabelled else "dataset"
     labels = read_labels(storage.read_bytes(cfg.labels), cfg.labels) if mode == "labels" else {}
     if mode == "labels" and not cfg.labels:
         raise ValueError("identity_source 'labels' needs preprocess.labels")
@@ -274,24 +247,31 @@ def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfi
     first_of: dict[str, str] = {}
     ok: list[tuple[dict, dict]] = []  # (row, record)
     pending: list[str] = []
-    for f in sorted(inputs, key=lambda f: f.rel):
+    for f in sorted(inputs, key=lambda f: f.path):
+        source_cols = {"source": f.source, "source_identity": f.label or "", "race": f.race,
+                       "frame": f.frame, "dataset_box": f.box, "dataset_landmarks": f.points}
+        if f.reason:  # refused at listing (unsafe name, missing file, no label)
+            rows.append(manifest_row(f.path, f.reason, f.sha256) | source_cols)
+            continue
         rec = records.get(f.rid)
         if rec is None:  # transient errors outlasted the retries: neither ok nor rejected
-            pending.append(f.rel)
+            pending.append(f.path)
             continue
         meta = json.loads(rec["meta"])
-        row = {"path": f.rel, "status": "rejected", "reason": rec["reason"], "identity": "",
-               "split": "", "shard": "", "key": f.rid[:16], "sha256": f.sha256,
-               "n_faces": len(meta.get("faces", [])), "detector_score": meta.get("detector_score"),
-               "landmark_source": meta.get("landmark_source", ""), "identity_distance": None}
+        row = manifest_row(f.path, rec["reason"], f.sha256) | source_cols | {
+            "key": f.rid[:16], "n_faces": len(meta.get("faces", [])),
+            "detector_score": meta.get("detector_score"),
+            "landmark_source": meta.get("landmark_source", "")}
         rows.append(row)
         if f.rid in first_of:
             row["reason"] = f"duplicate of {first_of[f.rid]}"
             continue
-        first_of[f.rid] = f.rel
+        first_of[f.rid] = f.path
         if rec["status"] != "ok":
             continue
-        if mode == "folder":
+        if f.label is not None:
+            ident = f.label
+        elif mode == "folder":
             ident = folder_identity(f.rel)
         elif mode == "labels":
             ident = labels.get(posixpath.normpath(f.rel))
@@ -306,13 +286,20 @@ def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfi
     if ok and cfg.embedding != "none":
         emb = np.array([rec["embedding"] for _, rec in ok], dtype=np.float32)
         if mode == "cluster":
-            labels_idx = cluster(emb, cfg.cluster_threshold)
+            todo = [i for i, (row, _) in enumerate(ok) if not row["source_identity"]]
+            labels_idx = cluster(emb[todo], cfg.cluster_threshold)
             # Named after the smallest key in the cluster: stable whatever the input order.
             names: dict[int, str] = {}
-            for (row, _), c in zip(ok, labels_idx):
-                names[int(c)] = min(names.get(int(c), row["key"]), row["key"])
-            for (row, _), c in zip(ok, labels_idx):
-                row["identity"] = f"cluster-{names[int(c)]}"
+            for i, c in zip(todo, labels_idx):
+                names[int(c)] = min(names.get(int(c), ok[i][0]["key"]), ok[i][0]["key"])
+            for i, c in zip(todo, labels_idx):
+                ok[i][0]["identity"] = f"cluster-{names[int(c)]}"
+    # Namespaced by source: two datasets' 'n000002' (or two folders' 'anna') stay two people.
+    for row, _ in ok:
+        row["source_identity"] = row["identity"]
+        if row["source"]:
+            row["identity"] = f"{row['source']}/{row['identity']}"
+    if ok and cfg.embedding != "none":
         dist = label_distances(emb, [row["identity"] for row, _ in ok])
         for (row, _), d in zip(ok, dist):
             row["identity_distance"] = float(d)
@@ -339,6 +326,8 @@ def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfi
                 meta = json.loads(rec["meta"])
                 meta.update(source=row["path"], identity=row["identity"], split=split,
                             key=row["key"], sha256=row["sha256"])
+                if row["source"]:
+                    meta.update(dataset=row["source"], source_identity=row["source_identity"])
                 meta_json = json.dumps(meta, sort_keys=True)
                 entries.append({"rid": rec["rid"], "key": row["key"], "part": rec["part"],
                                 "json": meta_json})
@@ -432,20 +421,21 @@ def summarise(the_plan: Plan) -> dict:
     }
 
 
-def run(input_root: str, output: str, cfg: PreprocessConfig,
-        storage_cfg: StorageConfig | None = None, use_ray: bool = True) -> dict:
+def run(input_root: str | list[str], output: str, cfg: PreprocessConfig,
+        storage_cfg: StorageConfig | None = None, use_ray: bool = True,
+        fmt: str | None = None) -> dict:
     """All stages in order (the Prefect flow runs the same functions as tasks), holding
     ``output``'s lock (``infra.storage.output_lock``: OutputLocked at once while another run
     writes a local ``output``)."""
     storage_cfg = storage_cfg or StorageConfig()
     storage.configure(storage_cfg)
     with storage.output_lock(output):
-        return _run_stages(input_root, output, cfg, storage_cfg, use_ray)
+        return _run_stages(input_root, output, cfg, storage_cfg, use_ray, fmt)
 
 
-def _run_stages(input_root: str, output: str, cfg: PreprocessConfig,
-                storage_cfg: StorageConfig, use_ray: bool) -> dict:
-    inputs = scan_inputs(input_root, cfg)
+def _run_stages(input_root: str | list[str], output: str, cfg: PreprocessConfig,
+                storage_cfg: StorageConfig, use_ray: bool, fmt: str | None) -> dict:
+    inputs = scan_inputs(input_root, cfg, fmt)
     work = work_dir(output, cfg)
     records = load_records(work)
     items = todo_items(inputs, set(records))

@@ -22,6 +22,7 @@ from infra import storage
 from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
 from preprocessing.crop import apply_affine, crop_transform, to_normalised, warp
+from preprocessing.datasets import VideoFrames
 from preprocessing.decode import Rejected, decode_image
 from preprocessing.detect import make_detector
 from preprocessing.landmarks import landmark_box, make_landmarker, plausible
@@ -67,6 +68,7 @@ class SampleMaker:
         self.detector = make_detector(cfg)
         self.landmarker = make_landmarker(cfg)
         self.masker = make_masker(cfg)
+        self.frames = VideoFrames()
         if cfg.embedding == "dlib":
             from preprocessing.identity import Embedder
 
@@ -83,8 +85,9 @@ class SampleMaker:
             self.stage_seconds[stage] += time.perf_counter() - t
 
     def make(self, item: dict) -> dict:
-        """item: {uri, rid, sha256, pts (uri | None), mask (uri | None)} -> record. Transient
-        errors are retried ``cfg.transient_retries`` times; then the record has status
+        """item: {uri, rid, sha256, pts (uri | None), mask (uri | None), guide (a dataset's
+        box and landmarks as JSON | None), frame (a video's frame index | None)} -> record.
+        Transient errors are retried ``cfg.transient_retries`` times; then the record has status
         :data:`RETRY` and the error as its reason."""
         attempts = self.cfg.transient_retries + 1
         for attempt in range(1, attempts + 1):
@@ -112,7 +115,9 @@ class SampleMaker:
         except (OSError, MemoryError) as err:
             raise _Transient() from err
         try:
-            self._make(data, pts, mask, record, meta)
+            guide = annotations.DatasetGuide.from_json(item.get("guide"))
+            frame = int(item["frame"]) if item.get("frame") else None
+            self._make(data, pts, mask, record, meta, guide, frame)
             record["status"] = "ok"
         except Rejected as err:
             record["reason"] = str(err)
@@ -124,27 +129,30 @@ class SampleMaker:
         return record
 
     def _make(self, data: bytes, pts: bytes | None, mask_png: bytes | None, record: dict,
-              meta: dict) -> None:
+              meta: dict, guide: annotations.DatasetGuide | None = None,
+              frame: int | None = None) -> None:
         cfg = self.cfg
-        decoded = self._timed("decode", lambda: decode_image(
-            data, min_size=cfg.min_image_size, max_pixels=cfg.max_pixels,
-            max_bytes=int(cfg.max_file_mb * 2**20)))
-        rgb = decoded.rgb
+        if frame is None:
+            decoded = self._timed("decode", lambda: decode_image(
+                data, min_size=cfg.min_image_size, max_pixels=cfg.max_pixels,
+                max_bytes=int(cfg.max_file_mb * 2**20)))
+            rgb = decoded.rgb
+            meta["image"] = decoded.info
+        else:
+            rgb = self._timed("decode", self.frames, data, frame, cfg.max_pixels,
+                              cfg.min_image_size)
+            meta["image"] = {"format": "video", "frame": frame, "width": rgb.shape[1],
+                             "height": rgb.shape[0]}
         h, w = rgb.shape[:2]
-        meta["image"] = decoded.info
         if pts is not None:
             lmk = annotations.read_pts(pts)
             meta["landmark_source"] = "annotation"
             meta["faces"] = [{"box": [round(v, 2) for v in landmark_box(lmk)], "score": None}]
             meta["detector_score"] = None
         else:
-            faces = self._timed("detect", self.detector, rgb)
-            meta["faces"] = [f.to_dict() for f in faces]
-            if not faces:
-                raise Rejected("no face found")
-            lmk = self._timed("landmarks", self.landmarker, rgb, faces[0].box)
-            meta["landmark_source"] = f"{self.landmarker.name} on {cfg.detector}"
-            meta["detector_score"] = round(float(faces[0].score), 4)
+            box, meta["detector_score"], found_by = self._face(rgb, guide, meta)
+            lmk = self._timed("landmarks", self.landmarker, rgb, box)
+            meta["landmark_source"] = f"{self.landmarker.name} on {found_by}"
         why = plausible(lmk, w, h)
         if why:
             raise Rejected(why)
@@ -167,3 +175,24 @@ class SampleMaker:
         record["jpg"] = self._timed("encode", _jpg, crop, cfg.jpeg_quality)
         record["lmk"] = _npy(to_normalised(lmk_crop, cfg.crop_size))
         record["mask"] = _png(mask)
+
+    def _face(self, rgb: np.ndarray, guide: annotations.DatasetGuide | None, meta: dict
+              ) -> tuple[tuple[float, float, float, float], float | None, str]:
+        """(box, detector score, what found it) of the face to put landmarks on: the
+        detector's main face or, with a dataset's labels, the face they label (the dataset's
+        box itself when the detector misses it, or always with ``dataset_boxes: use``)."""
+        cfg = self.cfg
+        if guide is not None and guide.box is not None and cfg.dataset_boxes == "use":
+            meta["faces"] = [{"box": [round(v, 2) for v in guide.box], "score": None}]
+            return guide.box, None, "the dataset's box"
+        faces = self._timed("detect", self.detector, rgb)
+        meta["faces"] = [f.to_dict() for f in faces]
+        i = 0 if guide is None else annotations.match_face([f.box for f in faces], guide)
+        if i is not None and faces:
+            found_by = cfg.detector if guide is None else f"{cfg.detector}, the dataset's face"
+            return faces[i].box, round(float(faces[i].score), 4), found_by
+        if guide is not None and guide.box is not None:
+            return guide.box, None, "the dataset's box"
+        if faces:
+            raise Rejected("no detected face matches the dataset's landmarks")
+        raise Rejected("no face found")

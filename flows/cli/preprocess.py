@@ -11,7 +11,11 @@ from flows.cli.options import load_config_or_exit
 
 
 def preprocess(
-    input: str = typer.Option(..., "--input", "-i", help="folder or s3:// prefix of photos"),
+    input: list[str] = typer.Option(
+        ..., "--input", "-i", help="folder or s3:// prefix of photos, or NAME=ROOT of a dataset "
+        "(vggface2, celeba, aflw, bupt, voxceleb2, folders); repeat to mix datasets"),
+    format: Optional[str] = typer.Option(
+        None, "--format", "-f", help="dataset layout of a plain --input ROOT (default folders)"),
     output: str = typer.Option(..., "--output", "-o", help="folder or s3:// prefix for shards"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML file or configs/ name"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. preprocess.shard_size=500"),
@@ -22,10 +26,17 @@ def preprocess(
     from flows.preprocess import preprocess as flow
     from infra.storage import OutputLocked
 
+    from preprocessing.datasets import LayoutError, parse_inputs
+
     try:
-        summary = flow(input=input, output=output, config=config, overrides=list(set_),
-                       use_ray=not no_ray)
-    except OutputLocked as err:  # another run writes this output folder
+        parse_inputs(list(input), format)  # a mistake: one line here, not a failed flow run
+    except LayoutError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        summary = flow(input=list(input), output=output, config=config, overrides=list(set_),
+                       use_ray=not no_ray, format=format)
+    except (OutputLocked, LayoutError) as err:  # another run writes the output; a bad tree
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(summary, indent=1))

@@ -1,0 +1,538 @@
+"""Dataset readers: each public face dataset read in the layout it is distributed in, listed
+as :class:`InputFile` entries that the rest of the pipeline consumes unchanged.
+
+``--input ROOT`` (optionally ``--format NAME``) or several ``--input NAME=ROOT`` pairs:
+
+- ``folders``: ``<identity>/<image>`` (identity from the folder, a label file or clustering,
+  decided in :func:`preprocessing.pipeline.plan`), with ``.pts`` / ``.mask.png`` sidecars;
+- ``vggface2``: ``train/`` and ``test/`` ``n000002/0001_01.jpg``; the loose boxes and 5
+  landmarks of ``bb_landmark/loose_bb_{train,test}.csv`` / ``loose_landmark_{train,test}.csv``;
+- ``celeba``: ``img_celeba/`` or ``img_align_celeba/`` (also under ``Img/``) with
+  ``identity_CelebA.txt``, ``list_bbox_celeba.txt`` and ``list_landmarks_(align_)celeba.txt``
+  (also under ``Anno/``);
+- ``aflw``: ``aflw.sqlite`` (also under ``data/``) and its ``flickr/<0|2|3>/`` images; each
+  face is one entry (``path#face=<face_id>``) and its own identity;
+- ``bupt``: BUPT-Balancedface ``<race>/<identity>/<image>``, the race kept;
+- ``voxceleb2``: ``id<nnnnn>/<video>/<clip>.mp4`` (any folders above), frames sampled at
+  ``preprocess.video_fps`` (``path#frame=<index>``), identity = the speaker.
+
+A dataset's labels are namespaced by its source (``vggface2/n000002``) so two sources never
+merge an identity by accident. Names read from a dataset's files (csv, txt, sqlite) are
+checked with :func:`recon.mesh_io.check_name` before a path is built from them; a refused
+name, a listed file that is absent and an image without a label become rejected entries
+(``InputFile.reason``), accounted for in the manifest like any other bad input.
+
+Coordinates are the photo's pixels, 0-based, x right, y down; boxes are ``(x0, y0, x1, y1)``;
+dataset landmarks keep the dataset's own point order, NaN where a point is not annotated.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import posixpath
+import re
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.request import pathname2url
+
+import numpy as np
+
+from infra import storage
+from preprocessing import annotations
+from preprocessing.config import PreprocessConfig
+from preprocessing.decode import Rejected
+from recon.mesh_io import UnsafeName, check_name
+from recon.video import read_frames, video_fps
+
+log = logging.getLogger("wildface.preprocess")
+
+Box = tuple[float, float, float, float]
+Points = tuple[tuple[float, float], ...]
+
+#: The 5 points of VGGFace2's and CelebA's files, in their column order (image left/right).
+FIVE_POINTS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+#: AFLW's 21 points, ``FeatureCoords.feature_id`` 1..21 (its ``FeatureCoordTypes`` table).
+AFLW_POINTS = ("LeftBrowLeftCorner", "LeftBrowCenter", "LeftBrowRightCorner",
+               "RightBrowLeftCorner", "RightBrowCenter", "RightBrowRightCorner",
+               "LeftEyeLeftCorner", "LeftEyeCenter", "LeftEyeRightCorner",
+               "RightEyeLeftCorner", "RightEyeCenter", "RightEyeRightCorner",
+               "LeftEar", "NoseLeft", "NoseCenter", "NoseRight", "RightEar",
+               "MouthLeftCorner", "MouthCenter", "MouthRightCorner", "ChinCenter")
+BUPT_RACES = ("African", "Asian", "Caucasian", "Indian")
+
+
+class LayoutError(ValueError):
+    """An input that is not laid out as its dataset is distributed, or a wrong ``--input``."""
+
+
+@dataclass
+class InputFile:
+    """One input of the pipeline: an image (or one face of it, or one frame of a video)."""
+
+    uri: str
+    rel: str  # relative to its source's root, '/' separators; '#face=' / '#frame=' suffixes
+    sha256: str = ""  # of the file's bytes ('' for an entry refused at listing)
+    rid: str = ""  # record id: sha256 of the bytes and of what else shapes the record
+    pts: str | None = None
+    mask: str | None = None
+    source: str = ""  # the dataset ('' for a single plain folder input)
+    label: str | None = None  # the dataset's identity label (None: folders/labels/clustering)
+    box: Box | None = None  # the dataset's face box
+    points: Points | None = None  # the dataset's landmarks (5 or 21), NaN = not annotated
+    frame: int | None = None  # video frame index
+    race: str = ""
+    reason: str = ""  # refused at listing: unsafe name, missing file, no label
+
+    @property
+    def path(self) -> str:
+        """The manifest's path: ``<source>/<rel>`` for a named source."""
+        return f"{self.source}/{self.rel}" if self.source else self.rel
+
+    def guide(self) -> str:
+        """The dataset's box/landmarks as the JSON the per-image stage reads ('' if none)."""
+        if self.box is None and self.points is None:
+            return ""
+        return json.dumps({"box": self.box, "points": self.points}, allow_nan=True)
+
+
+# ---------------------------------------------------------------------------- inputs
+def parse_inputs(specs: str | list[str], fmt: str | None = None) -> list[tuple[str, str, str]]:
+    """``ROOT`` or ``NAME=ROOT`` strings -> [(source, format, root)]. A plain ``ROOT`` is read
+    with ``fmt`` (default ``folders``); a single plain folder input keeps the bare names of
+    before (source ''), every other input is namespaced by its format's name."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise LayoutError("no input given")
+    if fmt is not None and fmt not in READERS:
+        raise LayoutError(f"unknown format {fmt!r}; one of {', '.join(sorted(READERS))}")
+    out: list[tuple[str, str, str]] = []
+    for spec in specs:
+        name, sep, root = spec.partition("=")
+        if sep and name in READERS:
+            out.append((name, name, root))
+        elif sep and re.fullmatch(r"[a-z0-9_]+", name) and not storage.is_s3(spec):
+            raise LayoutError(f"unknown format {name!r} in {spec!r}; one of "
+                             f"{', '.join(sorted(READERS))}")
+        else:
+            f = fmt or "folders"
+            out.append(("" if f == "folders" and len(specs) == 1 else f, f, spec))
+    seen: set[str] = set()
+    for source, _, root in out:
+        if not root:
+            raise LayoutError(f"input {source!r} has no root folder")
+        if source in seen:
+            raise LayoutError(f"input {source!r} given twice: each source once per run")
+        seen.add(source)
+    return out
+
+
+def list_inputs(specs: str | list[str], cfg: PreprocessConfig, fmt: str | None = None,
+                threads: int = 8) -> list[InputFile]:
+    """Every input of every source, hashed, sorted by manifest path."""
+    out: list[InputFile] = []
+    for source, name, root in parse_inputs(specs, fmt):
+        files = list(READERS[name](root, cfg))
+        for f in files:
+            f.source = source
+        hash_inputs(files, threads)
+        log.info("listed %d inputs of %s under %s", len(files), name, root)
+        out.extend(files)
+    return sorted(out, key=lambda f: f.path)
+
+
+def hash_inputs(files: list[InputFile], threads: int = 8) -> None:
+    """Fill ``sha256`` and ``rid``: each file is read once however many entries share it (an
+    AFLW photo's faces, a video's frames). A file that cannot be read is refused."""
+    uris = sorted({u for f in files if not f.reason for u in (f.uri, f.pts, f.mask) if u})
+
+    def sha(uri: str) -> str | None:
+        try:
+            h = hashlib.sha256()
+            for chunk in storage.stream(uri):
+                h.update(chunk)
+            return h.hexdigest()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        shas = dict(zip(uris, pool.map(sha, uris)))
+    for f in files:
+        if f.reason:
+            continue
+        if shas[f.uri] is None:
+            f.reason = "unreadable file"
+            continue
+        f.sha256 = shas[f.uri]
+        parts = [f.sha256]
+        if f.pts or f.mask:  # the sidecar form of before: the same rids for the same files
+            parts += [shas[u] or "-" if u else "-" for u in (f.pts, f.mask)]
+        extra = [p for p in (f.guide(), "" if f.frame is None else f"frame={f.frame}") if p]
+        f.rid = (hashlib.sha256(":".join(parts + extra).encode()).hexdigest()
+                 if len(parts) > 1 or extra else f.sha256)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _image_ext(name: str, cfg: PreprocessConfig) -> bool:
+    exts = {e.lower().lstrip(".") for e in cfg.extensions}
+    return posixpath.splitext(name)[1].lower().lstrip(".") in exts
+
+
+def _files(root: str) -> dict[str, str]:
+    """{path relative to root: uri} of every file under ``root``."""
+    return {storage.relative(u, root): u for u in storage.list_files(root)}
+
+
+def _first(files: dict[str, str], *names: str) -> str | None:
+    return next((files[n] for n in names if n in files), None)
+
+
+def _lines(uri: str) -> Iterator[str]:
+    """The text lines of a label file, streamed (undecodable bytes replaced)."""
+    with storage.open_read(uri) as raw:
+        yield from io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+
+
+def _refused(rel: str, why: str) -> InputFile:
+    return InputFile(uri="", rel=rel, reason=why)
+
+
+def _safe(name: str, where: str) -> str | None:
+    """``name`` when a path may be built from it, else None (logged with the file it came
+    from; the caller records the rejection)."""
+    try:
+        return check_name(name)
+    except UnsafeName as err:
+        log.warning("refused a name in %s: %s", where, err)
+        return None
+
+
+def _box_xywh(x: float, y: float, w: float, h: float) -> Box:
+    return (x, y, x + w, y + h)
+
+
+def _points(values: list[float]) -> Points:
+    return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+
+
+@contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """A local path holding ``uri``'s bytes: the file itself, or a temporary copy of an
+    S3 object (for readers that need a file: sqlite3, FFmpeg)."""
+    if not storage.is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="wildface-") as tmp:
+        path = Path(tmp) / posixpath.basename(uri)
+        with open(path, "wb") as out:
+            for chunk in storage.stream(uri):
+                out.write(chunk)
+        yield path
+
+
+# ------------------------------------------------------------------------------ folders
+def read_folders(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+    """Every image under ``root`` with its ``.pts`` / ``.mask.png`` sidecars; identities are
+    decided when planning (folder, label file or clustering)."""
+    files = storage.list_files(root)
+    present = set(files)
+    for uri in files:
+        if annotations.is_sidecar(uri) or not _image_ext(uri, cfg):
+            continue
+        stem = annotations.sidecar_stem(uri)
+        pts, mask = stem + annotations.PTS_SUFFIX, stem + annotations.MASK_SUFFIX
+        yield InputFile(uri=uri, rel=storage.relative(uri, root),
+                        pts=pts if cfg.use_annotations and pts in present else None,
+                        mask=mask if cfg.use_annotations and mask in present else None)
+
+
+# ----------------------------------------------------------------------------- vggface2
+def _vgg_csv(uri: str | None, n_values: int) -> tuple[dict[str, int], np.ndarray]:
+    """``NAME_ID,v1,..`` csv -> ({name_id: row}, (N, n_values) float32); rows with the wrong
+    number of values or non-numbers are skipped (the image is then simply unguided)."""
+    index: dict[str, int] = {}
+    values: list[list[float]] = []
+    if uri is None:
+        return index, np.zeros((0, n_values), np.float32)
+    rows = csv.reader(_lines(uri))
+    next(rows, None)  # the header: NAME_ID,X,Y,W,H / NAME_ID,P1X,...,P5Y
+    for row in rows:
+        if len(row) != n_values + 1:
+            continue
+        try:
+            v = [float(x) for x in row[1:]]
+        except ValueError:
+            continue
+        index.setdefault(row[0].strip(), len(values))
+        values.append(v)
+    return index, np.asarray(values, np.float32).reshape(-1, n_values)
+
+
+def read_vggface2(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+    files = _files(root)
+    if not any(r.startswith(("train/", "test/")) for r in files):
+        raise LayoutError(f"vggface2 input {root}: no train/ or test/ folder")
+    for split in ("train", "test"):
+        boxes, box_v = _vgg_csv(_first(files, f"bb_landmark/loose_bb_{split}.csv"), 4)
+        lmks, lmk_v = _vgg_csv(_first(files, f"bb_landmark/loose_landmark_{split}.csv"), 10)
+        on_disk = {rel[len(split) + 1:] for rel in files
+                   if rel.startswith(split + "/") and _image_ext(rel, cfg)}
+        # Images on disk and names the csv files list (NAME_ID is the path without '.jpg').
+        listed = {f"{n}.jpg" for n in boxes} | {f"{n}.jpg" for n in lmks}
+        for name in sorted(on_disk | listed):
+            rel = f"{split}/{name}"
+            if name not in on_disk:
+                yield _refused(rel, "unsafe name in bb_landmark"
+                               if _safe(name, f"bb_landmark ({split})") is None
+                               else "listed in bb_landmark but missing")
+                continue
+            parts = name.split("/")
+            if len(parts) != 2:
+                yield _refused(rel, f"not in a {split}/<identity>/ folder")
+                continue
+            name_id = posixpath.splitext(name)[0]
+            b, p = boxes.get(name_id), lmks.get(name_id)
+            yield InputFile(
+                uri=files[rel], rel=rel, label=parts[0],
+                box=None if b is None else _box_xywh(*map(float, box_v[b])),
+                points=None if p is None else _points([float(x) for x in lmk_v[p]]))
+
+
+# ------------------------------------------------------------------------------- celeba
+def _celeba_list(uri: str | None, n_values: int) -> dict[str, tuple[float, ...]]:
+    """``list_bbox_celeba.txt`` / ``list_landmarks_*.txt`` (a count line, a header line,
+    then ``image_id v1 v2 ...``) -> {image_id: values}. 200k entries of a few numbers."""
+    out: dict[str, tuple[float, ...]] = {}
+    if uri is None:
+        return out
+    lines = _lines(uri)
+    next(lines, None)  # the count
+    next(lines, None)  # the column names
+    for line in lines:
+        fields = line.split()
+        if len(fields) != n_values + 1:
+            continue
+        try:
+            out[fields[0]] = tuple(float(v) for v in fields[1:])
+        except ValueError:
+            continue
+    return out
+
+
+def read_celeba(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+    files = _files(root)
+    folder = next((f"{pre}{name}" for name in ("img_celeba", "img_align_celeba")
+                   for pre in ("", "Img/") if any(r.startswith(f"{pre}{name}/") for r in files)),
+                  None)
+    if folder is None:
+        raise LayoutError(f"celeba input {root}: no img_celeba/ or img_align_celeba/ folder")
+    aligned = folder.endswith("img_align_celeba")
+    anno = ("", "Anno/")
+    ident_uri = _first(files, *(f"{a}identity_CelebA.txt" for a in anno))
+    if ident_uri is None:
+        raise LayoutError(f"celeba input {root}: no identity_CelebA.txt")
+    # The boxes are in the in-the-wild photos' pixels: they do not apply to the aligned set.
+    boxes = {} if aligned else _celeba_list(
+        _first(files, *(f"{a}list_bbox_celeba.txt" for a in anno)), 4)
+    lmk_name = "list_landmarks_align_celeba.txt" if aligned else "list_landmarks_celeba.txt"
+    lmks = _celeba_list(_first(files, *(f"{a}{lmk_name}" for a in anno)), 10)
+    labels: dict[str, str] = {}
+    for line in _lines(ident_uri):
+        fields = line.split()
+        if len(fields) == 2:
+            labels[fields[0]] = fields[1]
+    on_disk = {rel[len(folder) + 1:] for rel in files
+               if rel.startswith(folder + "/") and _image_ext(rel, cfg)}
+    for name in sorted(on_disk | set(labels)):
+        rel = f"{folder}/{name}"
+        if name not in on_disk:
+            yield _refused(rel, "unsafe name in identity_CelebA.txt"
+                           if _safe(name, "identity_CelebA.txt") is None or "/" in name
+                           else "listed in identity_CelebA.txt but missing")
+        elif name not in labels:
+            yield _refused(rel, "no identity in identity_CelebA.txt")
+        else:
+            b, p = boxes.get(name), lmks.get(name)
+            yield InputFile(uri=files[rel], rel=rel, label=labels[name],
+                            box=None if b is None else _box_xywh(*b),
+                            points=None if p is None else _points(list(p)))
+
+
+# --------------------------------------------------------------------------------- aflw
+def read_aflw(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+    """Each face of ``aflw.sqlite`` (read-only) with its rectangle and 21 points."""
+    files = _files(root)
+    db_rel = next((r for r in ("aflw.sqlite", "data/aflw.sqlite") if r in files), None)
+    if db_rel is None:
+        raise LayoutError(f"aflw input {root}: no aflw.sqlite")
+    images = posixpath.join(posixpath.dirname(db_rel), "flickr")
+    with local_copy(files[db_rel]) as db:
+        con = sqlite3.connect(f"file:{pathname2url(str(db.resolve()))}?mode=ro", uri=True)
+        try:
+            faces = con.execute(
+                "SELECT f.face_id, i.filepath, r.x, r.y, r.w, r.h FROM Faces f "
+                "JOIN FaceImages i ON i.file_id = f.file_id "
+                "LEFT JOIN FaceRect r ON r.face_id = f.face_id ORDER BY f.face_id")
+            coords = con.execute("SELECT face_id, feature_id, x, y FROM FeatureCoords "
+                                 "ORDER BY face_id, feature_id")
+            # Both cursors run in face_id order: merged as they stream, nothing held.
+            pending = next(coords, None)
+            last_id = None
+            for face_id, filepath, x, y, w, h in faces:
+                if face_id == last_id:  # a second FaceRect row: the first one counts
+                    continue
+                last_id = face_id
+                pts = np.full((len(AFLW_POINTS), 2), np.nan)
+                while pending is not None and pending[0] <= face_id:
+                    if pending[0] == face_id and 1 <= pending[1] <= len(AFLW_POINTS):
+                        pts[pending[1] - 1] = (pending[2], pending[3])
+                    pending = next(coords, None)
+                name = str(filepath)
+                rel = f"{images}/{name}#face={face_id}"
+                if _safe(name, "aflw.sqlite") is None:
+                    yield _refused(rel, "unsafe name in aflw.sqlite")
+                    continue
+                uri = files.get(f"{images}/{name}")
+                if uri is None:
+                    yield _refused(rel, "listed in aflw.sqlite but missing")
+                    continue
+                box = None if None in (x, y, w, h) else _box_xywh(x, y, w, h)
+                yield InputFile(uri=uri, rel=rel, label=str(face_id), box=box,
+                                points=tuple((float(a), float(b)) for a, b in pts))
+        finally:
+            con.close()
+
+
+# --------------------------------------------------------------------------------- bupt
+def read_bupt(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+    files = _files(root)
+    if not any(r.split("/")[0] in BUPT_RACES for r in files):
+        raise LayoutError(f"bupt input {root}: no {'/, '.join(BUPT_RACES)}/ folder")
+    for rel, uri in sorted(files.items()):
+        if not _image_ext(rel, cfg):
+            continue
+        parts = rel.split("/")
+        if len(parts) != 3 or parts[0] not in BUPT_RACES:
+            yield _refused(rel, f"not in a <race>/<identity>/ folder ({', '.join(BUPT_RACES)})")
+            continue
+        yield InputFile(uri=uri, rel=rel, label=parts[1], race=parts[0])
+
+
+# ---------------------------------------------------------------------------- voxceleb2
+_SPEAKER = re.compile(r"id\d+")
+
+
+def frame_indices(fps: float, duration: float, rate: float, limit: int) -> list[int]:
+    """Frames sampled ``rate`` times a second from a video of ``duration`` seconds at ``fps``:
+    the frame shown at t = 0, 1/rate, 2/rate, ... (at most ``limit``)."""
+    n = math.floor(fps * duration + 1e-6)
+    out: list[int] = []
+    k = 0
+    while len(out) < limit:
+        i = math.floor(k * fps / rate + 1e-6)
+        if i >= n:
+            break
+        if not out or i > out[-1]:
+            out.append(i)
+        k += 1
+    return out
+
+
+def _video_timing(path: Path) -> tuple[float, float]:
+    """(fps, duration in s) from the container's header, without decoding frames."""
+    import imageio.v2 as iio
+
+    with iio.get_reader(path, format="FFMPEG") as reader:
+        duration = float(reader.get_meta_data().get("duration") or 0.0)
+    return video_fps(path), duration
+
+
+def read_voxceleb2(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+    for rel, uri in sorted(_files(root).items()):
+        if not rel.lower().endswith(".mp4"):
+            continue
+        parts = rel.split("/")
+        if len(parts) < 3 or not _SPEAKER.fullmatch(parts[-3]):
+            yield _refused(rel, "not in an id<nnnnn>/<video>/ folder")
+            continue
+        try:
+            with local_copy(uri) as path:
+                fps, duration = _video_timing(path)
+        except Exception as err:  # noqa: BLE001 - FFmpeg's errors vary; the clip is refused
+            yield _refused(rel, f"unreadable video: {type(err).__name__}: {err}")
+            continue
+        frames = frame_indices(fps, duration, cfg.video_fps, cfg.video_max_frames)
+        if not frames:
+            yield _refused(rel, "video without frames")
+        for i in frames:
+            yield InputFile(uri=uri, rel=f"{rel}#frame={i:06d}", label=parts[-3], frame=i)
+
+
+READERS: dict[str, Callable[[str, PreprocessConfig], Iterable[InputFile]]] = {
+    "folders": read_folders, "vggface2": read_vggface2, "celeba": read_celeba,
+    "aflw": read_aflw, "bupt": read_bupt, "voxceleb2": read_voxceleb2,
+}
+
+
+# ------------------------------------------------------------------------ video frames
+class VideoFrames:
+    """Frame ``index`` of a video, for the per-image stage. The last video stays open so a
+    clip's sampled frames (consecutive inputs) are decoded in one pass."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._frames: Iterator[np.ndarray] | None = None
+        self._next = 0
+
+    def _open(self, key: str, data: bytes) -> None:
+        self.close()
+        self._tmp = tempfile.TemporaryDirectory(prefix="wildface-video-")
+        path = Path(self._tmp.name) / "clip.mp4"
+        path.write_bytes(data)
+        self._key, self._frames, self._next = key, read_frames(path), 0
+
+    def __call__(self, data: bytes, index: int, max_pixels: int, min_size: int) -> np.ndarray:
+        """data: the video's bytes -> (H, W, 3) uint8; Rejected past the end or when the
+        frame breaks the image size limits."""
+        key = hashlib.sha256(data).hexdigest()
+        if key != self._key or index < self._next:
+            self._open(key, data)
+        try:
+            while True:
+                frame = next(self._frames)
+                self._next += 1
+                if self._next - 1 == index:
+                    break
+        except StopIteration:
+            self.close()
+            raise Rejected(f"frame {index} is past the end of the video") from None
+        except Exception as err:  # noqa: BLE001 - a broken stream is this input's fault
+            self.close()
+            raise Rejected(f"unreadable video: {type(err).__name__}: {err}") from None
+        h, w = frame.shape[:2]
+        if h * w > max_pixels:
+            raise Rejected(f"video frame too large ({w}x{h} pixels)")
+        if min(h, w) < min_size:
+            raise Rejected(f"too small ({w}x{h})")
+        return frame
+
+    def close(self) -> None:
+        if self._frames is not None:
+            self._frames.close()  # type: ignore[attr-defined]
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        self._key, self._tmp, self._frames, self._next = None, None, None, 0
+
+
+__all__ = ["AFLW_POINTS", "BUPT_RACES", "FIVE_POINTS", "InputFile", "LayoutError", "READERS",
+           "VideoFrames", "frame_indices", "hash_inputs", "list_inputs", "local_copy",
+           "parse_inputs"]
