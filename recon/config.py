@@ -63,10 +63,23 @@ class RefineConfig(StrictModel):
     reg_light: float = Field(1e-2, ge=0, description="SH light deviation from grey")
 
 
+# What DECA's released networks fix (``model.architecture: deca``): ResNet50 + MLP 1024 on
+# 224 x 224 crops (its average pool spans exactly the 7 x 7 final map), no ImageNet backbone
+# file (those expect normalised input) and a generator that always ends at 256 x 256.
+DECA_ARCHITECTURE_FIXED = {"backbone": "resnet50", "backbone_weights": None, "head": "pooled",
+                           "hidden": 1024, "image_size": 224, "uv_size": 256}
+
+
 class NetworkConfig(StrictModel):
     """DECA's networks. Paper setup: ResNet50, 224x224 crops, 256x256 UV maps. Component
     counts (shape, expression, albedo) come from ``FaceModelConfig``."""
 
+    architecture: Literal["wildface", "deca"] = Field(
+        "wildface", description="wildface (ImageNet-normalised input, scaled-down output init, "
+        "detail decoder without DECA's leading batch norm) or deca (DECA's released networks "
+        "as written: its key names, raw [0, 1] input, its generator; fixes backbone resnet50, "
+        "head pooled, hidden 1024, image_size 224, uv_size 256; recon.deca_import)"
+    )
     backbone: Literal["resnet50", "resnet18", "mobilenet_v3_small"] = Field(
         "resnet50", description="encoder backbone: resnet50 (paper) or a small one for CPU demos"
     )
@@ -99,6 +112,16 @@ class NetworkConfig(StrictModel):
         if v not in (16, 32, 64, 128, 256):
             raise ValueError("uv_size must be one of 16, 32, 64, 128, 256 (8 x 2^k)")
         return v
+
+    @model_validator(mode="after")
+    def _deca_architecture_checks(self) -> "NetworkConfig":
+        if self.architecture == "deca":
+            wrong = {k: getattr(self, k) for k, v in DECA_ARCHITECTURE_FIXED.items()
+                     if getattr(self, k) != v}
+            if wrong:
+                raise ValueError(f"architecture 'deca' fixes {DECA_ARCHITECTURE_FIXED}; "
+                                 f"got {wrong}")
+        return self
 
     @model_validator(mode="after")
     def _keypoint_head_checks(self) -> "NetworkConfig":

@@ -28,8 +28,8 @@ from recon.albedo import AlbedoModel
 from recon.config import FaceModelConfig, NetworkConfig
 from recon.face_assets import FaceModelAssets
 from recon.flame import FLAME, FlameOutput
-from recon.networks import (CodeLayout, CoarseEncoder, DetailDecoder, Encoder,
-                            KeypointCoarseEncoder)
+from recon.networks import (CodeLayout, CoarseEncoder, DecaCoarseEncoder, DecaDetailDecoder,
+                            DecaEncoder, DetailDecoder, Encoder, KeypointCoarseEncoder)
 from recon.render import (DecaRenderer, RenderOutput, ndc_to_image,
                           vertex_normals, weak_perspective_project)
 from recon.render.shading import SH_CONSTANTS
@@ -37,7 +37,7 @@ from recon.render.shading import SH_CONSTANTS
 
 # Model-description entries added after checkpoints were written, with the value that those
 # checkpoints implicitly had.
-_DESCRIPTION_DEFAULTS = {"head": "pooled"}
+_DESCRIPTION_DEFAULTS = {"head": "pooled", "architecture": "wildface"}
 
 
 @dataclass
@@ -144,6 +144,10 @@ def _non_persistent(module: nn.Module) -> None:
 class DECA(nn.Module):
     """DECA (Feng et al. 2021) on a FLAME-format face model.
 
+    ``network.architecture``: wildface's networks or DECA's released ones as written
+    (``recon.networks``: ``DecaCoarseEncoder``, ``DecaEncoder``, ``DecaDetailDecoder``); the
+    state dict records which, and loading into the other refuses.
+
     ``assets``: the face model's arrays; None loads them from ``face_model``
     (``recon.flame_io.load_face_model``). Component counts are ``face_model``'s, capped at
     what the face model has.
@@ -183,17 +187,24 @@ class DECA(nn.Module):
         uv_face = (self.renderer.world2uv(face) > 0.5).float() * self.renderer.uv.covered
         self.register_buffer("uv_face_mask", uv_face, persistent=False)  # (1, 1, S, S)
 
-        coarse_encoder = KeypointCoarseEncoder if network.head == "keypoints" else CoarseEncoder
-        self.coarse_encoder = coarse_encoder(
-            network.backbone, self.layout, network.hidden, network.backbone_weights,
-            cam_init=self.initial_camera(network.init_face_fraction),
-            # constant SH band = 1 / its basis constant: unit grey irradiance
-            light_init=1.0 / SH_CONSTANTS[0],
-        )
-        self.detail_encoder = Encoder(network.backbone, network.n_detail, network.hidden,
-                                      network.backbone_weights)
-        self.detail_decoder = DetailDecoder(self.flame.n_exp, network.n_detail, network.uv_size,
-                                            network.max_z)
+        init = {"cam_init": self.initial_camera(network.init_face_fraction),
+                # constant SH band = 1 / its basis constant: unit grey irradiance
+                "light_init": 1.0 / SH_CONSTANTS[0]}
+        if network.architecture == "deca":
+            # DECA's released networks as written (recon.deca_import loads its weights).
+            self.coarse_encoder = DecaCoarseEncoder(self.layout, network.hidden, **init)
+            self.detail_encoder = DecaEncoder(network.n_detail, network.hidden)
+            self.detail_decoder = DecaDetailDecoder(self.flame.n_exp, network.n_detail,
+                                                    network.max_z)
+        else:
+            coarse_encoder = (KeypointCoarseEncoder if network.head == "keypoints"
+                              else CoarseEncoder)
+            self.coarse_encoder = coarse_encoder(network.backbone, self.layout, network.hidden,
+                                                 network.backbone_weights, **init)
+            self.detail_encoder = Encoder(network.backbone, network.n_detail, network.hidden,
+                                          network.backbone_weights)
+            self.detail_decoder = DetailDecoder(self.flame.n_exp, network.n_detail,
+                                                network.uv_size, network.max_z)
 
     @property
     def device(self) -> torch.device:
@@ -224,7 +235,7 @@ class DECA(nn.Module):
         n = self.network_config
         return {"face_model": self.face_model_name, "n_shape": self.flame.n_shape,
                 "n_exp": self.flame.n_exp, "n_tex": self.albedo.n_tex, "backbone": n.backbone,
-                "head": n.head, "hidden": n.hidden, "n_detail": n.n_detail, "uv_size": n.uv_size}
+                "head": n.head, "architecture": n.architecture, "hidden": n.hidden, "n_detail": n.n_detail, "uv_size": n.uv_size}
 
     def get_extra_state(self) -> dict[str, Any]:
         return self._identity()

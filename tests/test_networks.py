@@ -80,3 +80,15 @@ def test_backbone_loads_local_state_dict_and_rejects_wrong_one(tmp_path):
 def test_encoder_generic_output():
     enc = Encoder("mobilenet_v3_small", 128, hidden=64).eval()
     assert enc(torch.rand(1, 3, 64, 64)).shape == (1, 128)
+
+
+def test_deca_architecture_fixes_decas_choices():
+    from pydantic import ValidationError
+
+    from recon.config import NetworkConfig
+
+    assert NetworkConfig(architecture="deca").image_size == 224
+    for wrong in ({"backbone": "resnet18"}, {"image_size": 128}, {"uv_size": 128},
+                  {"hidden": 512}, {"backbone_weights": "imagenet.pt"}):
+        with pytest.raises(ValidationError, match="architecture 'deca' fixes"):
+            NetworkConfig(architecture="deca", **wrong)

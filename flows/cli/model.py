@@ -1,4 +1,5 @@
-"""``wildface model ...``: inspect, convert and export the FLAME-format face model."""
+"""``wildface model ...``: inspect, convert and export the FLAME-format face model; import
+DECA's released network weights."""
 from __future__ import annotations
 
 import json
@@ -121,4 +122,48 @@ def export(
     }
     lmk_path = out.with_name(out.stem + ".landmarks.json")
     atomic_write_bytes(lmk_path, json.dumps(lmk, indent=1).encode())
+    typer.echo(str(out))
+
+
+@app.command("import-deca")
+def import_deca(
+    checkpoint: Path = typer.Argument(..., help="DECA's released deca_model.tar (or a "
+                                      "checkpoint of DECA's trainer)"),
+    face_model: str = typer.Option(..., "--face-model", help="the FLAME model DECA's weights "
+                                   "go with: a converted .npz (`wildface model convert`) or a "
+                                   "FLAME .pkl with --landmarks"),
+    landmarks: str | None = typer.Option(None, "--landmarks", help="landmark embedding for a "
+                                         "FLAME .pkl"),
+    out: Path = typer.Option(..., "--out", help="the wildface checkpoint to write (.pt)"),
+) -> None:
+    """Turn DECA's released weights into a wildface model (architecture deca) that
+    reconstruct, animate, evaluate predict and `train --init-from` accept. Reads the file
+    weights-only: one that needs arbitrary unpickling is refused and nothing is written."""
+    from flows.config import load_config
+    from recon.config import DEMO_HEAD, FaceModelConfig
+    from recon.deca_import import (DECA_FACE_COUNTS, DecaCheckpointError, import_deca,
+                                   imported_from)
+    from recon.face_assets import FaceModelFormatError
+    from recon.flame_io import UnsafePickleError
+    from recon.training.checkpoint import CheckpointError, save_checkpoint
+
+    if out.suffix != ".pt":
+        _fail(f"{out}: the output must end in .pt")
+
+    def absolute(path: str | None) -> str | None:
+        # the checkpoint records the face model; it must still resolve from another folder
+        return path if path in (None, DEMO_HEAD) else str(Path(path).resolve())
+
+    fm = FaceModelConfig(path=absolute(face_model), landmarks=absolute(landmarks),
+                         **DECA_FACE_COUNTS)
+    try:
+        model = import_deca(checkpoint, fm)
+        cfg = load_config(None, {"face_model": fm.model_dump(),
+                                 "model": model.network_config.model_dump()})
+        save_checkpoint(out, stage="detail", step=0, model=model.state_dict(), optimizer={},
+                        config_json=cfg.model_dump_json(), face_model=model.face_model_name,
+                        extra={"imported_from": imported_from(checkpoint)})
+    except (DecaCheckpointError, CheckpointError, UnsafePickleError, FaceModelFormatError,
+            FileNotFoundError) as e:
+        _fail(str(e))
     typer.echo(str(out))

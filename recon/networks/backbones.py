@@ -23,22 +23,29 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def classifier_free(name: str) -> nn.Module:
+    """torchvision's ``name`` (random init) with its classifier replaced by the identity:
+    images (B, 3, H, W) -> pooled features (B, FEATURE_DIMS[name]). Its state-dict keys are
+    torchvision's (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...) minus the classifier's."""
+    if name not in FEATURE_DIMS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(FEATURE_DIMS)}")
+    if name.startswith("resnet"):
+        net = getattr(models, name)(weights=None)
+        net.fc = nn.Identity()
+    else:
+        net = models.mobilenet_v3_small(weights=None)
+        net.classifier = nn.Identity()
+    return net
+
+
 class Backbone(nn.Module):
     """images (B, 3, H, W) in [0, 1] -> pooled features (B, feature_dim)."""
 
     def __init__(self, name: str, weights_path: str | None = None) -> None:
         super().__init__()
-        if name not in FEATURE_DIMS:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(FEATURE_DIMS)}")
+        self.net = classifier_free(name)
         self.name = name
         self.feature_dim = FEATURE_DIMS[name]
-        if name.startswith("resnet"):
-            net = getattr(models, name)(weights=None)
-            net.fc = nn.Identity()
-        else:
-            net = models.mobilenet_v3_small(weights=None)
-            net.classifier = nn.Identity()
-        self.net = net
         if weights_path is not None:
             self._load(weights_path)
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

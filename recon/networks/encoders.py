@@ -3,6 +3,11 @@
 The coarse encoder's code splits into shape | tex | exp | pose (global 3 + jaw 3) | cam
 (weak-perspective s, tx, ty) | light (9 SH x RGB). The detail encoder has the same design with
 a 128-d output.
+
+Two variants (``model.architecture``): wildface's (:class:`Encoder`, :class:`CoarseEncoder`:
+ImageNet-normalised input, keys ``backbone.net.*`` / ``head.*``) and DECA's released one
+(:class:`DecaEncoder`, :class:`DecaCoarseEncoder`: the [0, 1] image as it is, DECA's keys
+``encoder.*`` / ``layers.*``), which computes the same function as DECA's ``ResnetEncoder``.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recon.networks.backbones import Backbone
+from recon.networks.backbones import FEATURE_DIMS, Backbone, classifier_free
 
 N_POSE = 6
 N_CAM = 3
@@ -131,6 +136,40 @@ class CoarseEncoder(Encoder):
     ) -> None:
         super().__init__(backbone, layout.total, hidden, weights_path,
                          coarse_out_bias(layout, cam_init, light_init))
+        self.layout = layout
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return split_code(self.layout, super().forward(images), tuple(self.layout.sizes()))
+
+
+class DecaEncoder(nn.Module):
+    """DECA's ``ResnetEncoder``: images (B, 3, 224, 224) in [0, 1] -> code (B, out_dim).
+
+    The image goes in as it is: DECA trained its released weights on [0, 1] crops without
+    ImageNet normalisation. ``encoder``: ResNet50 in torchvision's layout without ``fc``
+    (DECA's own ResNet has the same modules, names and strides; its ``AvgPool2d(7)`` equals
+    torchvision's global pool on the 7 x 7 map of a 224 crop); ``layers``: Linear -> ReLU ->
+    Linear. Its state-dict keys are those of DECA's ``E_flame`` / ``E_detail``.
+    """
+
+    def __init__(self, out_dim: int, hidden: int = 1024,
+                 out_bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.encoder = classifier_free("resnet50")
+        self.layers = mlp_head(FEATURE_DIMS["resnet50"], hidden, out_dim, out_bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.encoder(images))
+
+
+class DecaCoarseEncoder(DecaEncoder):
+    """DECA's ``E_flame``: images (B, 3, 224, 224) in [0, 1] -> the parts of
+    :class:`CoarseEncoder` (DECA's ``decompose_code`` order: shape, tex, exp, pose, cam, light)."""
+
+    def __init__(self, layout: CodeLayout, hidden: int = 1024,
+                 cam_init: tuple[float, float, float] = (1.0, 0.0, 0.0),
+                 light_init: float = 1.0) -> None:
+        super().__init__(layout.total, hidden, coarse_out_bias(layout, cam_init, light_init))
         self.layout = layout
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]

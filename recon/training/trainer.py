@@ -108,6 +108,8 @@ class Trainer:
     out_dir: checkpoints go to ``out_dir/checkpoints``, the step log to
     ``out_dir/<stage>-log.jsonl``; store: the training samples; coarse_checkpoint: the detail
     stage starts from this coarse checkpoint (unless it resumes a detail checkpoint);
+    init_from: a checkpoint whose networks a fresh run of either stage starts from (e.g. DECA's
+    imported weights, ``wildface model import-deca``; fresh optimiser; ignored on resume);
     identity_net / mrf: the coarse identity loss network and the detail ID-MRF loss (None:
     built from ``config.identity`` / ``config.perceptual`` when their loss weight is > 0 and
     the config has those sections, else the term is off).
@@ -122,6 +124,7 @@ class Trainer:
         *,
         device: str | torch.device | None = None,
         coarse_checkpoint: str | Path | None = None,
+        init_from: str | Path | None = None,
         callbacks: Sequence[TrainerCallback] = (),
         identity_net: nn.Module | None = None,
         mrf: nn.Module | None = None,
@@ -149,7 +152,11 @@ class Trainer:
         torch.manual_seed(tc.seed)  # network init is part of the run's determinism
         self.model = DECA(config.face_model, config.model).to(self.device)
         resume_path = latest_checkpoint(self.ckpt_dir, stage) if resume else None
-        if stage == "detail" and resume_path is None:
+        if init_from is not None and resume_path is None:
+            start = load_checkpoint(init_from, self.device)
+            self._check_face_model(start, init_from)
+            self.model.load_state_dict(start["model"])
+        if stage == "detail" and resume_path is None and init_from is None:
             if coarse_checkpoint is None:
                 raise ValueError("the detail stage needs a coarse checkpoint (coarse_checkpoint)")
             coarse = load_checkpoint(coarse_checkpoint, self.device, stage="coarse")
