@@ -7,6 +7,25 @@ from typing import Optional
 import typer
 
 
+def _init_sections(init_from: Optional[Path]) -> list[str]:
+    """The ``model`` and ``face_model`` sections recorded in ``init_from`` as overrides (the
+    run's networks must be the checkpoint's; ``--set`` comes after them)."""
+    if init_from is None:
+        return []
+    import json
+
+    import yaml
+
+    from recon.training.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        tree = json.loads(load_checkpoint(init_from)["config"])
+    except (CheckpointError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err), param_hint="--init-from") from None
+    return [f"{k}={yaml.safe_dump(tree[k], default_flow_style=True).strip()}"
+            for k in ("model", "face_model") if k in tree]
+
+
 def train(
     stage: str = typer.Option(..., "--stage", help="coarse | detail"),
     data: str = typer.Option(..., "--data", help="preprocessing output (shards/ + "
@@ -16,6 +35,10 @@ def train(
                                          "in configs/ (e.g. demo, paper)"),
     coarse_checkpoint: Optional[Path] = typer.Option(
         None, "--coarse-checkpoint", help="detail stage: the coarse checkpoint to start from"),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="a wildface checkpoint (e.g. from `wildface model "
+        "import-deca`) whose networks a fresh run starts from; the run takes its model and "
+        "face_model sections"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="key.sub=value override, "
                                                   "e.g. --set train.steps=100"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N "
@@ -30,6 +53,8 @@ def train(
     steps and at the end."""
     if stage not in ("coarse", "detail"):
         raise typer.BadParameter("--stage must be coarse or detail")
+    if use_ray and init_from is not None:
+        raise typer.BadParameter("--init-from is for single-process runs, not --ray")
     from contextlib import ExitStack
 
     from infra.storage import OutputLocked, configure, output_lock
@@ -55,7 +80,7 @@ def train(
         from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
 
         try:
-            cfg = load_config(config, list(overrides or []))
+            cfg = load_config(config, _init_sections(init_from) + list(overrides or []))
         except ConfigError as err:
             raise typer.BadParameter(str(err)) from None
         cfg = with_stage_weights(cfg, stage)
@@ -80,7 +105,7 @@ def train(
                 typer.echo(f"checkpoint {path}")
 
         trainer = Trainer(cfg, stage, out, store, device=dev,
-                          coarse_checkpoint=coarse_checkpoint,
+                          coarse_checkpoint=coarse_checkpoint, init_from=init_from,
                           callbacks=[Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
         if trainer.resumed_from is not None:
             typer.echo(f"resuming at step {trainer.resumed_from}")
