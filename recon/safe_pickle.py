@@ -321,7 +321,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         key = f"{module} {name}"
         if key not in _ALLOWED:
-            raise UnsafePickleError(f"refusing to unpickle {module}.{name}: not a class FLAME files contain")
+            raise UnsafePickleError(f"refusing to unpickle {module}.{name}: not a class the safe "
+                                   "loader allows (arrays, tensors, plain containers)")
         value = _ALLOWED[key]
         return functools.partial(value, self.budget) if value in _BUDGETED else value
 

@@ -3,15 +3,15 @@
 The network is the Caffe-style ResNet50 of the VGGFace2 release (as ported to PyTorch by
 ``VGGFace2-pytorch``: ``resnet50_ft_weight.pkl``, the file DECA uses): stride in each
 stage's first 1x1 conv and a ceil-mode max pool. Parameter names are torchvision's, so the
-weights load from that pickle (numpy arrays; read with a restricted unpickler that only
-rebuilds numpy arrays), from a ``.pth`` state dict (``weights_only``) or ``.safetensors``.
+weights load from that pickle (numpy arrays; read with :mod:`recon.safe_pickle`, which
+rebuilds only arrays and plain containers, within a memory budget), from a ``.pth`` state
+dict (``weights_only``) or ``.safetensors``.
 
 As in DECA: crop a 10-pixel margin of the 224 crop (``crop_fraction`` 204/224), resize to
 224, BGR, ``x * 255 - mean_bgr``; the embedding is the 2048-d pooled feature.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch import nn
 
 from recon.identity.network import IdentityNetwork
 from recon.identity.state_files import load_state_dict
+from recon.safe_pickle import safe_loads
 
 MEAN_BGR = (91.4953, 103.8827, 131.0912)
 DECA_CROP_FRACTION = 204 / 224
@@ -37,32 +38,13 @@ def resnet50_caffe(num_classes: int = 8631) -> torchvision.models.ResNet:
     return net
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays and plain containers; any other global is refused, so a
-    malicious pickle cannot run code."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        module = module.replace("numpy.core.", "numpy._core.")
-        return super().find_class(module, name)
-
-
 def load_vggface2_state(path: str | Path) -> dict[str, torch.Tensor]:
     """State dict from ``resnet50_ft_weight.pkl`` (dict of numpy arrays), ``.pth`` or
     ``.safetensors``."""
     path = Path(path)
     if path.suffix != ".pkl":
         return load_state_dict(path)
-    with open(path, "rb") as f:
-        raw = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    raw = safe_loads(path.read_bytes())
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
     return {k: torch.from_numpy(np.array(v)) for k, v in raw.items()}
