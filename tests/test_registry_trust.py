@@ -43,11 +43,12 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = tiny_config(**SMALL, **{"tracking.uri": uri})
     ckpt = untrained_checkpoint(root / "detail-000000002.pt", cfg)
+    coarse = untrained_checkpoint(root / "coarse-000000001.pt", cfg, seed=2)
     exp_id = tracking.setup(uri, cfg.tracking.experiment)
     client = MlflowClient(uri, uri)
     run_id = client.create_run(exp_id, run_name="detail").info.run_id
     model_uri = tracking.log_reconstructor(uri, cfg, run_id=run_id, detail_checkpoint=str(ckpt),
-                                           coarse_checkpoint=str(ckpt))
+                                           coarse_checkpoint=str(coarse))
     version = tracking.register_model(uri, cfg, model_uri, run_id=run_id, data="synthetic")
     logged = client.get_logged_model(model_uri.rsplit("/", 1)[-1])
     folder = Path(urlparse(logged.artifact_location).path)  # the artifact store's copy
@@ -115,6 +116,28 @@ def test_tampered_checkpoint_is_refused_with_both_hashes(store, tmp_path):
             heldout_shape_error(v["uri"], str(tmp_path / "unused"), store["cfg"],
                                 tracking_uri=uri)
     assert sha256_file(target) == recorded  # restored: the next tests see the true model
+
+
+def test_a_detail_stage_starts_only_from_the_recorded_coarse_checkpoint(store, tmp_path):
+    v, uri = store["version"], store["uri"]
+    target = store["folder"] / "artifacts" / "coarse-000000001.pt"
+    got = tracking.download_coarse_checkpoint(v["uri"], uri, tmp_path / "ok")
+    assert got.name == target.name and sha256_file(got) == sha256_file(target)
+    with replaced(target, _other_weights(store, tmp_path)):
+        with pytest.raises(ModelIntegrityError, match="coarse_checkpoint"):
+            tracking.download_coarse_checkpoint(v["uri"], uri, tmp_path / "bad")
+
+
+def test_the_pipelines_heldout_check_runs_on_the_checked_model(store, tmp_path):
+    from flows.pipeline import heldout_shape_error
+    from reconstruct_fixtures import make_synth
+
+    held = make_synth(tmp_path / "held", identities=2, images=1, size=96)
+    metrics = heldout_shape_error(store["version"]["uri"], str(held), store["cfg"],
+                                  tmp_path / "meshes", tracking_uri=store["uri"])
+    assert metrics["heldout_images"] == 2
+    assert 0 < metrics["heldout_shape_error_median_mm"] < 1e3
+    assert len(list((tmp_path / "meshes").glob("*_neutral.obj"))) == 2
 
 
 def test_tampered_code_file_is_refused_and_never_executed(store, tmp_path):
@@ -244,7 +267,7 @@ def test_promotion_refuses_a_diverged_model(store, tmp_path):
     client.create_registered_model(name)
     mv = client.create_model_version(name, source=model_dir.as_uri(), run_id=store["run_id"])
     record = dict(client.get_model_version(MODEL, store["version"]["version"]).tags)
-    record.update(model_checksums({"checkpoint": ckpt, "coarse_checkpoint": ckpt}))
+    record.update(model_checksums({"checkpoint": ckpt}))
     for k, val in record.items():
         if k.startswith("sha256."):
             client.set_model_version_tag(name, mv.version, k, val)
