@@ -26,6 +26,7 @@ from torch import nn
 
 from recon.albedo import AlbedoModel
 from recon.config import FaceModelConfig, NetworkConfig
+from recon.deca_data import deca_uv_maps
 from recon.face_assets import FaceModelAssets
 from recon.flame import FLAME, FlameOutput
 from recon.networks import (CodeLayout, CoarseEncoder, DecaCoarseEncoder, DecaDetailDecoder,
@@ -185,7 +186,13 @@ class DECA(nn.Module):
         face = torch.zeros(1, assets.n_vertices, 1)
         face[0, assets.masks["face"] if "face" in assets.masks else slice(None)] = 1.0
         uv_face = (self.renderer.world2uv(face) > 0.5).float() * self.renderer.uv.covered
-        self.register_buffer("uv_face_mask", uv_face, persistent=False)  # (1, 1, S, S)
+        # A model converted with DECA's data folder brings DECA's face/eye mask: DECA masks
+        # both the photometric render and the details with it, so it replaces ours; and its
+        # fixed displacement (None without it), added in the detail step.
+        deca_mask, fixed = deca_uv_maps(assets, network.uv_size)
+        self.register_buffer("uv_face_mask", uv_face if deca_mask is None else deca_mask,
+                             persistent=False)  # (1, 1, S, S)
+        self.register_buffer("uv_fixed_displacement", fixed, persistent=False)  # (S, S) | None
 
         init = {"cam_init": self.initial_camera(network.init_face_fraction),
                 # constant SH band = 1 / its basis constant: unit grey irradiance
@@ -308,10 +315,13 @@ class DECA(nn.Module):
         mask = self.uv_face_mask
         keep = mask * self.renderer.uv.interior  # where displacement_to_normals applies it
         rec.uv_displacement = uv_z
-        rec.uv_detail_normals = self.renderer.displacement_to_normals(uv_z, rec.vertices, mask)
+        fixed = self.uv_fixed_displacement
+        rec.uv_detail_normals = self.renderer.displacement_to_normals(uv_z, rec.vertices, mask,
+                                                                      fixed_uv=fixed)
         coarse_normals = F.normalize(
             self.renderer.world2uv(vertex_normals(rec.vertices, self.renderer.faces)), dim=1)
-        rec.uv_detail_vertices = self.renderer.world2uv(rec.vertices) + uv_z * keep * coarse_normals
+        offset = uv_z * keep if fixed is None else uv_z * keep + fixed  # DECA's, unmasked
+        rec.uv_detail_vertices = self.renderer.world2uv(rec.vertices) + offset * coarse_normals
         if render:
             out = self.renderer.render(rec.vertices, rec.vertices_ndc, rec.albedo, light,
                                        detail_normals_uv=rec.uv_detail_normals)

@@ -51,6 +51,10 @@ def convert(
     landmarks: Path | None = typer.Option(None, "--landmarks", help="DECA landmark_embedding.npy"),
     masks: Path | None = typer.Option(None, "--masks", help="FLAME_masks.pkl"),
     texture: Path | None = typer.Option(None, "--texture", help="FLAME_texture.npz (mean, tex_dir, vt, ft)"),
+    deca_data: Path | None = typer.Option(
+        None, "--deca-data", help="DECA's data/ folder: its landmark embedding, "
+        "head_template.obj UVs, albedo space, UV masks, fixed displacement, mean texture and "
+        "dense template are read and stored with the model (missing ones are noted)"),
 ) -> None:
     """Convert FLAME files to the cached .npz, safely (refused pickles write nothing)."""
     from recon.face_assets import FaceModelFormatError
@@ -60,9 +64,10 @@ def convert(
     if dst.suffix != ".npz":
         _fail(f"{dst}: the output must end in .npz")
     try:
-        out = do_convert(src, dst, landmarks=landmarks, masks=masks, texture=texture)
+        out = do_convert(src, dst, landmarks=landmarks, masks=masks, texture=texture,
+                         deca_data=deca_data)
     except UnsafePickleError as e:
-        _fail(f"refused {src}: {e}")
+        _fail(f"refused {e}")  # the message names the file
     except (FaceModelFormatError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     typer.echo(str(out))
