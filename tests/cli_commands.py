@@ -83,7 +83,8 @@ def cli_problems(words: list[str], whole: bool = True) -> list[str]:
             value = w.split("=", 1)[1] if has_value else None
             if not (opt.is_flag or opt.count) and not has_value:
                 if i >= len(words) or (words[i].startswith("--") and words[i] in options):
-                    problems.append(f"{' '.join(path)}: {name} needs a value")
+                    if whole:  # prose may name an option alone: `wildface train --out`
+                        problems.append(f"{' '.join(path)}: {name} needs a value")
                 else:
                     value = words[i]
                 i += 1
