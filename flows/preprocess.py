@@ -10,9 +10,22 @@ from prefect.cache_policies import NO_CACHE
 from flows.config import load_config
 from infra import storage
 from preprocessing import pipeline
+from preprocessing.datasets import LayoutError
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _not_a_layout_error(task, task_run, state) -> bool:
+    """Retry what may pass (storage I/O), not an input laid out wrongly: it stays wrong."""
+    try:
+        state.result()
+    except LayoutError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_not_a_layout_error)
 def scan(inputs: str | list[str], cfg, fmt: str | None = None) -> list:
     return pipeline.scan_inputs(inputs, cfg, fmt)
 

@@ -1,4 +1,8 @@
-"""Identity-disjoint train/val split, deterministic from a seed."""
+"""Identity-disjoint train/val split, deterministic from a seed.
+
+The unit is the identity as the plan names it (namespaced by source for the dataset readers,
+:mod:`preprocessing.datasets`): a video's frames share their speaker and an AFLW face is an
+identity of its own, so neither a video nor a face ever straddles train and val."""
 from __future__ import annotations
 
 import hashlib
