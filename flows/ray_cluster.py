@@ -1,12 +1,26 @@
-"""Connecting to Ray (local or an existing cluster) and the settings of Ray Train jobs.
+"""Connecting to Ray (local or an existing cluster), the settings of Ray Train jobs and
+handing the driver's credentials to its workers.
 
 Light on purpose: :func:`setup_worker` runs in every Ray worker process of the job
 (``worker_process_setup_hook``), so this module imports nothing heavy at load time.
+
+Credentials never travel in a runtime environment's ``env_vars``: Ray writes those, in
+clear, to its logs (``runtime_env_agent.log`` under the session folder, readable by every
+local user with Ray's default temp dir). :func:`credentials_file` writes them to a file only
+its owner can read and passes its path instead; :func:`setup_worker` loads it. A worker on
+another node, where the file does not exist, uses that node's own credentials (instance role
+or its environment).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from infra import storage
@@ -17,10 +31,53 @@ from infra.offline import apply_offline_env
 # warns every second for the whole run; the cleanup it guards still happens at shutdown.
 _NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
+# The path of the driver's credentials file (:func:`credentials_file`) in a worker's env.
+CREDENTIALS_ENV = "WILDFACE_CREDENTIALS_FILE"
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                   "MLFLOW_TRACKING_TOKEN")
+
+
+@contextmanager
+def credentials_file() -> Iterator[dict[str, str]]:
+    """``env_vars`` entries that hand this process's credentials (:data:`CREDENTIAL_KEYS`
+    that are set) to Ray workers: ``{CREDENTIALS_ENV: path}`` of a JSON file in a fresh
+    folder only its owner can enter (mode 0700, the file 0600), deleted when the block
+    ends; ``{}`` when there is none to hand."""
+    from recon.mesh_io import atomic_write_bytes
+
+    present = {k: os.environ[k] for k in CREDENTIAL_KEYS if os.environ.get(k)}
+    if not present:
+        yield {}
+        return
+    folder = tempfile.mkdtemp(prefix="wildface-credentials-")
+    try:
+        path = Path(folder) / "credentials.json"
+        atomic_write_bytes(path, json.dumps(present).encode())
+        path.chmod(0o600)
+        yield {CREDENTIALS_ENV: str(path)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_credentials() -> None:
+    """Set the variables of the credentials file named by ``$CREDENTIALS_ENV`` in this
+    process (a worker); nothing when there is none or it is not on this node."""
+    path = os.environ.get(CREDENTIALS_ENV)
+    if not path:
+        return
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return
+    os.environ.update({k: str(v) for k, v in values.items() if k in CREDENTIAL_KEYS})
+
 
 def setup_worker() -> None:
-    """Ray ``worker_process_setup_hook``: offline settings, quiet the noisy loggers."""
+    """Ray ``worker_process_setup_hook``: offline settings, the driver's credentials, quiet
+    the noisy loggers."""
     apply_offline_env()
+    load_credentials()
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -31,6 +88,7 @@ def init_ray(rc: RayConfig) -> None:
     A local Ray binds loopback, has ``rc.num_cpus`` CPUs and serves the dashboard on
     ``127.0.0.1:rc.dashboard_port`` when ``rc.include_dashboard``."""
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
@@ -38,6 +96,13 @@ def init_ray(rc: RayConfig) -> None:
     if rc.address:
         ray.init(address=rc.address, runtime_env=runtime_env)
         return
+    # Ray reads the offline settings' RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 once, when it is
+    # first imported; imported earlier (a caller's script, a test session), it takes the
+    # machine's address as the node IP and its daemons and workers listen on every
+    # interface. A local Ray is loopback-only whatever the import order (Ray looks this
+    # flag up at each node-IP lookup; `_node_ip_address="127.0.0.1"` is turned back into
+    # the machine's address by that same lookup).
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
              dashboard_host="127.0.0.1", dashboard_port=rc.dashboard_port,
              runtime_env=runtime_env)

@@ -4,7 +4,8 @@ Each stage is one ``TorchTrainer`` run whose workers run the single-process trai
 (:class:`recon.training.trainer.Trainer`) unchanged (:func:`flows.train_worker.train_loop`),
 with:
 
-- data parallelism: Ray Train starts the process group (gloo on CPU, NCCL on GPU); the
+- data parallelism: Ray Train starts the process group (gloo on CPU, NCCL on GPU) with its
+  store listening on rank 0's node IP only (:mod:`flows.ray_process_group`); the
   trainer's ``sync_grads`` hook averages the gradients across ranks (an all-reduce of one
   flat buffer, as DDP does) before its guarded optimiser step; every rank starts from the
   same seeded weights, so the replicas stay identical;
@@ -32,7 +33,9 @@ run (``runs:/<run id>``, its ``checkpoint/`` artifact) or a registered model ver
 
 Ray: a local Ray is started in this process (``ray.num_cpus``, dashboard if
 ``ray.include_dashboard``) unless ``ray.address`` names an existing cluster. TorchTrainer is
-always launched from the driver / flow process, never from inside a Ray task.
+always launched from the driver / flow process, never from inside a Ray task. The driver's
+S3/MLflow credentials reach the workers through an owner-only file, never through the
+runtime environment that Ray logs (:func:`flows.ray_cluster.credentials_file`).
 
 Fault injection for tests: ``WILDFACE_FAULT="rank=1,step=3,marker=/tmp/x"`` makes that rank
 exit abruptly once (when ``marker`` does not exist yet; it is created first) after that step,
@@ -56,7 +59,13 @@ apply_offline_env()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import tracking  # noqa: E402
-from flows.ray_cluster import check_gpus, init_ray, run_storage, scaling_config  # noqa: E402
+from flows.ray_cluster import (  # noqa: E402
+    check_gpus,
+    credentials_file,
+    init_ray,
+    run_storage,
+    scaling_config,
+)
 from flows.config import WildfaceConfig, load_config, with_absolute_paths  # noqa: E402
 from flows.samples import is_synth_folder, synth_digest  # noqa: E402
 from flows.train_worker import FAULT_ENV, train_loop  # noqa: E402
@@ -90,13 +99,13 @@ class StageResult:
 # -- Ray ---------------------------------------------------------------------------------------
 def _worker_env(cfg: WildfaceConfig) -> dict[str, str]:
     """Variables every worker needs: the offline settings, one intra-op thread per CPU of
-    the worker, the S3 endpoint and credentials of this process."""
+    the worker, the S3 endpoint of this process. No secret: Ray logs these (credentials
+    reach the workers through :func:`flows.ray_cluster.credentials_file`)."""
     from infra.offline import OFFLINE_ENV
 
     threads = str(max(1, int(cfg.ray.cpus_per_worker)))
     env = {**OFFLINE_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", FAULT_ENV):
+    for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", FAULT_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env
@@ -134,7 +143,9 @@ def run_stage(
     final checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from flows.ray_process_group import NodeStoreTorchConfig
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -174,19 +185,22 @@ def run_stage(
     loop_config = {"config_json": cfg.model_dump_json(), "stage": stage, "data": str(data),
                    "steps": cfg.train.steps, "coarse": coarse, "tracking_uri": tracking_uri,
                    "mlflow_run_id": run_id}
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config, torch_config=TorchConfig(backend=backend),
-        scaling_config=scaling_config(rc),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=rc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=rc.checkpoints_to_keep),
-            worker_runtime_env={"env_vars": _worker_env(cfg)},
-        ),
-    )
     started = time.perf_counter()
     try:
-        with tracking.system_metrics(run_id, bool(run_id) and cfg.tracking.system_metrics):
+        with tracking.system_metrics(run_id, bool(run_id) and cfg.tracking.system_metrics), \
+                credentials_file() as credentials:
+            trainer = TorchTrainer(
+                train_loop, train_loop_config=loop_config,
+                # The process group's store listens on rank 0's node IP only.
+                torch_config=NodeStoreTorchConfig(backend=backend),
+                scaling_config=scaling_config(rc),
+                run_config=RunConfig(
+                    name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                    failure_config=FailureConfig(max_failures=rc.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=rc.checkpoints_to_keep),
+                    worker_runtime_env={"env_vars": {**_worker_env(cfg), **credentials}},
+                ),
+            )
             result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"{stage} stage ({run_name}) finished without a checkpoint")

@@ -8,10 +8,18 @@ Few Ray runs on purpose (each costs ~40 s of fixed overhead on 2 cores):
    resumes at step 4 (a second run resuming the first), then the detail stage starts from
    the coarse checkpoint, the model is registered (alias challenger), loads with
    ``mlflow.pyfunc.load_model`` and reconstructs an image.
+
+Security, checked on these runs: every socket that a process of the runs listens on is on
+127.0.0.1 (the process group's store included, which torch binds to every interface by
+default), and the S3 secret (a canary) is in no file of Ray's session folder, neither the
+one the workers inherit nor one handed through ``flows.ray_cluster.credentials_file``.
 """
 from __future__ import annotations
 
 import os
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,86 @@ E2E_CONFIG = {
     "synth": {"identities": 8, "images_per_identity": 3, "image_size": 96},
 }
 RUN = "test-coarse"
+# moto takes any credentials: the secret is a canary searched for in Ray's logs.
+CANARY = f"canary-secret-{uuid.uuid4().hex}"
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += kids.get(out[-1], [])
+    return out
+
+
+def _address(hex_addr: str) -> str:
+    """/proc/net/tcp{,6} local address (host byte order words) -> IP text."""
+    import ipaddress
+
+    if len(hex_addr) == 8:
+        return str(ipaddress.IPv4Address(bytes.fromhex(hex_addr)[::-1]))
+    raw = b"".join(bytes.fromhex(hex_addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+    ip = ipaddress.IPv6Address(raw)
+    return str(ip.ipv4_mapped or ip)
+
+
+def listening(pid: int) -> list[str]:
+    """Addresses ('ip:port') that process ``pid`` listens on (TCP, v4 and v6)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+                  for fd in os.listdir(f"/proc/{pid}/fd")
+                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+        tables = [Path(f"/proc/{pid}/net/{t}").read_text() for t in ("tcp", "tcp6")]
+    except OSError:  # gone, or a descriptor closed while reading
+        return []
+    out = []
+    for table in tables:
+        for line in table.splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                addr, port = f[1].split(":")
+                out.append(f"{_address(addr)}:{int(port, 16)}")
+    return out
+
+
+class ListenerWatch(threading.Thread):
+    """Samples, twice a second, the listening sockets of this process and its descendants
+    (Ray's daemons and workers): {(process name, 'ip:port')}."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.seen: set[tuple[str, str]] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for pid in _descendants(os.getpid()):
+                try:
+                    name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                except OSError:
+                    continue
+                self.seen |= {(name, a) for a in listening(pid)}
+
+
+def ray_session_files() -> list[Path]:
+    """Every file under the session folder of the Ray this process runs."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    return [f for f in session.rglob("*") if f.is_file() and not f.is_symlink()]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +124,7 @@ def env(moto_s3, e2e):
     bucket."""
     from infra import storage
 
+    os.environ["AWS_SECRET_ACCESS_KEY"] = CANARY  # moto_s3 puts the old value back
     storage.configure(e2e.cfg.storage)
     storage._client().create_bucket(Bucket="wfruns")
     # The workers keep their samples in the memory-mapped cache (built by the first run).
@@ -54,12 +143,23 @@ def faulty_coarse(env, tmp_path_factory):
 
     marker = env["root"] / "killed-once"
     os.environ[FAULT_ENV] = f"rank=1,step=3,marker={marker}"
+    watch = ListenerWatch()
+    watch.start()
     try:
         result = run_stage(load_config(env["config"]), "coarse", env["data"],
                            env["root"] / "out-1", run_name=RUN, tracking_uri=env["uri"])
     finally:
         os.environ.pop(FAULT_ENV)
-    return result, marker
+        watch.done.set()
+        watch.join()
+    return result, marker, watch.seen
+
+
+def test_everything_listens_on_loopback_only(faulty_coarse):
+    seen = faulty_coarse[2]
+    workers = {a for name, a in seen if "RayTrainWorker" in name}
+    assert workers, f"no training worker seen listening: {sorted(seen)}"
+    assert not [s for s in seen if not s[1].startswith("127.0.0.1:")], sorted(seen)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(env, faulty_coarse):
@@ -68,7 +168,7 @@ def test_killed_worker_resumes_from_last_checkpoint(env, faulty_coarse):
     from infra import storage
     from recon.training.checkpoint import load_checkpoint
 
-    result, marker = faulty_coarse
+    result, marker, _ = faulty_coarse
     assert marker.read_text().startswith("killed rank 1 after step 3")
     assert result.step == 4
     # the restarted worker group loaded the step-2 checkpoint (rank 0's last report)
@@ -162,3 +262,30 @@ def test_more_gpus_than_the_local_ray_has_fail_at_once(env):
     with pytest.raises(ValueError, match=r"ray.num_workers x ray.gpus_per_worker \(ray.use_gpu\): "
                                          r"\d+ GPU\(s\) asked for, but the local Ray has \d+"):
         run_stage(cfg, "coarse", env["data"], env["root"] / "out-gpu", run_name="gpu")
+
+
+def test_credentials_reach_workers_but_not_rays_logs(env, faulty_coarse, monkeypatch):
+    """After both runs (their workers had the canary): no file of Ray's session holds it.
+    A secret set after Ray started (so no Ray process inherited it) reaches a task through
+    the credentials file, and is not logged either."""
+    import ray
+
+    from flows.ray_cluster import credentials_file
+
+    late = f"late-{CANARY}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", late)
+
+    @ray.remote
+    def secret() -> str | None:
+        return os.environ.get("AWS_SECRET_ACCESS_KEY")
+
+    with credentials_file() as credentials:
+        path = Path(credentials["WILDFACE_CREDENTIALS_FILE"])
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert path.parent.stat().st_mode & 0o777 == 0o700
+        got = ray.get(secret.options(runtime_env={"env_vars": credentials}).remote())
+    assert got == late
+    assert not path.exists()
+    time.sleep(1)  # Ray's log writers flush once a second
+    leaks = [str(f) for f in ray_session_files() if CANARY.encode() in f.read_bytes()]
+    assert not leaks
