@@ -10,12 +10,16 @@
    main face is found and cropped as in ``wildface reconstruct``, and the model's neutral mesh
    (expression, jaw and head pose zeroed) and its 7 NoW landmarks are written in the NoW
    layout (``recon.evaluation.predict.predict_now``).
-3. **Score** with the NoW protocol (``recon.evaluation.now.evaluate_now``), in parallel over
-   scans (``evaluation.workers`` processes).
+   The baseline that knows nothing, the mean face (the face model's template, all codes
+   zero, the same mesh for every image), is predicted beside it (``predictions-mean-face``).
+3. **Score** both with the NoW protocol (``recon.evaluation.now.evaluate_now``), in parallel
+   over scans (``evaluation.workers`` processes).
 4. **Record** on the model version's MLflow run: metrics ``now_median``, ``now_mean``,
    ``now_std`` (mm; what ``promote`` reads), ``now_n_images``, ``now_n_missing``,
-   ``now_n_failed``, and the artifacts ``evaluation/now/cumulative_curve.png`` and
-   ``metrics.json``; a registered version also gets the tags ``metric.now_*``.
+   ``now_n_failed``, the baseline's ``now_mean_face_median`` / ``now_mean_face_mean`` (which
+   ``promote`` requires the model to beat), and the artifacts
+   ``evaluation/now/cumulative_curve.png`` and ``metrics.json``; a registered version also
+   gets the tags ``metric.now_*``.
 
 :func:`evaluate_model` is the same without Prefect or MLflow logging (the ``pipeline`` flow
 calls it and logs the metrics itself).
@@ -37,6 +41,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from flows.config import WildfaceConfig, load_config  # noqa: E402
 
 METRIC_PREFIX = "now_"
+BASELINE_PREFIX = "now_mean_face_"
 DEFAULT_MODEL = "models:/wildface-deca@challenger"
 
 
@@ -106,10 +111,24 @@ def neutral_predictor(recon, cfg: WildfaceConfig):
     return predict
 
 
+def mean_face_predictor(recon):
+    """``predict_neutral`` of the baseline that knows nothing: the face model's template (all
+    codes zero) for every image, whatever it shows."""
+    import torch
+
+    verts, tris, now7 = recon.neutral(torch.zeros(1, recon.model.flame.n_shape))
+
+    def predict(path: Path):
+        return verts[0], tris, now7[0]
+
+    return predict
+
+
 def predict_dataset(model: str, dataset: str | Path, out: str | Path, cfg: WildfaceConfig, *,
                     face_model: str | None = None, tracking_uri: str | None = None,
-                    overwrite: bool = False):
-    """NoW-layout predictions of ``model`` (``--model`` forms) for ``dataset`` into ``out``.
+                    overwrite: bool = False, baseline_out: str | Path | None = None):
+    """NoW-layout predictions of ``model`` (``--model`` forms) for ``dataset`` into ``out``,
+    and the mean face's (:func:`mean_face_predictor`) into ``baseline_out`` when given.
     Returns (``PredictSummary``, the model's ``ModelInfo``)."""
     import tempfile
 
@@ -122,27 +141,35 @@ def predict_dataset(model: str, dataset: str | Path, out: str | Path, cfg: Wildf
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         recon = load_reconstructor(model, face_model=face_model, directory=tmp,
                                    tracking_uri=tracking_uri, device=cfg.reconstruct.device)
-    summary = predict_now(neutral_predictor(recon, cfg), dataset, out,
-                          split=cfg.evaluation.split, image_root=cfg.evaluation.image_root,
-                          overwrite=overwrite)
+    layout = dict(split=cfg.evaluation.split, image_root=cfg.evaluation.image_root,
+                  overwrite=overwrite)
+    summary = predict_now(neutral_predictor(recon, cfg), dataset, out, **layout)
+    if baseline_out is not None:
+        predict_now(mean_face_predictor(recon), dataset, baseline_out, **layout)
     return summary, recon.info
 
 
-def now_metrics(metrics: dict) -> dict[str, float]:
-    """The protocol's metrics.json -> the flat metrics logged to MLflow."""
-    return {f"{METRIC_PREFIX}median": float(metrics["median"]),
+def now_metrics(metrics: dict, baseline: dict | None = None) -> dict[str, float]:
+    """The protocol's metrics.json (and the mean face's) -> the flat metrics logged to
+    MLflow."""
+    flat = {f"{METRIC_PREFIX}median": float(metrics["median"]),
             f"{METRIC_PREFIX}mean": float(metrics["mean"]),
             f"{METRIC_PREFIX}std": float(metrics["std"]),
             f"{METRIC_PREFIX}n_images": float(metrics["n_images"]),
             f"{METRIC_PREFIX}n_missing": float(metrics["n_missing"]),
             f"{METRIC_PREFIX}n_failed": float(metrics["n_failed"])}
+    if baseline is not None:
+        flat[f"{BASELINE_PREFIX}median"] = float(baseline["median"])
+        flat[f"{BASELINE_PREFIX}mean"] = float(baseline["mean"])
+    return flat
 
 
 def evaluate_model(model_uri: str, dataset: str | Path | None, out: str | Path,
                    config: WildfaceConfig | None = None, tracking_uri: str | None = None
                    ) -> dict[str, float]:
     """Predict and score ``model_uri`` on ``dataset`` (None: the synthetic set) without
-    Prefect or MLflow logging; artefacts in ``out/predictions`` and ``out/now``. Returns
+    Prefect or MLflow logging; artefacts in ``out/predictions`` and ``out/now`` (the mean
+    face's in ``out/predictions-mean-face`` and ``out/now-mean-face``). Returns
     :func:`now_metrics`."""
     from recon.evaluation.now import evaluate_now
 
@@ -151,8 +178,10 @@ def evaluate_model(model_uri: str, dataset: str | Path | None, out: str | Path,
     data = (add_synthetic_landmarks(dataset, cfg) if dataset
             else synthetic_dataset(out / "synthetic", cfg))
     predict_dataset(model_uri, data, out / "predictions", cfg, tracking_uri=tracking_uri,
-                    overwrite=True)
-    return now_metrics(evaluate_now(data, out / "predictions", out / "now", cfg.evaluation))
+                    overwrite=True, baseline_out=out / "predictions-mean-face")
+    return now_metrics(
+        evaluate_now(data, out / "predictions", out / "now", cfg.evaluation),
+        evaluate_now(data, out / "predictions-mean-face", out / "now-mean-face", cfg.evaluation))
 
 
 # -- the flow ------------------------------------------------------------------------------------
@@ -168,25 +197,29 @@ def dataset_task(dataset: str | None, out: str, cfg: WildfaceConfig) -> str:
 @task(name="now-predict", cache_policy=NO_CACHE)
 def predict_task(model: str, dataset: str, out: str, cfg: WildfaceConfig,
                  tracking_uri: str | None) -> dict[str, Any]:
-    predictions = Path(out) / "predictions"
-    if predictions.exists():
-        shutil.rmtree(predictions)  # another model's predictions must not be reused
-    summary, info = predict_dataset(model, dataset, predictions, cfg, tracking_uri=tracking_uri)
+    predictions, baseline = Path(out) / "predictions", Path(out) / "predictions-mean-face"
+    for folder in (predictions, baseline):
+        if folder.exists():
+            shutil.rmtree(folder)  # another model's predictions must not be reused
+    summary, info = predict_dataset(model, dataset, predictions, cfg, tracking_uri=tracking_uri,
+                                    baseline_out=baseline)
     get_run_logger().info("predicted %d images (%d failed) with %s", summary.written,
                           len(summary.failed), info.as_dict().get("uri"))
-    return {"predictions": str(predictions), "written": summary.written,
-            "failed": summary.failed, "model": info.as_dict()}
+    return {"predictions": str(predictions), "baseline": str(baseline),
+            "written": summary.written, "failed": summary.failed, "model": info.as_dict()}
 
 
 @task(name="now-score", cache_policy=NO_CACHE)
-def score_task(dataset: str, predictions: str, out: str, cfg: WildfaceConfig) -> dict:
+def score_task(dataset: str, predictions: str, out: str, cfg: WildfaceConfig,
+               name: str = "now") -> dict:
     from recon.evaluation.now import evaluate_now
 
-    return evaluate_now(dataset, predictions, Path(out) / "now", cfg.evaluation)
+    return evaluate_now(dataset, predictions, Path(out) / name, cfg.evaluation)
 
 
 @task(name="now-log", cache_policy=NO_CACHE)
-def log_task(model_source: dict, metrics: dict, out: str, tracking_uri: str) -> dict[str, Any]:
+def log_task(model_source: dict, metrics: dict, out: str, tracking_uri: str,
+             baseline: dict | None = None) -> dict[str, Any]:
     """Metrics and the curve onto the model version's run; tags on a registered version."""
     from mlflow.tracking import MlflowClient
 
@@ -195,7 +228,7 @@ def log_task(model_source: dict, metrics: dict, out: str, tracking_uri: str) -> 
         raise ValueError("the model has no MLflow run to log to (a local checkpoint?); "
                          "use `wildface evaluate predict` + `evaluate now` instead")
     client = MlflowClient(tracking_uri, tracking_uri)
-    flat = now_metrics(metrics)
+    flat = now_metrics(metrics, baseline)
     for k, v in flat.items():
         client.log_metric(run_id, k, v)
     now_dir = Path(out) / "now"
@@ -231,10 +264,12 @@ def evaluate(
     data = dataset_task(dataset or cfg.evaluate_flow.dataset, str(out_path), cfg)
     predicted = predict_task(model, data, str(out_path), cfg, uri)
     metrics = score_task(data, predicted["predictions"], str(out_path), cfg)
-    logged = log_task(predicted["model"], metrics, str(out_path), uri)
+    baseline = score_task(data, predicted["baseline"], str(out_path), cfg, "now-mean-face")
+    logged = log_task(predicted["model"], metrics, str(out_path), uri, baseline)
     result = {"model": predicted["model"], "dataset": data, "metrics": logged,
               "failed_predictions": predicted["failed"], "out": str(out_path)}
     (out_path / "evaluate.json").write_text(json.dumps(result, indent=1))
     print(f"NoW on {data}: median {logged['now_median']:.3f} / mean {logged['now_mean']:.3f} / "
-          f"std {logged['now_std']:.3f} mm -> run {logged['run_id']}")
+          f"std {logged['now_std']:.3f} mm (mean face: median "
+          f"{logged['now_mean_face_median']:.3f} mm) -> run {logged['run_id']}")
     return result

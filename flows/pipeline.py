@@ -278,6 +278,11 @@ def run_demo(out: str | Path, config: str | None = "demo", overrides: list[str] 
     result = pipeline(input=str(input_dir), out=str(out), config=config, overrides=overrides,
                       coarse_overrides=stage_sets["coarse"], detail_overrides=stage_sets["detail"],
                       heldout=str(heldout_dir))
+    _say("gate: does the model beat the mean face (and any champion) on held-out images?")
+    from flows.promote import promote
+
+    decision = promote(cfg=cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"uri": result["tracking_uri"]})}), version=str(result["model"]["version"]))
     minutes = (time.perf_counter() - started) / 60
     ev = result["evaluation"]
     _say(f"done in {minutes:.1f} min")
@@ -297,5 +302,26 @@ def run_demo(out: str | Path, config: str | None = "demo", overrides: list[str] 
           f"{out / 'train' / 'detail' / 'checkpoints'}")
     if os.environ.get("PREFECT_API_URL"):
         print(f"  Prefect UI:    {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
-    result["minutes"] = minutes
+    print("\n" + gate_sentence(decision))
+    result["minutes"], result["promotion"] = minutes, decision
     return result
+
+
+def gate_sentence(decision: dict) -> str:
+    """One plain sentence on a promotion decision (:class:`flows.promote.PromotionDecision`
+    as a dict): did the model learn anything the mean face does not know, and what the gate
+    did."""
+    ch, base = decision.get("challenger_value"), decision.get("baseline_value")
+    metric = decision.get("metric", "the metric")
+    if ch is None or base is None or ch != ch or base != base:
+        return f"Verdict: the gate could not judge the model ({decision['reason']})."
+    better = ch < base if decision.get("lower_is_better", True) else ch > base
+    if not better:
+        return (f"Verdict: the model is no better than the mean face on held-out images "
+                f"({metric} {ch:.3g} vs {base:.3g}): it has learned nothing the face model's "
+                "template does not already know, and the gate refused it; train longer or on "
+                "more data.")
+    did = ("promoted it to champion" if decision["promoted"]
+           else f"did not promote it ({decision['reason']})")
+    return (f"Verdict: the model beats the mean face on held-out images ({metric} {ch:.3g} vs "
+            f"{base:.3g}): it learned something the template does not know, and the gate {did}.")

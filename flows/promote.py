@@ -3,8 +3,11 @@
 The challenger (the version with alias ``tracking.alias``, default ``challenger``) is
 compared with the version holding ``promotion.champion_alias`` (default ``champion``) on
 ``promotion.metric`` (default ``now_median``, lower is better), read from each version's
-run metrics (else from a version tag of that name). The challenger is promoted when there
-is no champion, or when it beats the champion by more than ``promotion.margin``, and its
+run metrics (else from a version tag of that name). The challenger is promoted when it beats
+the mean face, the baseline that knows nothing (``promotion.baseline_metric``, default
+``now_mean_face_median``, measured on the same images by the evaluation), by more than
+``promotion.margin``, and there is no champion or it beats the champion by that margin too,
+and its
 files pass the load-time checks: they match the sha256 recorded at registration
 (:func:`flows.model_uri.resolve_model`) and its checkpoint holds no ``inf`` / ``nan``. Either
 way the decision and both numbers are written to the challenger version's tags
@@ -42,6 +45,7 @@ class PromotionDecision:
     challenger_value: float | None
     champion_version: str | None
     champion_value: float | None
+    baseline_value: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,24 +62,42 @@ def decide(
     margin: float = 0.0,
     lower_is_better: bool = True,
     has_champion: bool = True,
+    baseline: float | None = None,
+    needs_baseline: bool = False,
 ) -> tuple[bool, str]:
-    """The promotion rule on two metric values -> (promote, reason).
+    """The promotion rule on the metric values -> (promote, reason).
 
-    No champion: promote. A challenger without the metric: never promoted. A champion
-    without the metric: the challenger is promoted (there is nothing to beat). Otherwise
-    the challenger must be better by strictly more than ``margin`` (beyond rounding).
+    A challenger without the metric: never promoted. With ``needs_baseline``, the challenger
+    must beat ``baseline`` (the mean face's value) by strictly more than ``margin``, and is
+    not promoted without one. Then: no champion, or a champion without the metric: promote
+    (there is nothing else to beat); otherwise the challenger must beat the champion by
+    strictly more than ``margin`` (beyond rounding).
     """
+    def gain_over(other: float) -> float:
+        return (other - challenger) if lower_is_better else (challenger - other)
+
+    def beats(other: float) -> bool:
+        # Differences at rounding level are ties: 1.20 - 1.15 is not "more than 0.05".
+        return gain_over(other) - margin > 1e-9 * max(1.0, abs(other))
+
     if _missing(challenger):
         return False, "challenger has no value for the metric"
+    prefix = ""
+    if needs_baseline:
+        if _missing(baseline):
+            return False, "no mean-face baseline for the metric: evaluate the challenger again"
+        if not beats(baseline):
+            return False, (f"not better than the mean face (the template, all codes zero): "
+                           f"{challenger:.6g} vs {baseline:.6g}, margin {margin:.6g}")
+        prefix = f"beats the mean face by {gain_over(baseline):.6g}; "
     if not has_champion:
-        return True, "no champion yet"
+        return True, prefix + "no champion yet"
     if _missing(champion):
-        return True, "champion has no value for the metric"
-    gain = (champion - challenger) if lower_is_better else (challenger - champion)
-    # Differences at rounding level are ties: 1.20 - 1.15 is not "more than 0.05".
-    if gain - margin > 1e-9 * max(1.0, abs(champion)):
-        return True, f"better by {gain:.6g} > margin {margin:.6g}"
-    return False, f"improvement {gain:.6g} does not exceed margin {margin:.6g}"
+        return True, prefix + "champion has no value for the metric"
+    if beats(champion):
+        return True, prefix + f"better by {gain_over(champion):.6g} > margin {margin:.6g}"
+    return False, prefix + (f"improvement {gain_over(champion):.6g} over the champion does "
+                            f"not exceed margin {margin:.6g}")
 
 
 def _metric_of(client, version, metric: str) -> float | None:
@@ -116,6 +138,8 @@ def promote_version(
     except MlflowException:
         champion = None
     ch_value = _metric_of(client, challenger, cfg.metric)
+    base_value = (_metric_of(client, challenger, cfg.baseline_metric)
+                  if cfg.baseline_metric else None)
     if champion is not None and str(champion.version) == str(challenger.version):
         promoted, reason = False, "challenger is already the champion"
         champ_value: float | None = ch_value
@@ -123,7 +147,8 @@ def promote_version(
         champ_value = _metric_of(client, champion, cfg.metric) if champion is not None else None
         promoted, reason = decide(ch_value, champ_value, margin=cfg.margin,
                                   lower_is_better=cfg.lower_is_better,
-                                  has_champion=champion is not None)
+                                  has_champion=champion is not None, baseline=base_value,
+                                  needs_baseline=cfg.baseline_metric is not None)
     if promoted:  # only then: the check downloads the model
         problem = integrity_problem(client, model_name, str(challenger.version))
         if problem is not None:
@@ -133,7 +158,7 @@ def promote_version(
         lower_is_better=cfg.lower_is_better, challenger_version=str(challenger.version),
         challenger_value=ch_value,
         champion_version=None if champion is None else str(champion.version),
-        champion_value=champ_value,
+        champion_value=champ_value, baseline_value=base_value,
     )
     _record(client, model_name, decision)
     if promoted:
@@ -172,6 +197,7 @@ def _record(client, model_name: str, d: PromotionDecision) -> None:
         "promotion.challenger_value": _fmt(d.challenger_value),
         "promotion.champion_value": _fmt(d.champion_value),
         "promotion.champion_version": d.champion_version or "none",
+        "promotion.baseline_value": _fmt(d.baseline_value),
         "promotion.time": when,
     }
     for k, v in tags.items():
@@ -179,7 +205,8 @@ def _record(client, model_name: str, d: PromotionDecision) -> None:
     line = (f"[{when}] promotion: {tags['promotion.decision']} - {d.metric} "
             f"challenger v{d.challenger_version} = {_fmt(d.challenger_value)}, champion "
             f"{'v' + d.champion_version if d.champion_version else '(none)'} = "
-            f"{_fmt(d.champion_value)}, margin {d.margin:g}: {d.reason}")
+            f"{_fmt(d.champion_value)}, mean face = {_fmt(d.baseline_value)}, margin "
+            f"{d.margin:g}: {d.reason}")
     old = client.get_model_version(model_name, d.challenger_version).description or ""
     client.update_model_version(model_name, d.challenger_version,
                                 description=(old + "\n" + line).strip())
@@ -188,18 +215,18 @@ def _record(client, model_name: str, d: PromotionDecision) -> None:
 @flow(name="promote")
 def promote(
     cfg: WildfaceConfig | None = None,
-    config_path: str | None = None,
+    config: str | None = None,
     overrides: list[str] | None = None,
     version: str | None = None,
 ) -> dict:
     """Promote the challenger to champion if it beats the champion (see module doc).
 
-    ``cfg`` (in-process) or ``config_path`` + ``overrides`` (deployments). Returns the
+    ``cfg`` (in-process) or ``config`` + ``overrides`` (deployments). Returns the
     decision as a dict.
     """
     from mlflow import MlflowClient
 
-    cfg = cfg or load_config(config_path, overrides)
+    cfg = cfg or load_config(config, overrides)
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
     decision = promote_version(client, cfg.tracking.registered_model, cfg.promotion,

@@ -36,6 +36,24 @@ def test_decide(challenger, champion, margin, lower, has, expected):
     assert promoted is expected and reason
 
 
+@pytest.mark.parametrize("challenger,baseline,champion,has,expected,why", [
+    (2.16, 1.70, None, False, False, "not better than the mean face"),  # worse than no model
+    (1.70, 1.70, None, False, False, "not better than the mean face"),  # a tie is no knowledge
+    (1.60, 1.70, None, False, True, "no champion yet"),
+    (1.60, 1.70, 1.65, True, True, "better by"),
+    (1.60, 1.70, 1.50, True, False, "over the champion"),
+    (1.60, None, None, False, False, "no mean-face baseline"),
+    (1.60, math.nan, None, False, False, "no mean-face baseline"),
+])
+def test_decide_requires_beating_the_mean_face(challenger, baseline, champion, has, expected, why):
+    promoted, reason = decide(challenger, champion, margin=0.0, has_champion=has,
+                              baseline=baseline, needs_baseline=True)
+    assert promoted is expected and why in reason
+    # with a margin, the mean face must be beaten by more than it, too
+    assert not decide(1.60, None, margin=0.1, has_champion=False, baseline=1.70,
+                      needs_baseline=True)[0]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One sqlite tracking store for the module (creating one takes seconds)."""
@@ -73,17 +91,19 @@ def _model_folder(src: Path) -> dict[str, Path]:
 def registry(store, request):
     """A fresh registered model per test; ``add_version(median)`` registers a version whose
     run logged ``now_median``, with its files' sha256 recorded as registration records them,
-    and gives it the challenger alias."""
+    and ``now_mean_face_median`` (``baseline``: the mean face's, 2.0 unless given), with its
+    files' sha256 recorded as registration records them, and gives it the challenger alias."""
     from flows.model_uri import model_checksums
 
     root, uri, client, exp = store
     name = f"{MODEL}-{request.node.name}".replace("[", "-").replace("]", "")
     client.create_registered_model(name)
 
-    def add_version(median: float | None) -> str:
+    def add_version(median: float | None, baseline: float = 2.0) -> str:
         run = client.create_run(exp)
         if median is not None:
             client.log_metric(run.info.run_id, "now_median", median)
+        client.log_metric(run.info.run_id, "now_mean_face_median", baseline)
         client.set_terminated(run.info.run_id)
         src = root / "models" / run.info.run_id
         record = model_checksums(_model_folder(src))
@@ -100,9 +120,14 @@ def test_better_challenger_promoted_worse_not(registry):
     MODEL, _, client, add_version = registry
     cfg = PromotionConfig(margin=0.05)
 
+    v0 = add_version(1.50, baseline=1.52)  # no champion, but no better than the mean face
+    d0 = promote_version(client, MODEL, cfg)
+    assert not d0.promoted and "mean face" in d0.reason
+    assert client.get_model_version(MODEL, v0).tags["promotion.baseline_value"] == "1.52"
+
     v1 = add_version(1.50)
     d1 = promote_version(client, MODEL, cfg)
-    assert d1.promoted and d1.champion_version is None and d1.reason == "no champion yet"
+    assert d1.promoted and d1.champion_version is None and d1.reason.endswith("no champion yet")
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v1
 
     v2 = add_version(1.30)  # better by 0.20 > 0.05
@@ -167,3 +192,16 @@ def test_promote_flow_runs_in_prefect(registry, tmp_path, monkeypatch):
     assert result["promoted"] and result["challenger_version"] == v2
     assert result["champion_value"] == pytest.approx(1.4)
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
+
+
+def test_the_demo_says_plainly_whether_the_model_beat_the_mean_face():
+    from flows.pipeline import gate_sentence
+
+    worse = {"promoted": False, "reason": "not better than the mean face", "metric": "now_median",
+             "lower_is_better": True, "challenger_value": 2.16, "baseline_value": 1.70}
+    assert "no better than the mean face" in gate_sentence(worse)
+    assert "refused" in gate_sentence(worse) and "2.16 vs 1.7" in gate_sentence(worse)
+    better = dict(worse, promoted=True, challenger_value=1.2)
+    assert "learned something" in gate_sentence(better) and "champion" in gate_sentence(better)
+    unmeasured = dict(worse, challenger_value=None, reason="challenger has no value")
+    assert "could not judge" in gate_sentence(unmeasured)

@@ -225,6 +225,7 @@ def test_promotion_records_who_and_when_and_refuses_a_tampered_or_diverged_model
 
     rule = PromotionConfig(metric="now_median")
     client.set_model_version_tag(MODEL, v1["version"], "now_median", "1.5")
+    client.set_model_version_tag(MODEL, v1["version"], "now_mean_face_median", "2.0")
     d1 = promote_version(client, MODEL, rule, version=v1["version"])
     assert d1.promoted, d1.reason
     tags = client.get_model_version(MODEL, v1["version"]).tags
@@ -237,6 +238,7 @@ def test_promotion_records_who_and_when_and_refuses_a_tampered_or_diverged_model
     v2 = tracking.register_model(uri, cfg, store["model_uri"], run_id=store["run_id"],
                                  data="synthetic")
     client.set_model_version_tag(MODEL, v2["version"], "now_median", "1.0")
+    client.set_model_version_tag(MODEL, v2["version"], "now_mean_face_median", "2.0")
     with replaced(store["folder"] / "artifacts" / "detail-000000002.pt",
                   _other_weights(store, tmp_path)):
         d2 = promote_version(client, MODEL, rule, version=v2["version"])
@@ -272,6 +274,7 @@ def test_promotion_refuses_a_diverged_model(store, tmp_path):
         if k.startswith("sha256."):
             client.set_model_version_tag(name, mv.version, k, val)
     client.set_model_version_tag(name, mv.version, "now_median", "1.0")
+    client.set_model_version_tag(name, mv.version, "now_mean_face_median", "2.0")
     mlflow.set_tracking_uri(store["uri"])
     d = promote_version(client, name, PromotionConfig(), version=mv.version)
     assert not d.promoted and "non-finite" in d.reason

@@ -42,4 +42,9 @@ class PromotionConfig(StrictModel):
         0.0, ge=0, description="the challenger must beat the champion by more than this"
     )
     lower_is_better: bool = Field(True, description="False for metrics where higher wins")
+    baseline_metric: str | None = Field(
+        "now_mean_face_median", description="the same metric for the mean face (the face "
+        "model's template) on the same images, from the challenger's run: the challenger must "
+        "beat it by more than the margin too, and without it is not promoted; None: no baseline"
+    )
     champion_alias: str = Field("champion", description="alias of the promoted version")
