@@ -1,12 +1,14 @@
 """Local services against other local users and web pages (fast checks; the attacks on
 running services are in test_services.py): the Prefect auth string is private and reaches
 only the Prefect processes, the work pool's job template refuses (server side) and ignores
-(worker side) a caller's command, environment and working directory, and the MLflow server
-answers only its own host:port."""
+(worker side) a caller's command, environment and working directory, the MLflow server
+answers only its own host:port, and Ray workers get credentials from an owner-only file,
+not from the runtime environment that Ray logs."""
 from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import stat
 
 import pytest
@@ -106,3 +108,33 @@ def test_mlflow_answers_only_its_own_host():
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--allowed-hosts") + 1] == "127.0.0.1:5123,localhost:5123"
     assert "--cors-allowed-origins" not in cmd  # MLflow's default: localhost origins only
+
+
+def test_ray_workers_get_credentials_from_a_private_file_not_env_vars(monkeypatch):
+    """What a Ray worker's runtime environment carries (Ray logs it) holds no secret; the
+    secret reaches the worker through the owner-only file (Ray itself: test_train_ray.py)."""
+    from flows.config import WildfaceConfig
+    from flows.ray_cluster import CREDENTIALS_ENV, credentials_file, load_credentials
+    from flows.train import _worker_env
+
+    secret = "canary-not-in-runtime-env"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    env_vars = _worker_env(WildfaceConfig())
+    assert env_vars["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert secret not in env_vars.values() and "AWS_ACCESS_KEY_ID" not in env_vars
+    with credentials_file() as credentials:
+        path = credentials[CREDENTIALS_ENV]
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        # A worker started without the credentials loads them from the file.
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv(CREDENTIALS_ENV, path)
+        load_credentials()
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret
+    assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+    # On a node without the file (a cluster's other node): its own credentials stay.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "the-node's-own")
+    load_credentials()
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "the-node's-own"
