@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The prepared check for a lent GPU machine (docs/benchmarks.md, "On a lent GPU"): the CUDA
+# The check to run first on a GPU machine (docs/benchmarks.md, "On a GPU machine"): the CUDA
 # tests, the coarse stage's learning benchmark trained on the GPU for a time budget, then
 # reconstruction speed on CUDA (the test-time refinement included).
-# That machine has PyTorch but not pydantic; `make gpu-wheels` puts its wheels in .whl/.
-# From the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"],
-# timeout_s=590). Logs and figures go to $OUT (its folder there; /tmp/gpu-check elsewhere).
+# A machine whose Python lacks wildface's pure-Python dependencies installs them from .whl/
+# (`make gpu-wheels`). Logs and figures go to $OUT (default /tmp/gpu-check).
 #
 # Environment: PYTHON (python3), DEVICE (cuda), LEARN_SECONDS (training budget, 120),
 # LEARN_ARGS (the benchmark's other arguments, below), TEST_SECONDS (limit of the tests, 150).
 # The whole run takes about 2 x LEARN_SECONDS (training, then the probe) + 5 min (estimated:
-# never run on a GPU yet), inside the device tool's 10 minutes a command.
+# never run on a GPU yet).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 PYTHON=${PYTHON:-python3}

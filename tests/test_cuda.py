@@ -1,8 +1,8 @@
 """The GPU path against the CPU path: rasterizer (torch backend on CUDA, numba on the CPU),
 DECA's coarse and detail steps in float32, the mixed-precision step, and reconstruct.
 
-These need a CUDA device, so they run where one is lent (``benchmarks/gpu_check.sh``); the
-same code's CPU behaviour is tested by the rest of the suite.
+These need a CUDA device: they skip without one, and ``benchmarks/gpu_check.sh`` runs them on a
+GPU machine; the same code's CPU behaviour is tested by the rest of the suite.
 """
 from __future__ import annotations
 
