@@ -20,7 +20,8 @@ def _fail(msg: str) -> None:
 def _load(model: str, landmarks: str | None = None):
     from recon.config import FaceModelConfig
     from recon.face_assets import FaceModelFormatError
-    from recon.flame_io import UnsafePickleError, load_face_model
+    from recon.flame_io import load_face_model
+    from recon.safe_pickle import UnsafePickleError
 
     try:
         return load_face_model(FaceModelConfig(path=model, landmarks=landmarks))
@@ -58,7 +59,7 @@ def convert(
 ) -> None:
     """Convert FLAME files to the cached .npz, safely (refused pickles write nothing)."""
     from recon.face_assets import FaceModelFormatError
-    from recon.flame_io import UnsafePickleError
+    from recon.safe_pickle import UnsafePickleError
     from recon.flame_io import convert as do_convert
 
     if dst.suffix != ".npz":
@@ -149,7 +150,7 @@ def import_deca(
     from recon.deca_import import (DECA_FACE_COUNTS, DecaCheckpointError, import_deca,
                                    imported_from)
     from recon.face_assets import FaceModelFormatError
-    from recon.flame_io import UnsafePickleError
+    from recon.safe_pickle import UnsafePickleError
     from recon.training.checkpoint import CheckpointError, save_checkpoint
 
     if out.suffix != ".pt":

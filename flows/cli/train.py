@@ -66,6 +66,9 @@ def train(
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
         if use_ray:
+            from flows.cli.options import load_config_or_exit
+
+            load_config_or_exit(config, overrides)  # a mistake: one line here, not in a worker
             from flows.train import train_with_ray
 
             train_with_ray(stage, data, out, config, list(overrides or []),
@@ -73,16 +76,14 @@ def train(
             return
         import torch
 
-        from flows.config import ConfigError, load_config, with_stage_weights
+        from flows.cli.options import load_config_or_exit
+        from flows.config import with_stage_weights
         from flows.samples import rank_store
         from recon.devices import pick_device
         from recon.training.steps import NonFiniteTraining
         from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
 
-        try:
-            cfg = load_config(config, _init_sections(init_from) + list(overrides or []))
-        except ConfigError as err:
-            raise typer.BadParameter(str(err)) from None
+        cfg = load_config_or_exit(config, _init_sections(init_from) + list(overrides or []))
         cfg = with_stage_weights(cfg, stage)
         configure(cfg.storage)  # s3:// data is read with the configured endpoint
         try:
