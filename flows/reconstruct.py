@@ -6,6 +6,13 @@ image when ``preprocess.use_annotations``, else the configured detector and dlib
 landmarks, the plausibility check) and cropped at the model's test-time scale
 (``data.eval_scale`` x the landmark box, as the training's evaluation crop).
 
+Aligned inputs (``aligned=True``, ``wildface reconstruct --aligned``): each image (or video
+frame) is already a face crop; it is resized whole to the model's input size, with no
+detection. Only square inputs are taken (a resize of another shape would stretch the face; such
+an input is rejected with its size as the reason). Each face folder then also holds
+``displacement.npy`` and ``landmarks2d`` in the input's pixels
+(:func:`recon.reconstruct.write_face` with ``input_size``).
+
 Output: one folder per input, ``OUT/<input name>/`` (the input's path relative to the folder
 or prefix it was found in, without its suffix):
 
@@ -45,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from infra import storage
+from recon.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +219,31 @@ class InputReconstructor:
     """Reconstructs inputs one by one into ``out`` (a folder or s3:// prefix)."""
 
     def __init__(self, recon, finder: FaceFinder, out: str, batch_size: int = 8,
-                 video_every: int = 1, video_max_frames: int | None = None) -> None:
+                 video_every: int = 1, video_max_frames: int | None = None,
+                 aligned: bool = False) -> None:
         self.recon, self.finder, self.out = recon, finder, str(out)
         self.batch_size = batch_size
         self.video_every, self.video_max_frames = video_every, video_max_frames
+        self.aligned = aligned
+
+    def aligned_crop(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An aligned input (H, W, 3) uint8 resized whole to the model's crop: (S, S, 3)
+        uint8 and the input->crop (2, 3) transform (pixel centres at integers). Raises
+        :class:`_Rejected` for a non-square input."""
+        import cv2
+
+        from preprocessing.crop import scale_shift_affine
+
+        h, w = rgb.shape[:2]
+        if h != w:
+            raise _Rejected(f"an aligned input must be a square face crop, got {w} x {h} "
+                            f"pixels (crop it square, or leave out --aligned to detect faces)")
+        size = self.recon.image_size
+        # Both interpolations keep the pixel-centre grid of scale_shift_affine: the image's
+        # outer edges map to the crop's, so [-1, 1] crop coordinates are the input's too.
+        interp = cv2.INTER_AREA if w > size else cv2.INTER_LINEAR
+        crop = rgb.copy() if w == size else cv2.resize(rgb, (size, size), interpolation=interp)
+        return crop, scale_shift_affine(size / w, np.zeros(2))
 
     def __call__(self, item: InputItem) -> dict[str, Any]:
         """Write the input's folder (marker last) and return its result. An input whose
@@ -266,6 +295,8 @@ class InputReconstructor:
         from recon.reconstruct import NonFiniteOutput, write_face
 
         rgb = self.finder.decode(storage.read_bytes(item.uri))
+        if self.aligned:
+            return self._aligned_image(item, rgb, stage, result)
         pts = storage.read_bytes(item.pts) if item.pts else None
         faces, dropped = self.finder.find(rgb, pts)
         result["failed_faces"] = [{"face": d.split(":")[0], "reason": d.split(": ", 1)[-1]}
@@ -303,6 +334,23 @@ class InputReconstructor:
         if not result["faces"]:
             raise _Rejected("; ".join(f["reason"] for f in result["failed_faces"]))
 
+    def _aligned_image(self, item: InputItem, rgb: np.ndarray, stage: Path,
+                       result: dict) -> None:
+        from recon.reconstruct import NonFiniteOutput, write_face
+
+        r = self.recon
+        crop, transform = self.aligned_crop(rgb)
+        rec = r.reconstruct(crop[None])
+        try:
+            write_face(stage / "face_00", r, rec, 0, r.to_tensor(crop[None])[0],
+                       input_size=rgb.shape[1], extra={
+                           "source": item.uri, "face_index": 0,
+                           "crop_transform": np.round(transform, 6).tolist(),
+                           "crop_size": r.image_size})
+        except NonFiniteOutput as err:
+            raise _Rejected(str(err)) from None
+        result["faces"].append("face_00")
+
     def _video(self, item: InputItem, stage: Path, result: dict) -> None:
         from recon.video import read_frames, video_fps
 
@@ -317,16 +365,23 @@ class InputReconstructor:
                 fps = video_fps(path)
             except Exception as err:  # noqa: BLE001 - any decoder refusal
                 raise _Rejected(f"not a readable video: {err}") from None
-            pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+            # (frame, crop, crop landmarks or None, aligned input's side or None)
+            pending: list[tuple[int, np.ndarray, np.ndarray | None, int | None]] = []
             for i, frame in enumerate(read_frames(path, self.video_every, self.video_max_frames)):
                 index = i * self.video_every
+                if self.aligned:
+                    pending.append((index, self.aligned_crop(frame)[0], None, frame.shape[1]))
+                    if len(pending) == self.batch_size:
+                        self._video_batch(pending, rows, stage, result, fps)
+                        pending = []
+                    continue
                 faces, dropped = self.finder.find(frame)
                 if not faces:
                     rows.append({"frame": index, "time_s": index / fps, "status": "no face",
                                  "reason": "; ".join(dropped) or "no face found"})
                     continue
                 crop, _, lmk = crop_face(frame, faces[0].landmarks, r.image_size, r.crop_scale)
-                pending.append((index, crop, lmk))
+                pending.append((index, crop, lmk, None))
                 if len(pending) == self.batch_size:
                     self._video_batch(pending, rows, stage, result, fps)
                     pending = []
@@ -350,7 +405,7 @@ class InputReconstructor:
         first = not result["faces"]
         rec = r.reconstruct(batch, render=first)
         ok = []
-        for k, (index, _, _) in enumerate(pending):
+        for k, (index, *_) in enumerate(pending):
             try:
                 check_face_finite(rec, k)
             except NonFiniteOutput as err:  # this frame fails, the others go on
@@ -364,9 +419,11 @@ class InputReconstructor:
                          **codes})
         if first and ok:
             k = ok[0]
+            index, _, given, input_size = pending[k]
             write_face(stage / "face_00", r, rec, k, r.to_tensor(batch)[k],
-                       torch.from_numpy(pending[k][2]),
-                       extra={"source": result["input"], "frame": pending[k][0]})
+                       None if given is None else torch.from_numpy(given),
+                       extra={"source": result["input"], "frame": index},
+                       input_size=input_size)
             result["faces"].append("face_00")
 
 
@@ -399,7 +456,7 @@ def _write_frames(path: Path, rows: list[dict[str, Any]]) -> None:
 class _RayReconstructor:
     """Ray Data actor: loads the model and the face finder once, reconstructs items."""
 
-    def __init__(self, model: dict, cfg_json: str, out: str) -> None:
+    def __init__(self, model: dict, cfg_json: str, out: str, aligned: bool = False) -> None:
         import torch
 
         from flows.config import WildfaceConfig
@@ -420,7 +477,7 @@ class _RayReconstructor:
                            refine=cfg.reconstruct.refine)
         rc = cfg.reconstruct
         self.run = InputReconstructor(recon, FaceFinder(cfg.preprocess), out, rc.batch_size,
-                                      rc.video_every, rc.video_max_frames)
+                                      rc.video_every, rc.video_max_frames, aligned=aligned)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uri"])
@@ -432,22 +489,26 @@ class _RayReconstructor:
 
 def run_batch(inputs: Iterable[str], out: str, model: str, cfg, *, use_ray: bool = False,
               face_model: str | None = None, tracking_uri: str | None = None,
-              progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[int, int, dict], None] | None = None,
+              aligned: bool = False) -> dict[str, Any]:
     """Reconstruct every input into ``out`` (see the module doc); skip finished ones.
 
     model: ``--model`` (:mod:`flows.model_uri`); cfg: ``WildfaceConfig``; face_model: a
     configured face model that must match the model's; progress(done, total, result) after
-    each input. Returns and writes ``OUT/summary.json``: counts by status and the failures.
+    each input; aligned: every input is a square face crop (no detection). Returns and
+    writes ``OUT/summary.json``: counts by status and the failures.
     OutputLocked at once when another job holds a local ``out``.
     """
     storage.configure(cfg.storage)
     with storage.output_lock(out):
-        return _run_batch(inputs, out, model, cfg, use_ray, face_model, tracking_uri, progress)
+        return _run_batch(inputs, out, model, cfg, use_ray, face_model, tracking_uri, progress,
+                          aligned)
 
 
 def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
                face_model: str | None, tracking_uri: str | None,
-               progress: Callable[[int, int, dict], None] | None) -> dict[str, Any]:
+               progress: Callable[[int, int, dict], None] | None,
+               aligned: bool) -> dict[str, Any]:
     from flows.model_uri import resolve_model
     from recon.config import FaceModelConfig
 
@@ -469,10 +530,13 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
         files = resolve_model(model, tmp, tracking_uri)
         configured = FaceModelConfig(path=face_model) if face_model else None
 
+        line = Progress("reconstruct", len(todo), "inputs")
+
         def report(result: dict) -> None:
             results.append(result)
             log.info("reconstructed %d/%d inputs (%s: %s)", len(results), len(todo),
                      result["name"], result["status"])
+            line.update(len(results))
             if progress is not None:
                 progress(len(results), len(todo), result)
 
@@ -487,31 +551,25 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
                                config_json=files.config_json, device=rc.device,
                                source=files.source, refine=rc.refine)
             run = InputReconstructor(recon, FaceFinder(pc), out, rc.batch_size,
-                                     rc.video_every, rc.video_max_frames)
+                                     rc.video_every, rc.video_max_frames, aligned=aligned)
             for item in todo:
                 report(run(item))
         elif todo:
-            _run_ray(todo, out, files, configured, cfg, report)
+            _run_ray(todo, out, files, configured, cfg, report, aligned)
     return _summary(out, items, time.perf_counter() - started, len(todo),
                     {r["name"]: r for r in results})
 
 
 def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
-             report: Callable[[dict], None]) -> None:
+             report: Callable[[dict], None], aligned: bool = False) -> None:
     import ray
     from ray.data import ActorPoolStrategy
 
     from flows.ray_cluster import check_gpus
+    from infra.ray_connect import start_or_attach
 
     rc = cfg.reconstruct
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
-        if rc.ray_address:
-            ray.init(address=rc.ray_address, **kwargs)
-        else:
-            ray.init(**kwargs)
-        started = True
+    started = start_or_attach(rc.ray_start(), log_to_driver=False)
     model = {"checkpoint": str(files.checkpoint),
              "face_model": str(files.face_model) if files.face_model else "",
              "config_json": files.config_json or "", "source": json.dumps(files.source),
@@ -520,7 +578,7 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
         check_gpus(rc.gpus_per_worker, "reconstruct.gpus_per_worker", rc.ray_address)
         ds = ray.data.from_items([it.as_dict() for it in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_RayReconstructor, fn_constructor_args=(model, cfg.model_dump_json(),
-                                                                    str(out)),
+                                                                    str(out), aligned),
                             batch_size=1, batch_format="numpy",
                             compute=ActorPoolStrategy(size=min(rc.workers, len(todo))),
                             num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker or None)

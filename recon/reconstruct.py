@@ -26,6 +26,11 @@ Per-face outputs (:func:`write_face`), in one folder:
 - ``grid.png``: input | landmarks (green: given, red: predicted) | coarse shape | detailed
   shape | textured render over the input.
 
+Aligned inputs (``input_size`` given: the whole input, a square of that side, was resized to
+the crop): ``landmarks2d`` are pixels of the input (x right, y down; :func:`input_pixels`) and
+``displacement.npy`` holds the detail decoder's raw UV map, (S, S) float32 metres, before any
+mask.
+
 Normal maps are object-space unit normals encoded as ``(n + 1) / 2``; UV images have row 0 at
 v = 1 (the OBJ convention of :func:`recon.mesh_io.write_obj`).
 
@@ -52,7 +57,7 @@ from recon.deca import DECA, Codes, Reconstruction
 from recon.devices import pick_device
 from recon.face_assets import FaceModelAssets
 from recon.mesh_io import atomic_write_bytes, write_obj
-from recon.render import draw_landmarks, vertex_normals
+from recon.render import draw_landmarks, image_to_pixel, vertex_normals
 from recon.training.checkpoint import assert_finite_state, load_checkpoint
 
 DEFAULT_CROP_SCALE = 1.6  # DataConfig.eval_scale: crop side / landmark-box size at test time
@@ -331,6 +336,27 @@ def codes_dict(codes: Codes, index: int) -> dict[str, Any]:
             if v is not None}
 
 
+def input_pixels(landmarks: torch.Tensor, size: int, architecture: str) -> torch.Tensor:
+    """Landmarks (..., 2) in the crop's [-1, 1] image convention -> pixels (x right, y down)
+    of a square input of side ``size`` that was resized whole to the model's crop.
+
+    ``deca`` (imported DECA weights): DECA's own mapping ``(u + 1) size / 2`` (its
+    ``tensor_vis_landmarks``, no half-pixel shift), so the points are the ones DECA reports;
+    ``wildface``: pixel centres at integers, ``(u + 1) size / 2 - 0.5``, as the rasterizer
+    and the crops (:func:`recon.render.image_to_pixel`).
+    """
+    if architecture == "deca":
+        return (landmarks + 1.0) * (size / 2.0)
+    return image_to_pixel(landmarks, size, size)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``np.save`` of ``array`` as bytes (for :func:`recon.mesh_io.atomic_write_bytes`)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 # The per-face outputs that the files are made of (the renders only derive from them).
 _FACE_OUTPUTS = ("vertices", "landmarks2d", "now7", "uv_displacement", "uv_detail_vertices")
 
@@ -350,11 +376,13 @@ def check_face_finite(rec: Reconstruction, index: int) -> None:
 
 def write_face(out_dir: str | os.PathLike, recon: FaceReconstructor, rec: Reconstruction,
                index: int, crop: torch.Tensor, landmarks: torch.Tensor | None = None,
-               extra: dict[str, Any] | None = None) -> Path:
+               extra: dict[str, Any] | None = None, input_size: int | None = None) -> Path:
     """Write every output of face ``index`` of ``rec`` (see the module doc) to ``out_dir``.
 
     rec: a rendered reconstruction with detail; crop: (3, S, S) input in [0, 1];
-    landmarks: (68, 2) given landmarks in the crop's image convention, for the grid.
+    landmarks: (68, 2) given landmarks in the crop's image convention, for the grid;
+    input_size: the side of an aligned input resized whole to the crop (None: a crop of a
+    photo): then ``landmarks2d`` are that input's pixels and ``displacement.npy`` is written.
     Raises :class:`NonFiniteOutput` (and writes nothing, not even the folder) when the face's
     codes or outputs are not finite (:func:`check_face_finite`).
     """
@@ -378,16 +406,32 @@ def write_face(out_dir: str | os.PathLike, recon: FaceReconstructor, rec: Recons
     max_z = float(model.network_config.max_z)
     atomic_write_bytes(out / "displacement.png", displacement_png(rec.uv_displacement[i], max_z))
     atomic_write_bytes(out / "grid.png", png_bytes(face_grid(rec, i, crop, landmarks)))
+    files = ["coarse.obj", "detail.obj", "displacement.png", "grid.png"]
+    lmk = rec.landmarks2d[i].detach().float().cpu()
+    units = ("face model units (metres); landmarks2d in the crop's [-1, 1] image "
+             "convention (x right, y down)")
+    aligned: dict[str, Any] = {}
+    if input_size is not None:
+        architecture = model.network_config.architecture
+        lmk = input_pixels(lmk, int(input_size), architecture)
+        units = ("face model units (metres); landmarks2d in pixels of the input (x right, "
+                 "y down)")
+        aligned = {"aligned": True, "input_size": int(input_size),
+                   "landmarks2d_pixels": "deca: (u + 1) size / 2" if architecture == "deca"
+                   else "wildface: (u + 1) size / 2 - 0.5 (pixel centres at integers)"}
+        atomic_write_bytes(out / "displacement.npy", npy_bytes(
+            rec.uv_displacement[i, 0].detach().cpu().numpy().astype(np.float32)))
+        files.append("displacement.npy")
     params = {
         "model": recon.info.as_dict(),
         "codes": codes_dict(rec.codes, i),
-        "landmarks2d": rec.landmarks2d[i].cpu().tolist(),
+        "landmarks2d": lmk.tolist(),
         "now7": rec.now7[i].cpu().tolist(),
-        "units": "face model units (metres); landmarks2d in the crop's [-1, 1] image "
-                 "convention (x right, y down)",
+        "units": units,
         "max_z": max_z,
         "expression_names": recon.expression_names,
-        "files": ["coarse.obj", "detail.obj", "displacement.png", "grid.png"],
+        "files": files,
+        **aligned,
         **(extra or {}),
     }
     atomic_write_bytes(out / "params.json", json.dumps(params, indent=1).encode())
@@ -413,5 +457,6 @@ def codes_from_params(params: dict[str, Any], device: str | torch.device = "cpu"
 __all__ = ["DEFAULT_CROP_SCALE", "FaceModelMismatch", "FaceReconstructor", "GRID_PANELS",
            "ModelInfo", "NonFiniteOutput", "check_face_finite", "codes_dict",
            "codes_from_params", "displacement_png", "encode_normals", "face_grid",
-           "face_model_fingerprint", "grid_mesh", "load_model", "png_bytes",
+           "face_model_fingerprint", "grid_mesh", "input_pixels", "load_model", "npy_bytes",
+           "png_bytes",
            "read_displacement_png", "resolve_face_model", "to_uint8", "write_face"]

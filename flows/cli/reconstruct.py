@@ -26,6 +26,9 @@ def reconstruct(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     out: str = typer.Option(..., "--out", "-o", help="output folder or s3:// prefix"),
     ray: bool = typer.Option(False, "--ray", help="run as a Ray Data batch job (actor pool)"),
+    aligned: bool = typer.Option(False, "--aligned", help="each input is a square face crop: "
+                                 "resized whole to the model's input, no detection; adds "
+                                 "displacement.npy and landmarks2d in the input's pixels"),
     face_model: Optional[str] = typer.Option(None, "--face-model", help=FACE_MODEL_HELP),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow server"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML file or configs/ name"),
@@ -35,7 +38,8 @@ def reconstruct(
     """Per face: FLAME parameters (JSON, with the model version), coarse and detailed meshes
     (OBJ with UVs, albedo texture, normal and displacement maps), a visual grid; for videos a
     per-frame parameter table (Parquet). One folder per input, resumable: finished inputs
-    are skipped; failures are listed with their reason in OUT/summary.json."""
+    are skipped; failures are listed with their reason in OUT/summary.json. With --aligned,
+    every input is taken as a ready face crop (docs/reconstruct.md)."""
     cfg = load_config_or_exit(config, overrides)
     from flows.reconstruct import run_batch
     from infra.storage import OutputLocked
@@ -47,7 +51,7 @@ def reconstruct(
 
     try:
         summary = run_batch(inputs, out, model, cfg, use_ray=ray, face_model=face_model,
-                            tracking_uri=tracking_uri, progress=progress)
+                            tracking_uri=tracking_uri, progress=progress, aligned=aligned)
     except (FaceModelMismatch, FileNotFoundError, ValueError, OutputLocked) as err:
         _fail(str(err))
     typer.echo(json.dumps({k: summary[k] for k in ("inputs", "processed", "counts", "seconds")}))
