@@ -52,7 +52,6 @@ from typing import Any
 import numpy as np
 
 from infra import storage
-from recon.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -530,13 +529,10 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
         files = resolve_model(model, tmp, tracking_uri)
         configured = FaceModelConfig(path=face_model) if face_model else None
 
-        line = Progress("reconstruct", len(todo), "inputs")
-
         def report(result: dict) -> None:
             results.append(result)
             log.info("reconstructed %d/%d inputs (%s: %s)", len(results), len(todo),
                      result["name"], result["status"])
-            line.update(len(results))
             if progress is not None:
                 progress(len(results), len(todo), result)
 
@@ -566,10 +562,16 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
     from ray.data import ActorPoolStrategy
 
     from flows.ray_cluster import check_gpus
-    from infra.ray_connect import start_or_attach
 
     rc = cfg.reconstruct
-    started = start_or_attach(rc.ray_start(), log_to_driver=False)
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
+        if rc.ray_address:
+            ray.init(address=rc.ray_address, **kwargs)
+        else:
+            ray.init(**kwargs)
+        started = True
     model = {"checkpoint": str(files.checkpoint),
              "face_model": str(files.face_model) if files.face_model else "",
              "config_json": files.config_json or "", "source": json.dumps(files.source),
