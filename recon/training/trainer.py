@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from torch import nn
 
 from recon.config import DataConfig, FaceModelConfig, LossConfig, NetworkConfig, TrainConfig
 from recon.devices import pick_device
+from recon.progress import EVERY_S, Progress, print_line
 from recon.training.checkpoint import (CheckpointError, NonFiniteState, checkpoint_path,
                                        latest_checkpoint, load_checkpoint, prune_checkpoints,
                                        save_checkpoint, set_rng_state)
@@ -83,6 +85,32 @@ class JsonlLog(TrainerCallback):
         if step % self.log_every == 0:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": step, **terms}) + "\n")
+
+
+class ProgressLog(TrainerCallback):
+    """The stage's progress line (:class:`recon.progress.Progress`):
+    ``coarse: 40/1000 steps, 2.1/s, ETA 7m36s, loss 0.1234``, at most every ``every_s``
+    seconds, or at every ``every_steps``-th step when that is given; always at the last step.
+    The rate counts from the first step of this run (a resumed run's earlier steps are not
+    in it)."""
+
+    def __init__(self, stage: str, total: int, *, every_s: float = EVERY_S,
+                 every_steps: int | None = None,
+                 emit: Callable[[str], None] = print_line,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stage, self.total, self.every_steps = stage, total, every_steps
+        self.every_s = math.inf if every_steps else every_s
+        self.emit, self.clock = emit, clock
+        self.progress: Progress | None = None
+
+    def on_step(self, step: int, terms: dict[str, float]) -> None:
+        if self.progress is None:  # the run starts with the step just done
+            now = self.clock()
+            self.progress = Progress(self.stage, self.total, "steps", every_s=self.every_s,
+                                     start=step - 1, emit=self.emit, clock=self.clock,
+                                     started_at=now - terms.get("step_time_s", 0.0))
+        force = bool(self.every_steps) and step % self.every_steps == 0
+        self.progress.update(step, f"loss {terms['loss']:.4f}", force=force)
 
 
 @dataclass
@@ -287,5 +315,5 @@ class Trainer:
                            seconds=time.perf_counter() - started, images=images)
 
 
-__all__ = ["CHECKPOINT_DIR", "JsonlLog", "NonFiniteTraining", "TrainResult", "Trainer",
-           "TrainerCallback", "TrainingConfig"]
+__all__ = ["CHECKPOINT_DIR", "JsonlLog", "NonFiniteTraining", "ProgressLog", "TrainResult",
+           "Trainer", "TrainerCallback", "TrainingConfig"]
