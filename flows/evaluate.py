@@ -143,7 +143,8 @@ def predict_dataset(model: str, dataset: str | Path, out: str | Path, cfg: Wildf
                                    tracking_uri=tracking_uri, device=cfg.reconstruct.device)
     layout = dict(split=cfg.evaluation.split, image_root=cfg.evaluation.image_root,
                   overwrite=overwrite)
-    summary = predict_now(neutral_predictor(recon, cfg), dataset, out, **layout)
+    summary = predict_now(neutral_predictor(recon, cfg), dataset, out, progress="evaluate",
+                          **layout)
     if baseline_out is not None:
         predict_now(mean_face_predictor(recon), dataset, baseline_out, **layout)
     return summary, recon.info

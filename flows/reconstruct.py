@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from infra import storage
+from recon.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -529,10 +530,13 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
         files = resolve_model(model, tmp, tracking_uri)
         configured = FaceModelConfig(path=face_model) if face_model else None
 
+        line = Progress("reconstruct", len(todo), "inputs")
+
         def report(result: dict) -> None:
             results.append(result)
             log.info("reconstructed %d/%d inputs (%s: %s)", len(results), len(todo),
                      result["name"], result["status"])
+            line.update(len(results))
             if progress is not None:
                 progress(len(results), len(todo), result)
 

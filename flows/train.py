@@ -99,12 +99,15 @@ class StageResult:
 # -- Ray ---------------------------------------------------------------------------------------
 def _worker_env(cfg: WildfaceConfig) -> dict[str, str]:
     """Variables every worker needs: the offline settings, one intra-op thread per CPU of
-    the worker, the S3 endpoint of this process. No secret: Ray logs these (credentials
-    reach the workers through :func:`flows.ray_cluster.credentials_file`)."""
+    the worker, plain ``print``, the S3 endpoint of this process. No secret: Ray logs these
+    (credentials reach the workers through :func:`flows.ray_cluster.credentials_file`)."""
     from infra.offline import OFFLINE_ENV
 
     threads = str(max(1, int(cfg.ray.cpus_per_worker)))
-    env = {**OFFLINE_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {**OFFLINE_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           # Ray Train's workers otherwise send each print both to their logger and to
+           # stdout, and the driver shows every progress line twice.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", FAULT_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]

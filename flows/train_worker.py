@@ -22,7 +22,7 @@ from flows import tracking
 from flows.config import WildfaceConfig, with_stage_weights
 from flows.samples import is_synth_folder, rank_store
 from infra import storage
-from recon.training.trainer import TrainerCallback
+from recon.training.trainer import ProgressLog, TrainerCallback
 
 FAULT_ENV = "WILDFACE_FAULT"
 
@@ -164,19 +164,6 @@ class MlflowLog(TrainerCallback):
             self.logger.log_figure(step, grid)
 
 
-class Progress(TrainerCallback):
-    """Rank 0: a progress line about 20 times per run (Ray forwards it to the driver)."""
-
-    def __init__(self, stage: str, total: int) -> None:
-        self.stage, self.total = stage, total
-        self.every = max(1, total // 20)
-
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
-        if step % self.every == 0 or step == self.total:
-            print(f"{self.stage} step {step}/{self.total} loss {terms['loss']:.4f} "
-                  f"({terms['step_time_s']:.2f} s/step)", flush=True)
-
-
 def train_loop(lc: dict[str, Any]) -> None:
     """One Ray Train worker: build the trainer for this rank and run it (see module doc)."""
     import ray.train
@@ -210,8 +197,8 @@ def train_loop(lc: dict[str, Any]) -> None:
         reporter = RayReport(rank, total, every)
         callbacks: list[TrainerCallback] = [reporter]
         trainer_ref: list = []
-        if rank == 0:
-            callbacks.insert(0, Progress(stage, total))
+        if rank == 0:  # Ray hands a worker's stdout to the driver's terminal
+            callbacks.insert(0, ProgressLog(stage, total))
         if rank == 0 and lc.get("tracking_uri") and lc.get("mlflow_run_id"):
             n, k = cfg.train.batch_shape(stage)
             logger = tracking.StepLogger(lc["tracking_uri"], lc["mlflow_run_id"], cfg.tracking,

@@ -38,6 +38,7 @@ from preprocessing.manifest import (IDENTITIES_FILE, MANIFEST_FILE, identities_b
                                     manifest_bytes, write_if_changed)
 from preprocessing.shards import shard_bytes
 from preprocessing.split import split_identities
+from recon.progress import Progress
 
 log = logging.getLogger("wildface.preprocess")
 
@@ -183,6 +184,7 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
         return dict(counts)
     args = (cfg.model_dump_json(), storage_cfg.model_dump_json(), work)
     t0 = time.perf_counter()
+    line = Progress("preprocess", len(items), "images")
     if not use_ray:
         proc = BatchProcessor(*args)
         bs = cfg.ray.batch_size
@@ -190,7 +192,7 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
             chunk = items[start:start + bs]
             out = proc({k: [it[k] for it in chunk] for k in chunk[0]})
             _count(out, counts)
-            log.info("processed %d/%d images", start + len(chunk), len(items))
+            line.update(start + len(chunk))
             if on_progress:
                 on_progress(start + len(chunk), len(items))
         return dict(counts)
@@ -210,7 +212,7 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             _count(batch, counts)
             done += len(batch["status"])
-            log.info("processed %d/%d images", done, len(items))
+            line.update(done)
             if on_progress:
                 on_progress(done, len(items))
     finally:

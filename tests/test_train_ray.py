@@ -7,7 +7,8 @@ Few Ray runs on purpose (each costs ~40 s of fixed overhead on 2 cores):
 2. the Prefect ``train`` flow with the same coarse run name and 6 steps: the coarse stage
    resumes at step 4 (a second run resuming the first), then the detail stage starts from
    the coarse checkpoint, the model is registered (alias challenger), loads with
-   ``mlflow.pyfunc.load_model`` and reconstructs an image.
+   ``mlflow.pyfunc.load_model`` and reconstructs an image; each stage's progress line
+   reaches the driver's terminal once.
 
 Security, checked on these runs: every socket that a process of the runs listens on is on
 127.0.0.1 (the process group's store included, which torch binds to every interface by
@@ -209,7 +210,7 @@ def test_killed_worker_resumes_from_last_checkpoint(env, faulty_coarse):
 
 
 def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse, prefect_server,
-                                                        monkeypatch):
+                                                        monkeypatch, capfd):
     import mlflow
     from mlflow.tracking import MlflowClient
     from PIL import Image
@@ -223,6 +224,18 @@ def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse, pref
                 run_name=RUN.removesuffix("-coarse"), tracking_uri=env["uri"])
     assert out["coarse"]["resumed_from"] == 4 and out["coarse"]["step"] == 6
     assert out["detail"]["step"] == 2 and out["detail"]["resumed_from"] is None
+
+    # Each stage's progress line reaches the driver once (Ray forwards the workers' output
+    # a moment later: wait for the last one).
+    printed = ""
+    for _ in range(50):
+        printed += "".join(capfd.readouterr())
+        if "detail: 2/2 steps" in printed:
+            break
+        time.sleep(0.2)
+    lines = printed.splitlines()
+    for final in ("coarse: 6/6 steps, ", "detail: 2/2 steps, "):
+        assert len([x for x in lines if final in x]) == 1, [x for x in lines if final in x]
 
     client = MlflowClient(env["uri"], env["uri"])
     detail_run = client.get_run(out["detail"]["mlflow_run_id"])

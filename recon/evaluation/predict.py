@@ -22,6 +22,7 @@ from recon.evaluation.now_io import (
     read_image_list,
     write_prediction,
 )
+from recon.progress import Progress
 
 PredictNeutral = Callable[[Path], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -42,13 +43,19 @@ def predict_now(
     split: str = "val",
     image_root: str = "NoW_Dataset/final_release_version/iphone_pictures",
     overwrite: bool = False,
+    progress: str | None = None,
 ) -> PredictSummary:
     """Predict every image of the split's list; existing predictions are kept unless
     ``overwrite`` (reruns are idempotent). A missing image or a failing/invalid prediction
-    is recorded in ``failed`` and the run goes on."""
+    is recorded in ``failed`` and the run goes on. ``progress``: the label of a periodic
+    progress line (:class:`recon.progress.Progress`; None: none)."""
     dataset_dir = Path(dataset_dir)
     summary = PredictSummary()
-    for image in read_image_list(image_list_path(dataset_dir, split)):
+    images = read_image_list(image_list_path(dataset_dir, split))
+    line = Progress(progress, len(images), "images") if progress else None
+    for image in images:
+        if line is not None:
+            line.update(summary.written + summary.skipped + len(summary.failed))
         done = find_prediction(predictions_dir, image)
         if not overwrite and done.mesh is not None and done.landmarks is not None:
             summary.skipped += 1
@@ -70,4 +77,6 @@ def predict_now(
             summary.failed.append((image.rel_path, f"{type(e).__name__}: {e}"))
             continue
         summary.written += 1
+    if line is not None:
+        line.update(len(images))
     return summary
