@@ -347,7 +347,8 @@ class InputReconstructor:
                            "source": item.uri, "face_index": 0,
                            "crop_transform": np.round(transform, 6).tolist(),
                            "crop_size": r.image_size})
-        except NonFiniteOutput as err:
+        except NonFiniteOutput as err:  # nothing written: recorded as a face that failed
+            result["failed_faces"].append({"face": "face 0", "reason": str(err)})
             raise _Rejected(str(err)) from None
         result["faces"].append("face_00")
 

@@ -155,3 +155,25 @@ def test_aligned_video_frames_are_crops(checkpoint, tmp_path):  # noqa: F811
     assert table["frame"].tolist() == [0, 1, 2] and (table["status"] == "ok").all()
     params = _check_face(out / "clip" / "face_00", load_model(checkpoint), 96, half_pixel=0.5)
     np.testing.assert_allclose(table["shape"][0], params["codes"]["shape"], rtol=0, atol=1e-6)
+
+
+def test_a_non_finite_aligned_face_is_rejected_with_nothing_written(
+        checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    from flows.reconstruct import FaceFinder, InputItem, InputReconstructor
+    from recon.reconstruct import FaceReconstructor, load_model
+
+    crops = _crops(tmp_path / "crops")
+    encode = FaceReconstructor.encode
+
+    def diverging(self, batch):
+        codes = encode(self, batch)
+        return codes.replace(shape=torch.full_like(codes.shape, float("nan")))
+
+    monkeypatch.setattr(FaceReconstructor, "encode", diverging)
+    run = InputReconstructor(load_model(checkpoint), FaceFinder(tiny_config().preprocess),
+                             str(tmp_path / "out"), aligned=True)
+    result = run(InputItem(uri=str(crops / "same.png"), name="same", kind="image"))
+    assert result["status"] == "rejected"
+    assert "non-finite values (inf or nan) in codes.shape" in result["reason"]
+    assert result["failed_faces"][0]["face"] == "face 0"
+    assert sorted(p.name for p in (tmp_path / "out" / "same").iterdir()) == ["result.json"]
