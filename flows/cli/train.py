@@ -43,7 +43,7 @@ def train(
                                                   "e.g. --set train.steps=100"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N "
                                          "(default auto: cuda if available)"),
-    log_every: int = typer.Option(10, "--log-every", min=1, help="print every N steps"),
+    log_every: int = typer.Option(10, "--log-every", min=1, help="print the progress line (rate, ETA, loss) every N steps"),
     use_ray: bool = typer.Option(False, "--ray", help="run the stage as a Ray Train job "
                                  "(ray.* config: workers, CPU/GPU, storage, cluster address), "
                                  "tracked in MLflow (tracking.*); see docs/training-at-scale.md"),
@@ -81,7 +81,7 @@ def train(
         from flows.samples import rank_store
         from recon.devices import pick_device
         from recon.training.steps import NonFiniteTraining
-        from recon.training.trainer import JsonlLog, Trainer, TrainerCallback
+        from recon.training.trainer import JsonlLog, ProgressLog, Trainer, TrainerCallback
 
         cfg = load_config_or_exit(config, _init_sections(init_from) + list(overrides or []))
         cfg = with_stage_weights(cfg, stage)
@@ -97,17 +97,13 @@ def train(
         typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
 
         class Printer(TrainerCallback):
-            def on_step(self, step: int, terms: dict[str, float]) -> None:
-                if step % log_every == 0 or step == cfg.train.steps:
-                    typer.echo(f"{stage} step {step}/{cfg.train.steps} loss {terms['loss']:.4f} "
-                               f"({terms['images_per_s']:.1f} img/s)")
-
             def on_checkpoint(self, path: Path) -> None:
                 typer.echo(f"checkpoint {path}")
 
         trainer = Trainer(cfg, stage, out, store, device=dev,
                           coarse_checkpoint=coarse_checkpoint, init_from=init_from,
-                          callbacks=[Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
+                          callbacks=[ProgressLog(stage, cfg.train.steps, every_steps=log_every),
+                                     Printer(), JsonlLog(Path(out) / f"{stage}-log.jsonl")])
         if trainer.resumed_from is not None:
             typer.echo(f"resuming at step {trainer.resumed_from}")
         try:
