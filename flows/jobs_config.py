@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from infra.config import RayStartConfig
 from recon.config import RefineConfig, StrictModel
 from recon.devices import DEVICE_PATTERN
 
@@ -24,7 +25,8 @@ class ReconstructConfig(StrictModel):
         0.0, ge=0, description="--ray: GPUs per actor (fractions share one); Ray hides the GPUs "
         "from actors that ask for none, so device auto needs this > 0 to use them")
     ray_address: str | None = Field(
-        None, description="--ray: an existing cluster ('auto', 'ray://host:10001'); None = local")
+        None, description="--ray: an existing cluster ('auto', 'ray://host:10001'); None = "
+        "$RAY_ADDRESS, else a private local Ray")
     video_every: int = Field(1, ge=1, description="videos: reconstruct every n-th frame")
     video_max_frames: int | None = Field(None, ge=1, description="videos: at most this many frames")
     animation_fps: float = Field(25.0, gt=0, description="frame rate of rendered animations")
@@ -34,6 +36,10 @@ class ReconstructConfig(StrictModel):
         None, description="test-time refinement instead of the model's own (its checkpoint's "
         "model.refine), e.g. --set reconstruct.refine.steps=1000; keypoint-head models only; "
         "None = the model's own")
+
+    def ray_start(self) -> RayStartConfig:
+        """Where ``--ray`` runs, in the vocabulary of every Ray section."""
+        return RayStartConfig(address=self.ray_address)
 
 
 class EvaluateFlowConfig(StrictModel):

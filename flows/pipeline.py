@@ -244,6 +244,7 @@ def run_demo(out: str | Path, config: str | None = "demo", overrides: list[str] 
     import torch
 
     from flows.config import load_config
+    from infra import services
     from recon.synth import generate
 
     started = time.perf_counter()
@@ -302,6 +303,8 @@ def run_demo(out: str | Path, config: str | None = "demo", overrides: list[str] 
           f"{out / 'train' / 'detail' / 'checkpoints'}")
     if os.environ.get("PREFECT_API_URL"):
         print(f"  Prefect UI:    {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    if cfg.services.ray and os.environ.get("RAY_ADDRESS") == services.ray_address(cfg.services):
+        print(f"  Ray dashboard: {services.urls(cfg.services)['ray']}")
     print("\n" + gate_sentence(decision))
     result["minutes"], result["promotion"] = minutes, decision
     return result

@@ -1,5 +1,5 @@
-"""Connecting to Ray (local or an existing cluster), the settings of Ray Train jobs and
-handing the driver's credentials to its workers.
+"""Connecting training to Ray (through :mod:`infra.ray_connect`), the settings of Ray
+Train jobs and handing the driver's credentials to its workers.
 
 Light on purpose: :func:`setup_worker` runs in every Ray worker process of the job
 (``worker_process_setup_hook``), so this module imports nothing heavy at load time.
@@ -26,6 +26,7 @@ from typing import Any
 from infra import storage
 from infra.config import RayConfig
 from infra.offline import apply_offline_env
+from infra.ray_connect import start_or_attach
 
 # Without the dashboard, Ray Train's placement-group cleaner cannot reach the state API and
 # warns every second for the whole run; the cleanup it guards still happens at shutdown.
@@ -83,29 +84,10 @@ def setup_worker() -> None:
 
 
 def init_ray(rc: RayConfig) -> None:
-    """Connect to ``rc.address`` or start a local Ray (no-op when already connected).
-
-    A local Ray binds loopback, has ``rc.num_cpus`` CPUs and serves the dashboard on
-    ``127.0.0.1:rc.dashboard_port`` when ``rc.include_dashboard``."""
-    import ray
-    from ray._private import ray_constants
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"worker_process_setup_hook": "flows.ray_cluster.setup_worker"}
-    if rc.address:
-        ray.init(address=rc.address, runtime_env=runtime_env)
-        return
-    # Ray reads the offline settings' RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 once, when it is
-    # first imported; imported earlier (a caller's script, a test session), it takes the
-    # machine's address as the node IP and its daemons and workers listen on every
-    # interface. A local Ray is loopback-only whatever the import order (Ray looks this
-    # flag up at each node-IP lookup; `_node_ip_address="127.0.0.1"` is turned back into
-    # the machine's address by that same lookup).
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
-             dashboard_host="127.0.0.1", dashboard_port=rc.dashboard_port,
-             runtime_env=runtime_env)
+    """Start or attach to Ray (:func:`infra.ray_connect.start_or_attach`; no-op when already
+    connected) with :func:`setup_worker` as every worker's setup hook."""
+    start_or_attach(rc, runtime_env={
+        "worker_process_setup_hook": "flows.ray_cluster.setup_worker"})
 
 
 def check_gpus(needed: float, field: str, address: str | None) -> None:

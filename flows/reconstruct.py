@@ -567,16 +567,10 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
     from ray.data import ActorPoolStrategy
 
     from flows.ray_cluster import check_gpus
+    from infra.ray_connect import start_or_attach
 
     rc = cfg.reconstruct
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
-        if rc.ray_address:
-            ray.init(address=rc.ray_address, **kwargs)
-        else:
-            ray.init(**kwargs)
-        started = True
+    started = start_or_attach(rc.ray_start(), log_to_driver=False)
     model = {"checkpoint": str(files.checkpoint),
              "face_model": str(files.face_model) if files.face_model else "",
              "config_json": files.config_json or "", "source": json.dumps(files.source),

@@ -32,6 +32,12 @@ class ServicesConfig(StrictModel):
     mlflow_port: int = Field(5000, ge=1, le=65535)
     s3: bool = Field(False, description="also start a moto S3 server")
     s3_port: int = Field(5555, ge=1, le=65535)
+    ray: bool = Field(True, description="also start a Ray head (jobs attach to it through "
+                      "$RAY_ADDRESS from `services env`) with its dashboard")
+    ray_port: int = Field(6379, ge=1, le=65535, description="the Ray head's GCS port")
+    ray_dashboard_port: int = Field(8265, ge=1, le=65535)
+    ray_client_port: int = Field(10001, ge=1, le=65535,
+                                 description="the Ray head's client server (ray://)")
     work_pool: str = Field("wildface", description="Prefect process work pool of the worker")
     worker_query_seconds: int = Field(2, ge=1, description="how often the worker polls")
     start_timeout_s: float = Field(
@@ -42,20 +48,27 @@ class ServicesConfig(StrictModel):
         return Path(self.state_dir).resolve()
 
 
-class RayConfig(StrictModel):
-    """Ray Train jobs (``flows/train.py``): the cluster, the workers and the run storage."""
+class RayStartConfig(StrictModel):
+    """Where a job's Ray runs (:func:`infra.ray_connect.start_or_attach`): an existing
+    cluster, else the one ``$RAY_ADDRESS`` names (``wildface services env`` sets it), else a
+    private local Ray in this process, on 127.0.0.1. Every Ray section derives from it."""
 
     address: str | None = Field(
         None, description="existing cluster ('auto', 'ray://host:10001', 'host:6379'); "
-        "None = start a local Ray in this process"
+        "None = $RAY_ADDRESS, else start a private local Ray in this process"
     )
     num_cpus: int | None = Field(
-        None, ge=1, description="CPUs of a local Ray (None = all); ignored with `address`"
+        None, ge=1, description="CPUs of a private local Ray (None = all); ignored when attaching"
     )
     include_dashboard: bool = Field(
-        False, description="local Ray: serve the dashboard (~1 GiB more memory)"
+        False, description="private local Ray: serve the dashboard (~1 GiB more memory)"
     )
     dashboard_port: int = Field(8265, ge=1, le=65535)
+
+
+class RayConfig(RayStartConfig):
+    """Ray Train jobs (``flows/train.py``): the cluster, the workers and the run storage."""
+
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL, AMP (train.amp)")
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -1,5 +1,6 @@
 """Local services on loopback: a Prefect server + a process work-pool worker, an MLflow
-server (sqlite + local artifacts) and optionally a moto S3 server.
+server (sqlite + local artifacts), a Ray head with its dashboard (jobs attach to it through
+``$RAY_ADDRESS``: :mod:`infra.ray_connect`) and optionally a moto S3 server.
 
 Locked down for a machine shared with other local users and with web browsers: the Prefect
 API asks for an auth string generated at the first ``up`` (kept, owner-only, in the state
@@ -12,17 +13,19 @@ web origins.
 Each runs in its own session (process group) with the offline environment of
 :mod:`infra.offline`; pids, commands, URLs and logs are recorded in
 ``<state_dir>/services.json``. ``down`` stops exactly the recorded process groups (after
-checking the pid still runs the recorded command). Never imports Prefect/MLflow itself.
+checking the pid still runs the recorded command). Never imports Prefect/MLflow/Ray itself.
 """
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -32,7 +35,8 @@ from infra.offline import OFFLINE_ENV
 from recon.mesh_io import atomic_write_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("prefect", "worker", "mlflow", "s3")
+# `down` stops them in reverse: the worker (and the flows it runs) before the Ray head.
+ORDER = ("prefect", "ray", "worker", "mlflow", "s3")
 # The Prefect processes: only they get the API auth string in their environment.
 PREFECT_SERVICES = ("prefect", "worker")
 
@@ -63,7 +67,13 @@ def urls(cfg: ServicesConfig) -> dict[str, str]:
     h = cfg.host
     return {"prefect": f"http://{h}:{cfg.prefect_port}/api",
             "mlflow": f"http://{h}:{cfg.mlflow_port}",
-            "s3": f"http://{h}:{cfg.s3_port}"}
+            "s3": f"http://{h}:{cfg.s3_port}",
+            "ray": f"http://{h}:{cfg.ray_dashboard_port}"}
+
+
+def ray_address(cfg: ServicesConfig) -> str:
+    """The Ray head's GCS address, what jobs attach to (``$RAY_ADDRESS``)."""
+    return f"{cfg.host}:{cfg.ray_port}"
 
 
 def auth_file(cfg: ServicesConfig) -> Path:
@@ -92,6 +102,8 @@ def client_env(cfg: ServicesConfig) -> dict[str, str]:
     with the Prefect API's auth string once ``up`` has made one."""
     u = urls(cfg)
     env = {"PREFECT_API_URL": u["prefect"], "MLFLOW_TRACKING_URI": u["mlflow"]}
+    if cfg.ray:
+        env["RAY_ADDRESS"] = ray_address(cfg)
     if (auth := auth_string(cfg)) is not None:
         env["PREFECT_API_AUTH_STRING"] = auth
     if cfg.s3:
@@ -110,6 +122,9 @@ def child_env(cfg: ServicesConfig, name: str = "prefect") -> dict[str, str]:
         env.setdefault(key, value)
     state = cfg.state_path()
     env.update(client_env(cfg))
+    if name == "ray":
+        # The head itself: `ray start --head` must not take this for a cluster to join.
+        env.pop("RAY_ADDRESS", None)
     if name not in PREFECT_SERVICES:
         for key in ("PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
             env.pop(key, None)
@@ -150,13 +165,44 @@ def _commands(cfg: ServicesConfig) -> dict[str, list[str]]:
     }
     if cfg.s3:
         cmds["s3"] = [_bin("moto_server"), "-H", cfg.host, "-p", str(cfg.s3_port)]
+    if cfg.ray:
+        cmds["ray"] = [
+            _bin("ray"), "start", "--head", "--node-ip-address", cfg.host,
+            "--port", str(cfg.ray_port), "--dashboard-host", cfg.host,
+            "--dashboard-port", str(cfg.ray_dashboard_port),
+            "--ray-client-server-port", str(cfg.ray_client_port),
+            # The cores this process may use (its affinity mask), not the machine's count.
+            "--num-cpus", str(len(os.sched_getaffinity(0))),
+            "--disable-usage-stats", "--block"]  # and --temp-dir: see up()
     return cmds
+
+
+def _ray_temp_dir(cfg: ServicesConfig) -> str:
+    """A fresh folder for the Ray head's sessions, logs and sockets: private (``mkdtemp``:
+    mode 0700, a name no one can take first) and short, in the system temp dir, because
+    Ray's socket paths (``<it>/session_<date>_<time>_<us>_<pid>/sockets/dash_MetricsHead``)
+    must fit the 107 bytes of an AF_UNIX address, which a project's state dir rarely leaves.
+    ``<state_dir>/ray`` links to it; ``down`` removes both."""
+    path = tempfile.mkdtemp(prefix="wildface-ray-")
+    link = cfg.state_path() / "ray"
+    tmp_link = link.with_name("ray.tmp")
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(path)
+    os.replace(tmp_link, link)
+    return path
+
+
+def _ports(cfg: ServicesConfig) -> dict[str, tuple[int, ...]]:
+    """The fixed ports each service listens on (checked free before it starts)."""
+    return {"prefect": (cfg.prefect_port,), "mlflow": (cfg.mlflow_port,),
+            "s3": (cfg.s3_port,),
+            "ray": (cfg.ray_port, cfg.ray_dashboard_port, cfg.ray_client_port)}
 
 
 def _health_url(name: str, cfg: ServicesConfig) -> str | None:
     u = urls(cfg)
     return {"prefect": u["prefect"] + "/health", "mlflow": u["mlflow"] + "/health",
-            "s3": u["s3"] + "/moto-api/"}.get(name)
+            "s3": u["s3"] + "/moto-api/", "ray": u["ray"] + "/api/version"}.get(name)
 
 
 def _state_file(cfg: ServicesConfig) -> Path:
@@ -218,6 +264,7 @@ def up(cfg: ServicesConfig) -> dict:
     server first, then its work pool is given the restricted job template, then the others
     together (the worker needs both). A new Prefect auth string is made when neither Prefect
     process runs (a running one keeps the string it started with)."""
+    cmds = _commands(cfg)
     state_dir = cfg.state_path()
     for sub in ("prefect", "mlflow/artifacts", "logs"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -227,8 +274,6 @@ def up(cfg: ServicesConfig) -> dict:
     if auth_string(cfg) is None or not any(
             name in state and _alive(state[name]) for name in PREFECT_SERVICES):
         _new_auth_string(cfg)
-    ports = {"prefect": cfg.prefect_port, "mlflow": cfg.mlflow_port, "s3": cfg.s3_port}
-    cmds = _commands(cfg)
     for wave in (["prefect"], [n for n in cmds if n != "prefect"]):
         if wave[0] != "prefect":
             _restrict_work_pool(cfg, child_env(cfg))
@@ -236,15 +281,20 @@ def up(cfg: ServicesConfig) -> dict:
         for name in wave:
             if name in state and _alive(state[name]):
                 continue
-            if name in ports and not _port_free(cfg.host, ports[name]):
-                raise RuntimeError(f"{name}: port {ports[name]} on {cfg.host} is taken")
+            for port in _ports(cfg).get(name, ()):
+                if not _port_free(cfg.host, port):
+                    raise RuntimeError(f"{name}: port {port} on {cfg.host} is taken")
             log = state_dir / "logs" / f"{name}.log"
+            extra: dict = {}
+            if name == "ray":
+                extra["temp_dir"] = _ray_temp_dir(cfg)
+                cmds[name] = [*cmds[name], "--temp-dir", extra["temp_dir"]]
             with open(log, "ab") as out:
                 started[name] = subprocess.Popen(
                     cmds[name], env=child_env(cfg, name), cwd=PROJECT_ROOT, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             state[name] = {"pid": started[name].pid, "cmd": cmds[name], "log": str(log),
-                           "url": urls(cfg).get(name)}
+                           "url": urls(cfg).get(name), **extra}
             _write_state(cfg, state)
         deadline = time.monotonic() + cfg.start_timeout_s
         for name, proc in started.items():
@@ -259,12 +309,16 @@ def up(cfg: ServicesConfig) -> dict:
     return status(cfg)
 
 
-def _stop(entry: dict, timeout_s: float = 20.0) -> None:
-    """SIGTERM the entry's process group (its own session), SIGKILL after ``timeout_s``."""
+def _stop(entry: dict, timeout_s: float = 20.0, leader_only: bool = False) -> None:
+    """SIGTERM the entry's process group (its own session), or only its first process when
+    ``leader_only``; SIGKILL the group after ``timeout_s``."""
     if not _alive(entry):
         return
     pid = entry["pid"]
-    os.killpg(pid, signal.SIGTERM)
+    if leader_only:
+        os.kill(pid, signal.SIGTERM)
+    else:
+        os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while _alive(entry) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -279,7 +333,12 @@ def down(cfg: ServicesConfig, timeout_s: float = 20.0) -> dict:
         entry = state.get(name)
         if entry is None:
             continue
-        _stop(entry, timeout_s)
+        # `ray start --block` stops its daemons in order in a few seconds; signalled all at
+        # once, they wait on each other for half a minute.
+        _stop(entry, timeout_s, leader_only=name == "ray")
+        if entry.get("temp_dir"):
+            shutil.rmtree(entry["temp_dir"], ignore_errors=True)
+            (cfg.state_path() / "ray").unlink(missing_ok=True)
         state.pop(name)
         _write_state(cfg, state)
     return status(cfg)

@@ -7,16 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PositiveFloat, model_validator
 
+from infra.config import RayStartConfig
 from recon.config import StrictModel
 
 
-class PreprocessRayConfig(StrictModel):
-    """Where and how wide the Ray Data pipeline runs."""
+class PreprocessRayConfig(RayStartConfig):
+    """Where (address, num_cpus, ...: :class:`infra.config.RayStartConfig`) and how wide
+    the Ray Data pipeline runs."""
 
-    address: str | None = Field(
-        None, description="None: start/join a local Ray; 'auto' or 'ray://host:10001' for a cluster"
-    )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all)")
     workers: int = Field(2, ge=1, description="actors in the image-processing pool")
     cpus_per_worker: float = Field(
         0.5, gt=0, description="fractional so actors and tasks don't deadlock on 2 cores"

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from infra import storage
 from infra.config import StorageConfig
+from infra.ray_connect import start_or_attach
 from preprocessing.config import PreprocessConfig
 from preprocessing.datasets import InputFile, list_inputs
 from preprocessing.identity import (cluster, folder_identity, label_distances, read_labels)
@@ -149,21 +150,6 @@ class BatchProcessor:
                 "reason": np.array([r["reason"] if r["status"] == self.retry else "" for r in records])}
 
 
-def _ray_init(cfg: PreprocessConfig) -> bool:
-    """Start or join Ray; True when this call started it (and should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict = {"include_dashboard": False, "ignore_reinit_error": True,
-                    "log_to_driver": False}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
-    return True
-
-
 def _count(batch: dict, counts: dict[str, int]) -> None:
     """Add a processed batch's statuses to ``counts``; log what is left for the next run."""
     for rid, status, reason in zip(batch["rid"], batch["status"], batch["reason"]):
@@ -200,7 +186,7 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
     import ray
     from ray.data import ActorPoolStrategy
 
-    started = _ray_init(cfg)
+    started = start_or_attach(cfg.ray, log_to_driver=False)
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // cfg.ray.batch_size))
         ds = ds.map_batches(

@@ -43,7 +43,7 @@ def test_auth_string_private_and_only_in_prefect_processes(tmp_path, monkeypatch
             services.auth_string(cfg)
         assert env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4999"
         assert env["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
-    for name in ("mlflow", "s3"):
+    for name in ("mlflow", "s3", "ray"):  # Ray also hands its env to every job's workers
         env = services.child_env(cfg, name)
         assert "PREFECT_API_AUTH_STRING" not in env
         assert "PREFECT_SERVER_API_AUTH_STRING" not in env

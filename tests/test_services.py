@@ -1,16 +1,20 @@
-"""Local services: loopback-only config, offline environment of the children, and (slow,
-one `wildface services up` for the module) the attacks of a web page or another local user
-on the Prefect and MLflow servers refused, `prefect deployment run` of `preprocess/default`
-and `train/default` on the services' worker with `wildface services env`, `services down`."""
+"""Local services: loopback-only config, offline environment of the children, the Ray
+head's command and the one way jobs start or attach to Ray, and (slow, one `wildface
+services up` for the module) the attacks of a web page or another local user on the Prefect
+and MLflow servers refused, the Ray head's dashboard, a job attached to it and its loopback
+sockets, `prefect deployment run` of `preprocess/default` and `train/default` on the
+services' worker (on the Ray head) with `wildface services env`, `services down`."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +41,44 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
+def _session(sid: int) -> set[int]:
+    """Live (not zombie) processes of session ``sid``: a service and everything it started."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[3] == str(sid) and fields[0] != "Z":
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state held by ``pids`` (/proc/net)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: TCP_LISTEN
+                continue
+            host, port = cols[1].split(":")
+            raw = bytes.fromhex(host)  # 32-bit words in the kernel's (little-endian) order
+            ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            found.add((str(ip), int(port, 16)))
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,6 +100,80 @@ def test_loopback_only_and_offline_children(tmp_path):
     assert not services._alive({"pid": os.getpid(), "cmd": ["/no/such/prefect"]})
 
 
+def test_ray_head_command_and_env_export(tmp_path):
+    """The head `services up` starts: loopback GCS, dashboard and client server on the
+    configured ports, this process's cores (its temp dir: test_ray_head); jobs attach
+    through RAY_ADDRESS from `services env`; services.ray=false leaves it out."""
+    from typer.testing import CliRunner
+
+    from flows.cli.services import app
+
+    cfg = ServicesConfig(state_dir=str(tmp_path), ray_port=6390, ray_dashboard_port=8300,
+                         ray_client_port=10050)
+    cmd = services._commands(cfg)["ray"]
+    assert cmd[0] == str(BIN / "ray") and cmd[1:3] == ["start", "--head"]
+    opts = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
+    assert opts["--node-ip-address"] == opts["--dashboard-host"] == "127.0.0.1"
+    assert (opts["--port"], opts["--dashboard-port"], opts["--ray-client-server-port"]) == \
+        ("6390", "8300", "10050")
+    assert opts["--num-cpus"] == str(len(os.sched_getaffinity(0)))
+    assert {"--disable-usage-stats", "--block"} <= set(cmd)
+    assert services._health_url("ray", cfg) == "http://127.0.0.1:8300/api/version"
+    assert services.client_env(cfg)["RAY_ADDRESS"] == "127.0.0.1:6390"
+    assert services.child_env(cfg, "worker")["RAY_ADDRESS"] == "127.0.0.1:6390"
+    assert "RAY_ADDRESS" not in services.child_env(cfg, "ray")  # a head joins nothing
+    sets = [f"--set=services.state_dir={tmp_path}", "--set=services.ray_port=6390"]
+    out = CliRunner().invoke(app, ["env", *sets])
+    assert out.exit_code == 0 and "export RAY_ADDRESS=127.0.0.1:6390" in out.stdout.splitlines()
+    off = cfg.model_copy(update={"ray": False})
+    assert "ray" not in services._commands(off) and "RAY_ADDRESS" not in services.client_env(off)
+    out = CliRunner().invoke(app, ["env", *sets, "--set=services.ray=false"])
+    assert out.exit_code == 0 and "RAY_ADDRESS" not in out.stdout
+
+
+def test_one_way_to_start_or_attach_to_ray(monkeypatch):
+    """The configured address, else $RAY_ADDRESS, else a private Ray on loopback; every Ray
+    section speaks the same type. Decided and checked without starting Ray."""
+    import ray
+    from ray._private import ray_constants
+
+    from flows.jobs_config import ReconstructConfig
+    from infra.config import RayConfig, RayStartConfig
+    from infra.ray_connect import init_kwargs, start_or_attach
+    from preprocessing.config import PreprocessRayConfig
+
+    local = {"address": "local", "num_cpus": 3, "include_dashboard": False,
+             "dashboard_host": "127.0.0.1", "dashboard_port": 8265}
+    assert init_kwargs(RayStartConfig(num_cpus=3), {}) == local
+    assert init_kwargs(RayStartConfig(num_cpus=3), {"RAY_ADDRESS": ""}) == local
+    assert init_kwargs(RayStartConfig(num_cpus=3), {"RAY_ADDRESS": "127.0.0.1:6390"}) == {
+        "address": "127.0.0.1:6390"}
+    assert init_kwargs(RayStartConfig(address="ray://head:10001"),
+                       {"RAY_ADDRESS": "127.0.0.1:6390"}) == {"address": "ray://head:10001"}
+    for section in (RayConfig(address="auto"), PreprocessRayConfig(address="auto"),
+                    ReconstructConfig(ray_address="auto").ray_start()):
+        assert isinstance(section, RayStartConfig)
+        assert init_kwargs(section, {}) == {"address": "auto"}
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for environ, address, loopback in (({}, "local", True),
+                                       ({"RAY_ADDRESS": "127.0.0.1:6390"}, "127.0.0.1:6390", True),
+                                       ({"RAY_ADDRESS": "10.0.0.5:6379"}, "10.0.0.5:6379", False)):
+        calls.clear()
+        # As when Ray was imported before the offline settings (node IP = machine's IP).
+        monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        for key, value in environ.items():
+            monkeypatch.setenv(key, value)
+        assert start_or_attach(RayStartConfig(), log_to_driver=False) is True
+        assert calls[0]["address"] == address and calls[0]["log_to_driver"] is False
+        # Loopback targets are dialled and bound on 127.0.0.1; a cluster keeps Ray's own.
+        assert ray_constants.ENABLE_RAY_CLUSTER is (not loopback)
+        assert start_or_attach(RayStartConfig()) is False and len(calls) == 1
+
+
 def _http(method: str, url: str, body: dict | None = None,
           headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one request, HTTP errors included."""
@@ -75,17 +191,23 @@ def _http(method: str, url: str, body: dict | None = None,
 def running(tmp_path_factory):
     """`wildface services up --s3` on free ports (deployments registered) for the module, the
     client variables from `wildface services env`; `services down` afterwards stops every
-    process it started."""
+    process it started (the Ray head's daemons and workers included) and removes the head's
+    temp dir."""
     tmp = tmp_path_factory.mktemp("services")
     state = tmp / "svc"
-    ports = {"prefect_port": _free_port(), "mlflow_port": _free_port(), "s3_port": _free_port()}
+    ports = {name: _free_port() for name in ("prefect_port", "mlflow_port", "s3_port",
+                                             "ray_port", "ray_dashboard_port", "ray_client_port")}
     sets = [f"--set=services.state_dir={state}"] + [f"--set=services.{k}={v}" for k, v in ports.items()]
     cfg = ServicesConfig(state_dir=str(state), s3=True, **ports)
     st: dict = {}
+    ray_pids: set[int] = set()
+    ray_tmp = state / "ray"
     try:
         subprocess.run([str(BIN / "wildface"), "services", "up", "--s3", *sets], check=True,
                        timeout=800)
         st = services.status(cfg)
+        ray_pids = _session(st["ray"]["pid"])
+        ray_tmp = (state / "ray").resolve()
         exports = subprocess.run([str(BIN / "wildface"), "services", "env", *sets],
                                  check=True, capture_output=True, text=True).stdout
         env = dict(os.environ)
@@ -103,6 +225,14 @@ def running(tmp_path_factory):
         while _proc_state(entry["pid"]) not in (None, "Z") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _proc_state(entry["pid"]) in (None, "Z")
+    # Every process of the Ray head (GCS, raylet, dashboard, workers), and its temp dir.
+    deadline = time.monotonic() + 20
+    while any(_proc_state(p) not in (None, "Z") for p in ray_pids) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_pids and not [p for p in ray_pids if _proc_state(p) not in (None, "Z")]
+    assert not (state / "ray").exists() and not (state / "ray").is_symlink()
+    assert ray_tmp.parent == Path(tempfile.gettempdir()) and not ray_tmp.exists()
 
 
 @pytest.mark.slow
@@ -163,6 +293,52 @@ def test_prefect_refuses_anonymous_foreign_and_command_overrides(running):
 
 
 @pytest.mark.slow
+def test_ray_head_dashboard_attach_loopback(running):
+    """The services' Ray head: its dashboard answers, a job run with RAY_ADDRESS from
+    `services env` attaches to it (no private Ray) and its task is listed by the dashboard's
+    state API, and every socket the head's processes listen on is on 127.0.0.1."""
+    cfg, env = running["cfg"], running["env"]
+    dashboard = services.urls(cfg)["ray"]
+    assert dashboard == f"http://127.0.0.1:{running['ports']['ray_dashboard_port']}"
+    code, _, body = _http("GET", f"{dashboard}/api/version")
+    assert code == 200 and json.loads(body)["ray_version"]
+    assert env["RAY_ADDRESS"] == f"127.0.0.1:{running['ports']['ray_port']}"
+    job = ("import json, ray\n"
+           "from infra.config import RayStartConfig\n"
+           "from infra.ray_connect import start_or_attach\n"
+           "assert start_or_attach(RayStartConfig(), log_to_driver=False)\n"
+           "@ray.remote\n"
+           "def wildface_probe():\n"
+           "    return 42\n"
+           "ctx = ray.get_runtime_context()\n"
+           "print(json.dumps({'job': ctx.get_job_id(), 'gcs': ctx.gcs_address,\n"
+           "                  'value': ray.get(wildface_probe.remote())}))\n")
+    done = subprocess.run([sys.executable, "-c", job], env=env, cwd=services.PROJECT_ROOT,
+                          check=True, capture_output=True, text=True, timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["gcs"] == env["RAY_ADDRESS"] and result["value"] == 42
+    tasks: list = []
+    deadline = time.monotonic() + 30  # task events reach the GCS about once a second
+    while not tasks and time.monotonic() < deadline:
+        code, _, body = _http("GET", f"{dashboard}/api/v0/tasks?filter_keys=name&"
+                              "filter_predicates=%3D&filter_values=wildface_probe")
+        assert code == 200, body
+        tasks = [t for t in json.loads(body)["data"]["result"]["result"]
+                 if t["job_id"] == result["job"] and t["state"] == "FINISHED"]
+        time.sleep(0.5)
+    assert tasks
+    code, _, body = _http("GET", f"{dashboard}/api/jobs/")
+    assert code == 200 and result["job"] in [j["job_id"] for j in json.loads(body)]
+
+    head = running["status"]["ray"]
+    assert head["running"] and head["healthy"] and head["url"] == dashboard
+    sockets = _listening(_session(head["pid"]))
+    assert (("127.0.0.1", running["ports"]["ray_port"]) in sockets
+            and ("127.0.0.1", running["ports"]["ray_dashboard_port"]) in sockets)
+    assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+
+
+@pytest.mark.slow
 def test_mlflow_refuses_foreign_host_and_origin(running):
     mlflow_url = services.urls(running["cfg"])["mlflow"]
     create = f"{mlflow_url}/api/2.0/mlflow/experiments/create"
@@ -185,7 +361,7 @@ def test_services_run_deployments(running):
     tmp_path, cfg, env = running["tmp"], running["cfg"], running["env"]
     ports = running["ports"]
     st = running["status"]
-    assert set(st) == {"prefect", "worker", "mlflow", "s3"}
+    assert set(st) == {"prefect", "worker", "mlflow", "s3", "ray"}
     assert all(s["running"] and s["healthy"] for s in st.values())
     photos = tmp_path / "in"
     for ident, img in (("alice", skimage.data.astronaut()),

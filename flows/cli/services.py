@@ -1,4 +1,5 @@
-"""``wildface services up|down|status|env|deploy``: local Prefect, worker, MLflow, S3."""
+"""``wildface services up|down|status|env|deploy``: local Prefect, worker, MLflow, Ray head,
+S3."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ import typer
 from flows.cli.options import load_config_or_exit
 
 app = typer.Typer(help="Local services on 127.0.0.1: Prefect server + process worker, "
-                  "MLflow server, optional moto S3.", no_args_is_help=True)
+                  "MLflow server, Ray head with its dashboard (services.ray), optional moto "
+                  "S3.", no_args_is_help=True)
 
 
 def _cfg(config: Optional[str], set_: list[str]):
@@ -61,8 +63,8 @@ def status(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
 
 @app.command()
 def env(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
-    """Shell exports that point clients at the services, the Prefect API's auth string
-    included: eval "$(wildface services env)"."""
+    """Shell exports that point clients at the services (jobs attach to the Ray head through
+    RAY_ADDRESS), the Prefect API's auth string included: eval "$(wildface services env)"."""
     from infra import services
 
     for key, value in services.client_env(_cfg(config, set_)).items():
