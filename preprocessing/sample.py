@@ -27,6 +27,7 @@ from preprocessing.decode import Rejected, decode_image
 from preprocessing.detect import make_detector
 from preprocessing.landmarks import landmark_box, make_landmarker, plausible
 from preprocessing.skin_mask import make_masker
+from recon.mesh_io import npy_bytes
 
 log = logging.getLogger("wildface.preprocess")
 
@@ -53,12 +54,6 @@ def _png(gray: np.ndarray) -> bytes:
 def _jpg(rgb: np.ndarray, quality: int) -> bytes:
     out = io.BytesIO()
     Image.fromarray(rgb).save(out, format="JPEG", quality=quality)
-    return out.getvalue()
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, arr, allow_pickle=False)
     return out.getvalue()
 
 
@@ -173,7 +168,7 @@ class SampleMaker:
         meta["transform"] = np.round(transform, 6).tolist()
         meta["crop_size"] = cfg.crop_size
         record["jpg"] = self._timed("encode", _jpg, crop, cfg.jpeg_quality)
-        record["lmk"] = _npy(to_normalised(lmk_crop, cfg.crop_size))
+        record["lmk"] = npy_bytes(to_normalised(lmk_crop, cfg.crop_size))
         record["mask"] = _png(mask)
 
     def _face(self, rgb: np.ndarray, guide: annotations.DatasetGuide | None, meta: dict

@@ -114,6 +114,14 @@ def atomic_writer(path: str | os.PathLike, fsync: bool = False) -> Iterator[Bina
             os.fsync(fh.fileno())
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``np.save`` of ``array`` as bytes, never pickled (for :func:`atomic_write_bytes`, a
+    shard member)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
     with atomic_writer(path, fsync=fsync) as fh:

@@ -56,7 +56,7 @@ from recon.config import FaceModelConfig, NetworkConfig, RefineConfig
 from recon.deca import DECA, Codes, Reconstruction
 from recon.devices import pick_device
 from recon.face_assets import FaceModelAssets
-from recon.mesh_io import atomic_write_bytes, write_obj
+from recon.mesh_io import atomic_write_bytes, npy_bytes, write_obj
 from recon.render import draw_landmarks, image_to_pixel, vertex_normals
 from recon.training.checkpoint import assert_finite_state, load_checkpoint
 
@@ -350,13 +350,6 @@ def input_pixels(landmarks: torch.Tensor, size: int, architecture: str) -> torch
     return image_to_pixel(landmarks, size, size)
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``np.save`` of ``array`` as bytes (for :func:`recon.mesh_io.atomic_write_bytes`)."""
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 # The per-face outputs that the files are made of (the renders only derive from them).
 _FACE_OUTPUTS = ("vertices", "landmarks2d", "now7", "uv_displacement", "uv_detail_vertices")
 
@@ -457,6 +450,5 @@ def codes_from_params(params: dict[str, Any], device: str | torch.device = "cpu"
 __all__ = ["DEFAULT_CROP_SCALE", "FaceModelMismatch", "FaceReconstructor", "GRID_PANELS",
            "ModelInfo", "NonFiniteOutput", "check_face_finite", "codes_dict",
            "codes_from_params", "displacement_png", "encode_normals", "face_grid",
-           "face_model_fingerprint", "grid_mesh", "input_pixels", "load_model", "npy_bytes",
-           "png_bytes",
+           "face_model_fingerprint", "grid_mesh", "input_pixels", "load_model", "png_bytes",
            "read_displacement_png", "resolve_face_model", "to_uint8", "write_face"]
