@@ -369,6 +369,8 @@ def test_services_run_deployments(running):
         (photos / ident).mkdir(parents=True)
         Image.fromarray(img).save(photos / ident / "x.jpg")
     out = tmp_path / "out"
+    jobs_api = services.urls(cfg)["ray"] + "/api/jobs/"
+    before = {j["job_id"] for j in json.loads(_http("GET", jobs_api)[2])}
     subprocess.run([str(BIN / "prefect"), "deployment", "run", "preprocess/default",
                     "-p", f"input={photos}", "-p", f"output={out}",
                     "--watch", "--watch-timeout", "400"], check=True, env=env, timeout=500)
@@ -402,3 +404,12 @@ def test_services_run_deployments(running):
     assert detail.info.status == "FINISHED" and detail.data.tags["wildface.stage"] == "detail"
     history = client.get_metric_history(version.run_id, "loss/photometric_detail")
     assert {m.step for m in history} == {1, 2}
+    # Both flow runs attached to the services' Ray head (RAY_ADDRESS in the worker's
+    # environment): its dashboard lists their driver jobs.
+    deadline = time.monotonic() + 30  # a flow run's process may still be exiting
+    while True:
+        jobs = [j for j in json.loads(_http("GET", jobs_api)[2]) if j["job_id"] not in before]
+        if {j["status"] for j in jobs} == {"SUCCEEDED"} or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(jobs) >= 2 and {j["status"] for j in jobs} == {"SUCCEEDED"}, jobs
