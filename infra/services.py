@@ -177,17 +177,19 @@ def _commands(cfg: ServicesConfig) -> dict[str, list[str]]:
     return cmds
 
 
-def _ray_temp_dir(cfg: ServicesConfig) -> str:
-    """A fresh folder for the Ray head's sessions, logs and sockets: private (``mkdtemp``:
-    mode 0700, a name no one can take first) and short, in the system temp dir, because
-    Ray's socket paths (``<it>/session_<date>_<time>_<us>_<pid>/sockets/dash_MetricsHead``)
-    must fit the 107 bytes of an AF_UNIX address, which a project's state dir rarely leaves.
-    ``<state_dir>/ray`` links to it; ``down`` removes both."""
+def _ray_private_dir(cfg: ServicesConfig) -> str:
+    """A fresh folder holding the Ray head's temp dir (``<it>/ray``: sessions, logs,
+    sockets). Private: ``mkdtemp`` makes it mode 0700 under a name no one can take first,
+    and Ray makes its temp dir and session folders world-writable (0777), so this parent is
+    what keeps other local users out. In the system temp dir, because Ray's socket paths
+    (``<temp dir>/session_<date>_<time>_<us>_<pid>/sockets/dash_MetricsHead``) must fit the
+    107 bytes of an AF_UNIX address, which a project's state dir rarely leaves.
+    ``<state_dir>/ray`` links to the temp dir; ``down`` removes both."""
     path = tempfile.mkdtemp(prefix="wildface-ray-")
     link = cfg.state_path() / "ray"
     tmp_link = link.with_name("ray.tmp")
     tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(path)
+    tmp_link.symlink_to(Path(path) / "ray")
     os.replace(tmp_link, link)
     return path
 
@@ -287,8 +289,8 @@ def up(cfg: ServicesConfig) -> dict:
             log = state_dir / "logs" / f"{name}.log"
             extra: dict = {}
             if name == "ray":
-                extra["temp_dir"] = _ray_temp_dir(cfg)
-                cmds[name] = [*cmds[name], "--temp-dir", extra["temp_dir"]]
+                extra["private_dir"] = _ray_private_dir(cfg)
+                cmds[name] = [*cmds[name], "--temp-dir", f"{extra['private_dir']}/ray"]
             with open(log, "ab") as out:
                 started[name] = subprocess.Popen(
                     cmds[name], env=child_env(cfg, name), cwd=PROJECT_ROOT, stdout=out,
@@ -336,8 +338,8 @@ def down(cfg: ServicesConfig, timeout_s: float = 20.0) -> dict:
         # `ray start --block` stops its daemons in order in a few seconds; signalled all at
         # once, they wait on each other for half a minute.
         _stop(entry, timeout_s, leader_only=name == "ray")
-        if entry.get("temp_dir"):
-            shutil.rmtree(entry["temp_dir"], ignore_errors=True)
+        if entry.get("private_dir"):
+            shutil.rmtree(entry["private_dir"], ignore_errors=True)
             (cfg.state_path() / "ray").unlink(missing_ok=True)
         state.pop(name)
         _write_state(cfg, state)

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -44,13 +45,13 @@ def _proc_state(pid: int) -> str | None:
 def _session(sid: int) -> set[int]:
     """Live (not zombie) processes of session ``sid``: a service and everything it started."""
     pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for path in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = path.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if fields[3] == str(sid) and fields[0] != "Z":
-            pids.add(int(stat.parent.name))
+            pids.add(int(path.parent.name))
     return pids
 
 
@@ -232,7 +233,8 @@ def running(tmp_path_factory):
         time.sleep(0.5)
     assert ray_pids and not [p for p in ray_pids if _proc_state(p) not in (None, "Z")]
     assert not (state / "ray").exists() and not (state / "ray").is_symlink()
-    assert ray_tmp.parent == Path(tempfile.gettempdir()) and not ray_tmp.exists()
+    assert ray_tmp.parent.parent == Path(tempfile.gettempdir())
+    assert not ray_tmp.parent.exists()
 
 
 @pytest.mark.slow
@@ -332,6 +334,11 @@ def test_ray_head_dashboard_attach_loopback(running):
 
     head = running["status"]["ray"]
     assert head["running"] and head["healthy"] and head["url"] == dashboard
+    # Ray makes its temp dir world-writable; the folder around it is this user's alone.
+    temp = Path(services._read_state(cfg)["ray"]["cmd"][-1])
+    assert temp.is_dir() and temp == (cfg.state_path() / "ray").resolve()
+    assert stat.S_IMODE(temp.parent.stat().st_mode) == 0o700
+    assert temp.parent.stat().st_uid == os.getuid()
     sockets = _listening(_session(head["pid"]))
     assert (("127.0.0.1", running["ports"]["ray_port"]) in sockets
             and ("127.0.0.1", running["ports"]["ray_dashboard_port"]) in sockets)
