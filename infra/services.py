@@ -102,7 +102,7 @@ def client_env(cfg: ServicesConfig) -> dict[str, str]:
     with the Prefect API's auth string once ``up`` has made one."""
     u = urls(cfg)
     env = {"PREFECT_API_URL": u["prefect"], "MLFLOW_TRACKING_URI": u["mlflow"]}
-    if cfg.ray:
+    if cfg.ray or "ray" in _read_state(cfg):  # configured, or started with `up --ray`
         env["RAY_ADDRESS"] = ray_address(cfg)
     if (auth := auth_string(cfg)) is not None:
         env["PREFECT_API_AUTH_STRING"] = auth

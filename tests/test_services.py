@@ -109,8 +109,9 @@ def test_ray_head_command_and_env_export(tmp_path):
 
     from flows.cli.services import app
 
-    cfg = ServicesConfig(state_dir=str(tmp_path), ray_port=6390, ray_dashboard_port=8300,
-                         ray_client_port=10050)
+    cfg = ServicesConfig(state_dir=str(tmp_path), ray=True, ray_port=6390,
+                         ray_dashboard_port=8300, ray_client_port=10050)
+    assert not ServicesConfig().ray  # the head has no login: only when asked for
     cmd = services._commands(cfg)["ray"]
     assert cmd[0] == str(BIN / "ray") and cmd[1:3] == ["start", "--head"]
     opts = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
@@ -123,7 +124,8 @@ def test_ray_head_command_and_env_export(tmp_path):
     assert services.client_env(cfg)["RAY_ADDRESS"] == "127.0.0.1:6390"
     assert services.child_env(cfg, "worker")["RAY_ADDRESS"] == "127.0.0.1:6390"
     assert "RAY_ADDRESS" not in services.child_env(cfg, "ray")  # a head joins nothing
-    sets = [f"--set=services.state_dir={tmp_path}", "--set=services.ray_port=6390"]
+    sets = [f"--set=services.state_dir={tmp_path}", "--set=services.ray_port=6390",
+            "--set=services.ray=true"]
     out = CliRunner().invoke(app, ["env", *sets])
     assert out.exit_code == 0 and "export RAY_ADDRESS=127.0.0.1:6390" in out.stdout.splitlines()
     off = cfg.model_copy(update={"ray": False})
@@ -190,7 +192,7 @@ def _http(method: str, url: str, body: dict | None = None,
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    """`wildface services up --s3` on free ports (deployments registered) for the module, the
+    """`wildface services up --s3 --ray` on free ports (deployments registered) for the module, the
     client variables from `wildface services env`; `services down` afterwards stops every
     process it started (the Ray head's daemons and workers included) and removes the head's
     temp dir."""
@@ -199,12 +201,13 @@ def running(tmp_path_factory):
     ports = {name: _free_port() for name in ("prefect_port", "mlflow_port", "s3_port",
                                              "ray_port", "ray_dashboard_port", "ray_client_port")}
     sets = [f"--set=services.state_dir={state}"] + [f"--set=services.{k}={v}" for k, v in ports.items()]
-    cfg = ServicesConfig(state_dir=str(state), s3=True, **ports)
+    cfg = ServicesConfig(state_dir=str(state), s3=True, ray=True, **ports)
     st: dict = {}
     ray_pids: set[int] = set()
     ray_tmp = state / "ray"
     try:
-        subprocess.run([str(BIN / "wildface"), "services", "up", "--s3", *sets], check=True,
+        subprocess.run([str(BIN / "wildface"), "services", "up", "--s3", "--ray", *sets],
+                       check=True,
                        timeout=800)
         st = services.status(cfg)
         ray_pids = _session(st["ray"]["pid"])

@@ -27,6 +27,8 @@ SetOpt = typer.Option([], "--set", help="override, e.g. services.prefect_port=43
 @app.command()
 def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
        s3: bool = typer.Option(False, "--s3", help="also start a moto S3 server"),
+       ray: bool = typer.Option(False, "--ray", help="also start a Ray head with its "
+                                "dashboard (no login: for single-user machines)"),
        deploy: bool = typer.Option(True, "--deploy/--no-deploy",
                                    help="register prefect.yaml's deployments")) -> None:
     """Start the services (pids and logs under services.state_dir) and wait until healthy."""
@@ -35,6 +37,8 @@ def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
     cfg = _cfg(config, set_)
     if s3:
         cfg.s3 = True
+    if ray:
+        cfg.ray = True
     typer.echo(json.dumps(services.up(cfg), indent=1))
     if deploy:
         services.deploy(cfg)
