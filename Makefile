@@ -29,8 +29,8 @@ test-fast: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
-## Wheels of what a lent GPU machine's image lacks (it has PyTorch, not pydantic), for
-## benchmarks/gpu_check.sh: into .whl/ (ignored), for Python 3.12 on x86-64 as that image.
+## Wheels for a GPU machine whose Python has PyTorch but not wildface's pure-Python deps
+## (benchmarks/gpu_check.sh installs them): into .whl/ (ignored), for Python 3.12 on x86-64.
 GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 	typing-inspection==0.4.5 typing-extensions==4.16.0
 gpu-wheels:
