@@ -14,6 +14,7 @@ maps and dense template; they are optional, so files written before them still l
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,34 @@ _DENSE_PREFIX = "dense_template__"
 
 class FaceModelFormatError(ValueError):
     """A face-model file or array set does not have FLAME's structure."""
+
+
+# An .npz is a zip: a few KB can declare gigabytes of zeros. Real face-model and texture
+# archives inflate far less than this over their size (or stay under the floor).
+NPZ_INFLATION = 64
+NPZ_FLOOR = 256 << 20
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file from outside, never unpickled
+    (``allow_pickle=False``). The members' declared sizes (which zipfile enforces while
+    inflating) are summed before anything is read: past ``max(NPZ_INFLATION x the file's
+    size, NPZ_FLOOR)`` the file is refused. Raises :class:`FaceModelFormatError` naming it."""
+    size = os.path.getsize(path)
+    limit = max(NPZ_INFLATION * size, NPZ_FLOOR)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(info.file_size for info in zf.infolist())
+        if total > limit:
+            raise FaceModelFormatError(
+                f"{path}: refusing an .npz whose arrays inflate to {total:,} bytes (more than "
+                f"{limit:,} for a {size:,}-byte file)")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:  # object arrays, bad zips
+        if isinstance(e, FaceModelFormatError):
+            raise
+        raise FaceModelFormatError(f"{path}: not a readable .npz ({e})") from e
 
 
 def check_deca_map(key: str, value: np.ndarray, where: str) -> np.ndarray:
@@ -269,11 +298,7 @@ class FaceModelAssets:
     @classmethod
     def load_npz(cls, path: str | os.PathLike) -> "FaceModelAssets":
         """Read a file written by :meth:`save_npz` (no pickle: ``allow_pickle=False``)."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (ValueError, OSError) as e:  # includes zip errors and object arrays
-            raise FaceModelFormatError(f"{path}: not a wildface face-model .npz ({e})") from e
+        data = read_npz(path)
         missing = [k for k in (*_ARRAYS, "n_shape_total", "n_exp_total") if k not in data]
         if missing:
             raise FaceModelFormatError(f"{path}: missing arrays {missing}")

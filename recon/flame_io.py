@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from recon.config import DEMO_HEAD, FaceModelConfig
-from recon.face_assets import FaceModelAssets, FaceModelFormatError
+from recon.face_assets import FaceModelAssets, FaceModelFormatError, read_npz
 from recon.safe_pickle import (  # noqa: F401 - re-exported for callers of recon.flame_io
     PickleLimitError, UnsafePickleError, safe_loads)
 
@@ -155,11 +154,7 @@ def load_flame(
     vt = ft = None
     albedo_mean = albedo_basis = None
     if texture:
-        try:
-            with np.load(texture, allow_pickle=False) as z:
-                tex = {k: z[k] for k in z.files}
-        except (ValueError, OSError, zipfile.BadZipFile) as e:  # object arrays, bad zips
-            raise FaceModelFormatError(f"{texture}: not a texture-space .npz ({e})") from e
+        tex = read_npz(texture)
         if "vt" in tex and "ft" in tex:
             vt, ft = tex["vt"], tex["ft"]
         mean_key, dir_key = ("mean", "tex_dir") if "mean" in tex else ("MU", "PC")

@@ -139,3 +139,26 @@ def test_malformed_ply_is_a_value_error_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=rf"^{path}: ") as err:
             read_ply(path)
         assert "Traceback" not in str(err.value), name
+
+
+def test_npz_that_inflates_far_beyond_its_size_is_refused_before_reading(tmp_path, monkeypatch):
+    """A zip bomb as an .npz (a few KB declaring megabytes of zeros) is refused from the
+    members' declared sizes, naming the file, before numpy reads an array; an ordinary
+    archive reads back as saved. The floor is lowered so the bomb can stay small here."""
+    import recon.face_assets as face_assets
+    from recon.face_assets import FaceModelFormatError, read_npz
+
+    monkeypatch.setattr(face_assets, "NPZ_FLOOR", 1 << 20)
+    bomb = tmp_path / "FLAME_texture.npz"
+    np.savez_compressed(bomb, mean=np.zeros((1024, 1024, 2), np.float32),
+                        tex_dir=np.zeros(4, np.float32))  # 8 MiB of zeros in ~8 KB
+    assert bomb.stat().st_size * face_assets.NPZ_INFLATION < 8 << 20
+    read = []
+    monkeypatch.setattr(np, "load", lambda *a, **k: read.append(a) or pytest.fail("read"))
+    with pytest.raises(FaceModelFormatError, match=r"FLAME_texture\.npz: refusing an \.npz"):
+        read_npz(bomb)
+    assert read == []
+    monkeypatch.undo()
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, a=np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(read_npz(ok)["a"], np.arange(6.0).reshape(2, 3))

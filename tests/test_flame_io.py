@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from recon.config import FaceModelConfig
-from recon.face_assets import FaceModelAssets
+from recon.face_assets import FaceModelAssets, FaceModelFormatError
 from recon.flame import FLAME
 from recon.flame_io import (
     convert,
@@ -182,7 +182,7 @@ def test_other_gadgets_refused(payload):
 def test_npz_cache_refuses_pickled_objects(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, v_template=np.array([_Evil("true")], dtype=object))
-    with pytest.raises(Exception, match="not a wildface face-model|missing"):
+    with pytest.raises(FaceModelFormatError, match="bad.npz: not a readable .npz"):
         FaceModelAssets.load_npz(bad)
 
 
