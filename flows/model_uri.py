@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from infra.config import ServicesConfig
 from recon.config import FaceModelConfig, RefineConfig
 from recon.weights_file import ChecksumMismatchError, sha256_file, verify_file
 
@@ -71,6 +73,29 @@ class ModelFiles:
         return self.source.get("run_id")
 
 
+# -- the registry's server and alias records (also used by flows.tracking) -----------------
+def _server_answers(uri: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def services_mlflow_uri(services: ServicesConfig | None = None) -> str | None:
+    """The MLflow server of ``wildface services`` when it answers, else None."""
+    svc = services or ServicesConfig()
+    uri = f"http://{svc.host}:{svc.mlflow_port}"
+    return uri if _server_answers(uri) else None
+
+
+def alias_tag(alias: str, field: str) -> str:
+    """The version tag recording a move of ``alias``: ``alias.<alias>.<field>`` with field
+    ``set_by`` (user@host), ``set_at`` (ISO UTC time) or ``previous`` (the version that held
+    it, or ``none``)."""
+    return f"alias.{alias}.{field}"
+
+
 def is_mlflow_uri(ref: str) -> bool:
     return str(ref).startswith(MLFLOW_SCHEMES)
 
@@ -86,8 +111,6 @@ def tracking_uri_for(explicit: str | None = None) -> str:
 
     if is_tracking_uri_set():  # set in this process (e.g. by the pipeline flow)
         return mlflow.get_tracking_uri()
-    from flows.tracking import services_mlflow_uri
-
     served = services_mlflow_uri()
     if served:
         return served
@@ -254,8 +277,6 @@ def _run_logged_model(client, ref: str, run_id: str, name: str):
 def _warn_untraced_alias(name: str, alias: str, mv) -> None:
     """An alias that wildface did not move (no ``alias.<alias>.set_at`` tag on its version)
     was moved by hand or by another tool: said, since the registry kept no trace of who."""
-    from flows.tracking import alias_tag
-
     if alias_tag(alias, "set_at") not in (mv.tags or {}):
         log.warning("alias %s of %s points at version %s with no recorded move (%s): it was "
                     "set outside wildface", alias, name, mv.version, alias_tag(alias, "set_by"))

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,8 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from flows.model_uri import (CODE_FILE, MLMODEL, alias_tag, assert_finite_model,
+                             model_checksums, resolve_model, services_mlflow_uri)
 from infra.config import ServicesConfig, TrackingConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,21 +49,6 @@ FIGURE_ROWS = ("input", "landmarks 2D (green target, red predicted)", "landmarks
 
 
 # -- where runs go ------------------------------------------------------------------------
-def _server_answers(uri: str, timeout: float = 1.0) -> bool:
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def services_mlflow_uri(services: ServicesConfig | None = None) -> str | None:
-    """The MLflow server of ``wildface services`` when it answers, else None."""
-    svc = services or ServicesConfig()
-    uri = f"http://{svc.host}:{svc.mlflow_port}"
-    return uri if _server_answers(uri) else None
-
-
 def absolute_uri(uri: str) -> str:
     """A relative sqlite database (``sqlite:///runs.db``) made absolute, from this process's
     working folder (the training workers log to it from folders of their own); any other
@@ -375,7 +361,6 @@ def log_reconstructor(uri: str, cfg, *, run_id: str, detail_checkpoint: str,
     register."""
     from importlib.metadata import version
 
-    from flows.model_uri import CODE_FILE, MLMODEL, model_checksums
     from recon.flame_io import load_face_model
 
     mlflow.set_tracking_uri(uri)
@@ -421,7 +406,6 @@ def register_model(uri: str, cfg, model_uri: str, *, run_id: str, data: str,
     Refused, registering nothing: a model whose files do not match the checksums recorded when
     it was logged (:class:`flows.model_uri.ModelIntegrityError`) and one whose checkpoint holds
     ``inf`` / ``nan`` (:class:`recon.training.checkpoint.NonFiniteState`)."""
-    from flows.model_uri import assert_finite_model, resolve_model
 
     tc = cfg.tracking
     mlflow.set_tracking_uri(uri)
@@ -445,13 +429,6 @@ def register_model(uri: str, cfg, model_uri: str, *, run_id: str, data: str,
     set_alias(client, tc.registered_model, tc.alias, mv.version)
     return {"name": tc.registered_model, "version": str(mv.version),
             "uri": f"models:/{tc.registered_model}/{mv.version}", "run_id": run_id}
-
-
-def alias_tag(alias: str, field: str) -> str:
-    """The version tag recording a move of ``alias``: ``alias.<alias>.<field>`` with field
-    ``set_by`` (user@host), ``set_at`` (ISO UTC time) or ``previous`` (the version that held
-    it, or ``none``)."""
-    return f"alias.{alias}.{field}"
 
 
 def _who() -> str:
@@ -499,7 +476,6 @@ def download_coarse_checkpoint(ref: str, uri: str, directory: Path) -> Path:
         if not files:
             raise FileNotFoundError(f"{ref}: the run has no checkpoint/ artifact")
         return Path(client.download_artifacts(run_id, sorted(files)[-1], str(directory)))
-    from flows.model_uri import resolve_model
 
     files = resolve_model(ref, directory, uri)  # checked against the version's record
     coarse = files.artifacts.get("coarse_checkpoint")
