@@ -241,19 +241,11 @@ def convert(
     landmarks: str | os.PathLike | None = None,
     masks: str | os.PathLike | None = None,
     texture: str | os.PathLike | None = None,
-    deca_data: str | os.PathLike | None = None,
 ) -> Path:
-    """FLAME pickle (+ embedding, masks, texture; with ``deca_data``, what DECA's ``data/``
-    folder holds: :func:`recon.deca_data.load_flame_with_deca_data`) -> cached ``.npz``.
-    Nothing is written when loading fails (the write itself is atomic)."""
-    if deca_data is not None:
-        from recon.deca_data import load_flame_with_deca_data  # it builds on this module
-
-        assets = load_flame_with_deca_data(src, deca_data, landmarks=landmarks, masks=masks,
-                                           texture=texture)
-    else:
-        assets = load_flame(src, landmarks=landmarks, masks=masks, texture=texture)
-    return assets.save_npz(dst)
+    """FLAME pickle (+ embedding, masks, texture) -> cached ``.npz`` (with DECA's ``data/``
+    folder: :func:`recon.deca_data.load_flame_with_deca_data`, then ``save_npz``). Nothing
+    is written when loading fails (the write itself is atomic)."""
+    return load_flame(src, landmarks=landmarks, masks=masks, texture=texture).save_npz(dst)
 
 
 _CACHE: dict[tuple, FaceModelAssets] = {}

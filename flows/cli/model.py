@@ -59,14 +59,18 @@ def convert(
 ) -> None:
     """Convert FLAME files to the cached .npz, safely (refused pickles write nothing)."""
     from recon.face_assets import FaceModelFormatError
-    from recon.safe_pickle import UnsafePickleError
+    from recon.deca_data import load_flame_with_deca_data
     from recon.flame_io import convert as do_convert
+    from recon.safe_pickle import UnsafePickleError
 
     if dst.suffix != ".npz":
         _fail(f"{dst}: the output must end in .npz")
     try:
-        out = do_convert(src, dst, landmarks=landmarks, masks=masks, texture=texture,
-                         deca_data=deca_data)
+        if deca_data is None:
+            out = do_convert(src, dst, landmarks=landmarks, masks=masks, texture=texture)
+        else:
+            out = load_flame_with_deca_data(src, deca_data, landmarks=landmarks, masks=masks,
+                                            texture=texture).save_npz(dst)
     except UnsafePickleError as e:
         _fail(f"refused {e}")  # the message names the file
     except (FaceModelFormatError, FileNotFoundError, OSError) as e:
