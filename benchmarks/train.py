@@ -99,8 +99,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, AMP)")
     ap.add_argument("--loader-batches", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads of this process (default: the cores it may use)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    from recon.devices import set_cpu_threads
+
+    set_cpu_threads(args.threads)
     from flows.config import load_config
 
     print(json.dumps({"machine": platform.platform(), "cpus": __import__("os").cpu_count(),

@@ -132,12 +132,11 @@ def predict_dataset(model: str, dataset: str | Path, out: str | Path, cfg: Wildf
     Returns (``PredictSummary``, the model's ``ModelInfo``)."""
     import tempfile
 
-    import torch
-
     from flows.model_uri import load_reconstructor
+    from recon.devices import set_cpu_threads
     from recon.evaluation.predict import predict_now
 
-    torch.set_num_threads(cfg.reconstruct.threads)
+    set_cpu_threads(cfg.reconstruct.threads)
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         recon = load_reconstructor(model, face_model=face_model, directory=tmp,
                                    tracking_uri=tracking_uri, device=cfg.reconstruct.device)

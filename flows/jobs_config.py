@@ -17,7 +17,8 @@ class ReconstructConfig(StrictModel):
     device: str = Field("auto", pattern=DEVICE_PATTERN.pattern,
                         description="torch device of the model: auto (the GPU when the process "
                         "sees one, else the CPU), cpu, cuda or cuda:N")
-    threads: int = Field(2, ge=1, description="torch intra-op threads per process")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per process; "
+                                "None: the cores the process may use")
     workers: int = Field(2, ge=1, description="--ray: actors in the pool")
     cpus_per_worker: float = Field(
         0.5, gt=0, description="--ray: fractional, so actors and tasks don't deadlock on 2 cores")

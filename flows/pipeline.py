@@ -241,17 +241,16 @@ def run_demo(out: str | Path, config: str | None = "demo", overrides: list[str] 
     services, if any, are chosen before Prefect is imported (:func:`use_services`)."""
     import os
 
-    import torch
-
     from flows.config import load_config
     from infra import services
+    from recon.devices import set_cpu_threads
     from recon.synth import generate
 
     started = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, overrides)  # validate before any work
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    set_cpu_threads()
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         _say(f"no MLflow server: MLflow store in {out / 'mlflow.db'}")
     if not os.environ.get("PREFECT_API_URL"):

@@ -542,11 +542,10 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
                 progress(len(results), len(todo), result)
 
         if todo and not use_ray:
-            import torch
-
+            from recon.devices import set_cpu_threads
             from recon.reconstruct import load_model
 
-            torch.set_num_threads(rc.threads)
+            set_cpu_threads(rc.threads)
             recon = load_model(files.checkpoint, face_model=configured,
                                recorded_face_model=files.face_model,
                                config_json=files.config_json, device=rc.device,

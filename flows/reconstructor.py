@@ -46,8 +46,7 @@ with warnings.catch_warnings():
         """
 
         def load_context(self, context) -> None:
-            import torch
-
+            from recon.devices import set_cpu_threads
             from recon.reconstruct import load_model
 
             config = context.model_config or {}
@@ -56,7 +55,7 @@ with warnings.catch_warnings():
                                config_json=Path(context.artifacts["config"]).read_text(),
                                device=config.get("device", "auto"))
             if recon.device.type == "cpu":
-                torch.set_num_threads(min(2, torch.get_num_threads()))
+                set_cpu_threads()
             self.model = recon.model
 
         def _images(self, model_input):

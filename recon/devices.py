@@ -2,6 +2,7 @@
 CPU) or an explicit ``cpu`` / ``cuda`` / ``cuda:N``."""
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -26,4 +27,12 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-__all__ = ["DEVICE_PATTERN", "pick_device"]
+def set_cpu_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op CPU threads: ``threads``, else the cores this process may run on
+    (its CPU affinity, which containers and job schedulers narrow). Returns the number."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+__all__ = ["DEVICE_PATTERN", "pick_device", "set_cpu_threads"]

@@ -89,13 +89,12 @@ def animate(
     cfg = load_config_or_exit(config, overrides)
     import tempfile
 
-    import torch
-
     from flows.model_uri import load_reconstructor
     from recon import animate as anim
+    from recon.devices import set_cpu_threads
     from recon.reconstruct import FaceModelMismatch
 
-    torch.set_num_threads(cfg.reconstruct.threads)
+    set_cpu_threads(cfg.reconstruct.threads)
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         try:
             recon = load_reconstructor(model, face_model=face_model, directory=tmp,

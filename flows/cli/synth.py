@@ -26,7 +26,7 @@ def synth(
     FLAME): images with 68 landmarks (.pts) and skin masks (.mask.png) in the
     <identity>/<image> layout that `wildface preprocess` reads, labels.csv, per-image ground
     truth (params.json) and each identity's neutral mesh + 7 landmarks in the NoW layout."""
-    import torch
+    from recon.devices import set_cpu_threads
 
     sets = list(overrides or [])
     for key, value in (("identities", identities), ("images_per_identity", images_per_identity),
@@ -34,7 +34,7 @@ def synth(
         if value is not None:
             sets.append(f"synth.{key}={value}")
     cfg = load_config_or_exit(config, sets)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    set_cpu_threads()
     from recon.synth import generate
 
     def progress(done: int, total: int) -> None:

@@ -74,12 +74,10 @@ def train(
             train_with_ray(stage, data, out, config, list(overrides or []),
                            None if coarse_checkpoint is None else str(coarse_checkpoint))
             return
-        import torch
-
         from flows.cli.options import load_config_or_exit
         from flows.config import with_stage_weights
         from flows.samples import rank_store
-        from recon.devices import pick_device
+        from recon.devices import pick_device, set_cpu_threads
         from recon.training.steps import NonFiniteTraining
         from recon.training.trainer import JsonlLog, ProgressLog, Trainer, TrainerCallback
 
@@ -91,7 +89,7 @@ def train(
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--device") from None
         if dev.type == "cpu":
-            torch.set_num_threads(min(2, torch.get_num_threads()))
+            set_cpu_threads()
         n_ids, _ = cfg.train.batch_shape(stage)
         store, _ = rank_store(str(data), 0, 1, n_ids, cfg.data.cache_dir)
         typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
