@@ -185,7 +185,9 @@ class _StorageScan(pickle.Unpickler):
 
 
 def _declared_storage_bytes(data: bytes) -> int:
-    """Bytes ``torch.load(data)`` would allocate for storages (zip or legacy format)."""
+    """Bytes the storages of a torch file would take (zip or legacy format): the zip's member
+    sizes, or the legacy pickle's storage records read by the restricted :class:`_StorageScan`
+    (nothing else is unpickled)."""
     if data[:4] == b"PK\x03\x04":
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
