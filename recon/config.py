@@ -6,6 +6,7 @@ them. Every model forbids unknown fields so a typo fails before any work starts.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -318,8 +319,20 @@ class SynthConfig(StrictModel):
         return v
 
 
+class SourceSampling(StrictModel):
+    """How training batches draw the identities of one source (a dataset of the
+    preprocessing, the prefix of its namespaced identities: ``vggface2/n000002``)."""
+
+    weight: float = Field(1.0, ge=0, description="share of a batch's identities drawn from "
+                          "this source, relative to the other sources' weights; 0 = never")
+    max_images_per_identity: int | None = Field(
+        None, ge=1, description="use at most this many images of an identity (a fixed, seeded "
+        "choice); None = all")
+
+
 class DataConfig(StrictModel):
-    """Training batches from shards: DECA's crop-scale augmentation and the loader."""
+    """Training batches from shards: DECA's crop-scale augmentation, the loader and the mix
+    of sources."""
 
     scale_min: float = Field(1.4, gt=0, description="training crop side / landmark-box size, min")
     scale_max: float = Field(1.8, gt=0, description="... max (DECA: U[1.4, 1.8])")
@@ -331,6 +344,26 @@ class DataConfig(StrictModel):
         "samples (recon.training.sample_cache), for sets larger than memory and reused by "
         "later runs; None keeps them in each process's memory"
     )
+
+    sources: dict[str, SourceSampling] = Field(
+        default_factory=dict, description="per-source weights and caps, by source name "
+        "(vggface2, celeba, aflw, bupt, voxceleb2, ...); empty = identities drawn uniformly, "
+        "every one once an epoch"
+    )
+    default_source: SourceSampling = Field(
+        default_factory=SourceSampling, description="weight and cap of a source not named in "
+        "`sources` (and of identities without a source prefix)"
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, v: dict[str, SourceSampling]) -> dict[str, SourceSampling]:
+        bad = [name for name in v if not re.fullmatch(r"[a-z0-9_]+", name)]
+        if bad:
+            raise ValueError(f"source names are lower-case dataset names: {bad}")
+        if v and not any(s.weight > 0 for s in v.values()):
+            raise ValueError("every named source has weight 0")
+        return v
 
     @field_validator("cache_dir")
     @classmethod

@@ -21,6 +21,8 @@ names of the split), images of one identity consecutive (K of them).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from recon.config import SourceSampling
+
+log = logging.getLogger("wildface.train")
 
 # DECA's training crops: side = U[1.4, 1.8] x max(landmark bbox w, h); test: a fixed scale.
 DECA_SCALE_RANGE = (1.4, 1.8)
@@ -124,13 +130,40 @@ class CropAugment:
 
 
 # -- identity-grouped batches -----------------------------------------------------------------
-class IdentityBatchSampler:
-    """Batches of ``n_identities`` identities x ``k_images`` images (keys), per epoch.
+def identity_source(name: str) -> str:
+    """The source of an identity: the prefix of a namespaced name (``vggface2/n000002`` ->
+    ``vggface2``), '' for a bare name (a single folder, a synthetic set)."""
+    head, sep, _ = name.partition("/")
+    return head if sep else ""
 
-    Every epoch shuffles the identities (seeded by ``(seed, epoch)``) and cuts them into groups
-    of N (the last incomplete group is dropped); each identity contributes K of its images drawn
-    without replacement, or with replacement when it has fewer than K. With ``world_size`` > 1
-    rank ``r`` takes batches ``r, r + world_size, ...`` of each epoch (equal counts per rank).
+
+def capped_keys(keys: Sequence[str], cap: int | None, seed: int) -> list[str]:
+    """At most ``cap`` of ``keys``: the first in an order seeded by ``seed`` alone, so the
+    images kept never depend on the step, the rank or the order the keys came in."""
+    keys = sorted(keys)
+    if cap is None or len(keys) <= cap:
+        return keys
+    order = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    return sorted(order[:cap])
+
+
+class IdentityBatchSampler:
+    """Batches of ``n_identities`` identities x ``k_images`` images (keys).
+
+    With K > 1 only identities with at least K images are drawn (the shape-consistency loss
+    swaps codes between *different* images of a person), so single-image identities (an AFLW
+    face) enter only K = 1 stages. ``sources`` (:class:`recon.config.SourceSampling` by source
+    name, ``default_source`` for the rest) caps each identity's images and, when not empty,
+    weighs the sources.
+
+    Without ``sources``, every epoch shuffles the eligible identities (seeded by
+    ``(seed, epoch)``) and cuts them into groups of N (the last incomplete group dropped).
+    With ``sources``, the N identities of global batch ``g`` are drawn from ``(seed, g)``
+    alone: slot by slot a source with probability proportional to its weight (among the
+    sources with identities left in the batch), then one of its identities not yet in the
+    batch; an epoch is then just a count of batches. Either way each identity contributes K
+    of its images drawn without replacement, and rank ``r`` of ``world_size`` takes batches
+    ``r, r + world_size, ...``, so batches depend on the seed and the step only.
     """
 
     def __init__(
@@ -141,43 +174,78 @@ class IdentityBatchSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        sources: Mapping[str, SourceSampling] | None = None,
+        default_source: SourceSampling | None = None,
     ) -> None:
-        self.identities = {name: list(keys) for name, keys in sorted(identities.items()) if keys}
-        self.names = list(self.identities)
         if n_identities < 1 or k_images < 1:
             raise ValueError("n_identities and k_images must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.sources = dict(sources or {})
+        default = default_source or SourceSampling()
+        self.identities: dict[str, list[str]] = {}
+        for name, keys in sorted(identities.items()):
+            rule = self.sources.get(identity_source(name), default)
+            kept = capped_keys(keys, rule.max_images_per_identity, seed)
+            if len(kept) >= k_images and (rule.weight > 0 or not self.sources):
+                self.identities[name] = kept
+        self.names = list(self.identities)
         if len(self.names) < n_identities * world_size:
             raise ValueError(
-                f"{len(self.names)} identities with images; a batch needs {n_identities} "
-                f"per rank x {world_size} ranks"
+                f"{len(self.names)} identities with at least {k_images} images (and a "
+                f"weight above 0); a batch needs {n_identities} per rank x {world_size} ranks"
             )
         self.n, self.k, self.seed = n_identities, k_images, seed
         self.rank, self.world_size = rank, world_size
+        by_source: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            by_source.setdefault(identity_source(name), []).append(i)
+        self._by_source = {s: np.array(ix) for s, ix in sorted(by_source.items())}
+        self._weights = np.array([self.sources.get(s, default).weight for s in self._by_source])
+        missing = sorted(set(self.sources) - set(self._by_source))
+        if self.sources and missing:
+            log.warning("no identity with %d+ images from source(s) %s: their weight is "
+                        "shared among the others", k_images, ", ".join(missing))
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches of one epoch on this rank."""
+        """Batches of one epoch on this rank (with ``sources``: as many as would show each
+        identity once)."""
         return (len(self.names) // self.n) // self.world_size
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def _keys(self, rng: np.random.Generator, chosen: Iterable[int]) -> list[str]:
+        keys: list[str] = []
+        for i in chosen:
+            pool = self.identities[self.names[i]]
+            keys += [pool[j] for j in rng.choice(len(pool), self.k, replace=False)]
+        return keys
+
+    def weighted_batch(self, g: int) -> list[str]:
+        """Global batch ``g`` (all ranks counted) of the source-weighted draw: N x K keys."""
+        rng = np.random.default_rng([self.seed, 1, g])
+        left = {s: list(ix) for s, ix in self._by_source.items()}
+        chosen: list[int] = []
+        for _ in range(self.n):
+            w = np.array([wt if left[s] else 0.0
+                          for s, wt in zip(self._by_source, self._weights)])
+            s = list(self._by_source)[rng.choice(len(w), p=w / w.sum())]
+            chosen.append(left[s].pop(rng.integers(len(left[s]))))
+        return self._keys(rng, chosen)
+
     def epoch(self, epoch: int) -> list[list[str]]:
         """This rank's batches of ``epoch``: lists of N x K keys, identity by identity."""
+        usable = self.batches_per_epoch * self.world_size
+        if self.sources:
+            first = epoch * usable
+            return [self.weighted_batch(first + g) for g in range(self.rank, usable,
+                                                                  self.world_size)]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.names))
-        n_batches = len(self.names) // self.n
-        batches = []
-        for b in range(n_batches):
-            keys: list[str] = []
-            for i in order[b * self.n : (b + 1) * self.n]:
-                pool = self.identities[self.names[i]]
-                replace = len(pool) < self.k
-                keys += [pool[j] for j in rng.choice(len(pool), self.k, replace=replace)]
-            batches.append(keys)
-        usable = self.batches_per_epoch * self.world_size
+        batches = [self._keys(rng, order[b * self.n:(b + 1) * self.n])
+                   for b in range(len(self.names) // self.n)]
         return batches[self.rank:usable:self.world_size]
 
     def iter_from(self, step: int = 0) -> Iterator[tuple[int, list[str]]]:
@@ -185,9 +253,14 @@ class IdentityBatchSampler:
         per_epoch = self.batches_per_epoch
         epoch, index = divmod(step, per_epoch)
         while True:
-            batches = self.epoch(epoch)
-            for i in range(index, per_epoch):
-                yield epoch * per_epoch + i, batches[i]
+            if self.sources:  # each batch stands alone: nothing of the epoch to build first
+                for i in range(index, per_epoch):
+                    g = (epoch * per_epoch + i) * self.world_size + self.rank
+                    yield epoch * per_epoch + i, self.weighted_batch(g)
+            else:
+                batches = self.epoch(epoch)
+                for i in range(index, per_epoch):
+                    yield epoch * per_epoch + i, batches[i]
             epoch, index = epoch + 1, 0
 
 
@@ -349,7 +422,8 @@ def iter_eval_batches(store: SampleStore, augment: CropAugment, batch_size: int 
 
 __all__ = [
     "CropAugment", "DECA_SCALE_RANGE", "IdentityBatchDataset", "IdentityBatchSampler",
-    "Record", "SampleStore", "batch_generator", "crop_windows", "decode_record",
-    "group_by_identity", "iter_eval_batches", "landmark_box", "make_train_loader",
+    "Record", "SampleStore", "batch_generator", "capped_keys", "crop_windows", "decode_record",
+    "group_by_identity", "identity_source", "iter_eval_batches", "landmark_box",
+    "make_train_loader",
     "record_from_sample", "warp_crops",
 ]

@@ -33,9 +33,9 @@ from torch import nn
 from recon.config import DataConfig, FaceModelConfig, LossConfig, NetworkConfig, TrainConfig
 from recon.devices import pick_device
 from recon.progress import EVERY_S, Progress, print_line
-from recon.training.checkpoint import (CheckpointError, NonFiniteState, checkpoint_path,
-                                       latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                       save_checkpoint, set_rng_state)
+from recon.training.checkpoint import (CheckpointError, NonFiniteState, checkpoint_due,
+                                       checkpoint_path, latest_checkpoint, load_checkpoint,
+                                       prune_checkpoints, save_checkpoint, set_rng_state)
 from recon.training.data import (CropAugment, IdentityBatchSampler, SampleStore,
                                  make_train_loader)
 from recon.training.steps import CoarseStep, DetailStep, NonFiniteTraining
@@ -60,16 +60,18 @@ class TrainingConfig(Protocol):
 
 class TrainerCallback:
     """Hooks called by :meth:`Trainer.run` (override what you need; all are no-ops here).
+    Each receives the calling ``trainer`` first (its ``model``, ``step``, ``resumed_from``).
 
-    ``on_step(step, terms)``: after every optimiser step; ``step`` counts steps done (1 after
-    the first), ``terms`` maps loss names (and ``loss``, ``skipped``, ``step_time_s``,
-    ``images_per_s``) to floats. ``on_checkpoint(path)``: after a checkpoint file is complete.
+    ``on_step(trainer, step, terms)``: after every optimiser step; ``step`` counts steps done
+    (1 after the first), ``terms`` maps loss names (and ``loss``, ``skipped``,
+    ``step_time_s``, ``images_per_s``) to floats. ``on_checkpoint(trainer, path)``: after a
+    checkpoint file is complete.
     """
 
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
+    def on_step(self, trainer: Trainer, step: int, terms: dict[str, float]) -> None:
         pass
 
-    def on_checkpoint(self, path: Path) -> None:
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         pass
 
 
@@ -81,7 +83,7 @@ class JsonlLog(TrainerCallback):
         self.log_every = max(1, log_every)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
+    def on_step(self, trainer: Trainer, step: int, terms: dict[str, float]) -> None:
         if step % self.log_every == 0:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": step, **terms}) + "\n")
@@ -103,7 +105,7 @@ class ProgressLog(TrainerCallback):
         self.emit, self.clock = emit, clock
         self.progress: Progress | None = None
 
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
+    def on_step(self, trainer: Trainer, step: int, terms: dict[str, float]) -> None:
         if self.progress is None:  # the run starts with the step just done
             now = self.clock()
             self.progress = Progress(self.stage, self.total, "steps", every_s=self.every_s,
@@ -221,9 +223,10 @@ class Trainer:
             self._resume(resume_path)
 
         n, k = tc.batch_shape(stage)
-        self.sampler = IdentityBatchSampler(store.identities, n, k, seed=tc.seed, rank=rank,
-                                            world_size=world_size)
         d = config.data
+        self.sampler = IdentityBatchSampler(store.identities, n, k, seed=tc.seed, rank=rank,
+                                            world_size=world_size, sources=d.sources,
+                                            default_source=d.default_source)
         self.augment = CropAugment(out_size=config.model.image_size, scale_min=d.scale_min,
                                    scale_max=d.scale_max, shift=d.shift, eval_scale=d.eval_scale)
         self.store = store
@@ -266,13 +269,14 @@ class Trainer:
             raise NonFiniteTraining(f"training diverged at step {self.step}: {err}") from err
         prune_checkpoints(self.ckpt_dir, self.stage, self.keep_checkpoints)
         for cb in self.callbacks:
-            cb.on_checkpoint(path)
+            cb.on_checkpoint(self, path)
         return path
 
     # -- loop -------------------------------------------------------------------------------
     def run(self, steps: int | None = None) -> TrainResult:
         """Train until ``steps`` optimiser steps are done in total (default ``train.steps``),
-        checkpointing every ``train.checkpoint_every`` steps and at the end. Raises
+        checkpointing every ``train.checkpoint_every`` steps and at the end
+        (:func:`recon.training.checkpoint.checkpoint_due`). Raises
         ``NonFiniteTraining`` when training diverges (see the module doc); the checkpoints
         written before it stay."""
         total = self.config.train.steps if steps is None else steps
@@ -303,8 +307,8 @@ class Trainer:
                          "step_time_s": t1 - t0, "images_per_s": n_img / max(t1 - t0, 1e-9)}
                 t0 = t1
                 for cb in self.callbacks:
-                    cb.on_step(self.step, terms)
-                if self.save_checkpoints and (self.step % every == 0 or self.step == total):
+                    cb.on_step(self, self.step, terms)
+                if self.save_checkpoints and checkpoint_due(self.step, total, every):
                     last_ckpt = self.save()
                 if self.step >= total:
                     break
