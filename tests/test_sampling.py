@@ -125,3 +125,38 @@ def test_data_config_refuses_bad_sampling():
 def test_identity_source():
     assert identity_source("vggface2/n000002") == "vggface2"
     assert identity_source("anna") == ""
+
+
+@pytest.mark.slow
+def test_seed_recipe_trains_a_step_on_a_mixed_preprocessed_set(tmp_path, monkeypatch):
+    """`wildface train --config seed` on shards of three sources (networks shrunk to
+    seconds): AFLW's single faces stay out of its 2 x 2 batches."""
+    from typer.testing import CliRunner
+
+    from flows.cli.main import app
+    from recon.training.trainer import Trainer
+    from shard_fixtures import random_sample, write_train_split
+
+    people = [(f"vggface2/n{i:06d}", 3) for i in range(2)] + [("celeba/17", 2)] + \
+        [(f"aflw/{i}", 1) for i in range(3)]
+    samples = [random_sample(f"{name.replace('/', '-')}-{j}", name, seed=n * 10 + j)
+               for n, (name, count) in enumerate(people) for j in range(count)]
+    data = write_train_split(tmp_path / "data", samples, per_shard=4, manifest=True)
+    drawn: list[str] = []
+    run = Trainer.run
+
+    def record(self, steps=None):
+        drawn.extend(self.sampler.names)
+        return run(self, steps)
+
+    monkeypatch.setattr(Trainer, "run", record)
+    tiny = ["face_model.n_shape=20", "face_model.n_exp=10", "face_model.n_tex=10",
+            "model.backbone=mobilenet_v3_small", "model.hidden=32", "model.image_size=64",
+            "model.uv_size=32", "model.n_detail=8", "loss.identity=0", "train.steps=1",
+            "train.checkpoint_every=1", "train.amp=false"]
+    args = ["train", "--config", "seed", "--stage", "coarse", "--data", str(data),
+            "--out", str(tmp_path / "run"), "--device", "cpu"]
+    res = CliRunner().invoke(app, args + [w for o in tiny for w in ("--set", o)])
+    assert res.exit_code == 0, res.output
+    assert sorted(drawn) == ["celeba/17", "vggface2/n000000", "vggface2/n000001"]
+    assert (tmp_path / "run" / "checkpoints" / "coarse-000000001.pt").is_file()
