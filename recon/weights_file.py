@@ -1,7 +1,7 @@
 """Checks on a pretrained network's weights file before it is loaded: present, and when an
 expected sha256 (and size) is known, exactly that file.
 
-The one implementation of the check: the networks' factories (``recon.identity.network``,
+The one implementation of the check: the networks' factories (``recon.identity.build``,
 ``recon.perceptual``) use it on the file they are given, and the model store
 (``infra.model_store``) on its entries against the manifest.
 """

@@ -18,7 +18,7 @@ from infra.model_store import (FACENET_NAME, ModelStore, ModelStoreError, fetch_
                                resolve_identity_weights)
 from recon.config import IdentityConfig
 from recon.identity.facenet import FaceNetIdentity, find_packaged_graph, prewhiten
-from recon.identity.network import build_identity_network
+from recon.identity.build import build_identity_network
 from recon.identity.protobuf_graph import parse_graph, read_graph, strip_control_inputs
 from recon.losses.identity import identity_loss
 from recon.weights_file import ChecksumMismatchError

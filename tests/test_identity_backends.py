@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from recon.config import IdentityConfig
 from recon.identity.arcface import DEPTHS, ArcFaceIdentity, IResNet, iresnet_from_state
-from recon.identity.network import build_identity_network
+from recon.identity.build import build_identity_network
 from recon.identity.vggface2 import MEAN_BGR, VGGFace2Identity, load_vggface2_state, resnet50_caffe
 
 

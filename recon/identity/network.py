@@ -1,28 +1,17 @@
-"""The identity-network interface used by DECA's identity loss, and its factory.
+"""The identity-network interface used by DECA's identity loss (the backends derive it; the
+factory that picks one is :mod:`recon.identity.build`).
 
 Every backend is an :class:`IdentityNetwork`: a frozen ``nn.Module`` whose
 ``forward(images: (B, 3, H, W) RGB in [0, 1]) -> (B, D)`` returns L2-normalised
 embeddings and is differentiable w.r.t. the images. It does its own centre crop, resize to
 the backbone's input size and normalisation, so callers pass the 224x224 face crops
 (rendered or real) as they are.
-
-``build_identity_network(cfg, device)`` builds the configured backend from the local file
-``cfg.weights``, or returns None when ``cfg.backend == "none"``. A config that leaves
-``weights`` to the model store is resolved by the caller first (``infra.model_store.
-resolve_identity_weights``; the CLI and flows do it), so this package never reads the store.
 """
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from recon.config import IdentityConfig
-from recon.weights_file import checked_weights_file
-
-log = logging.getLogger(__name__)
 
 
 class IdentityNetwork(nn.Module):
@@ -77,35 +66,3 @@ class IdentityNetwork(nn.Module):
             raise ValueError(f"expected (B, 3, H, W) RGB images, got {tuple(images.shape)}")
         x = self.normalise(self.resize(images))
         return F.normalize(self.embed(x), dim=1)
-
-
-def build_identity_network(cfg: IdentityConfig, device: torch.device | str = "cpu"
-                           ) -> IdentityNetwork | None:
-    """The configured, frozen identity network on ``device``; None if the backend is 'none'.
-
-    Weights come from the local file ``cfg.weights`` (checked against ``weights_sha256``
-    when given), never a download."""
-    if cfg.backend == "none":
-        return None
-    if cfg.weights is None:
-        raise ValueError(
-            f"identity.weights is not set: give the {cfg.backend} weights file, or resolve "
-            "the backend's model-store entry first (the wildface CLI and flows do; see "
-            "docs/weights.md)")
-    path = checked_weights_file(cfg.weights, cfg.weights_sha256, "identity.weights")
-    options = {} if cfg.crop_fraction is None else {"crop_fraction": cfg.crop_fraction}
-    net: IdentityNetwork
-    if cfg.backend == "facenet":
-        from recon.identity.facenet import FaceNetIdentity
-
-        net = FaceNetIdentity.from_file(path, **options)
-    elif cfg.backend == "vggface2":
-        from recon.identity.vggface2 import VGGFace2Identity
-
-        net = VGGFace2Identity.from_file(path, **options)
-    else:
-        from recon.identity.arcface import ArcFaceIdentity
-
-        net = ArcFaceIdentity.from_file(path, **options)
-    log.info("identity network: %s (%d-d) from %s", cfg.backend, net.embedding_dim, path)
-    return net.freeze().to(device)

@@ -198,7 +198,7 @@ class Trainer:
 
         if stage == "coarse":
             if identity_net is None and config.loss.identity > 0 and hasattr(config, "identity"):
-                from recon.identity.network import build_identity_network
+                from recon.identity.build import build_identity_network
 
                 identity_net = build_identity_network(config.identity, self.device)
             self.step_fn = CoarseStep(self.model, config.loss, tc, identity_net=identity_net)
