@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from recon.config import StrictModel
 
@@ -30,6 +31,20 @@ class ServicesConfig(StrictModel):
                       description="bind address: loopback only")
     prefect_port: int = Field(4200, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
+    database: str | None = Field(
+        None, pattern=r"^postgres(ql)?://",
+        description="PostgreSQL server of the Prefect server and MLflow's backend store: "
+        "postgresql://USER[:PASSWORD]@HOST[:PORT][?OPTIONS], no database name (they use "
+        "prefect_database and mlflow_database there, created if missing); None = sqlite "
+        "files in the state dir")
+    prefect_database: str = Field("prefect", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                  description="the Prefect server's database on `database`")
+    mlflow_database: str = Field("mlflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                 description="MLflow's backend store on `database`")
+    artifacts: str | None = Field(
+        None, description="MLflow's artifact store: s3://bucket/prefix (endpoint: "
+        "$AWS_ENDPOINT_URL, the moto server with s3) or a folder; None = "
+        "<state_dir>/mlflow/artifacts")
     s3: bool = Field(False, description="also start a moto S3 server")
     s3_port: int = Field(5555, ge=1, le=65535)
     ray: bool = Field(False, description="also start a Ray head (jobs attach to it through "
@@ -44,6 +59,16 @@ class ServicesConfig(StrictModel):
     start_timeout_s: float = Field(
         300.0, gt=0, description="wait this long for each service to be healthy (a loaded "
         "2-core machine took ~2 min for the Prefect server)")
+
+    @field_validator("database")
+    @classmethod
+    def _server_only(cls, url: str | None) -> str | None:
+        # One server, two databases: a name in the URL would say which one it is not.
+        if url is not None and urlsplit(url).path not in ("", "/"):
+            raise ValueError("name the PostgreSQL server only (postgresql://USER@HOST:PORT); "
+                             "the databases are services.prefect_database and "
+                             "services.mlflow_database")
+        return url
 
     def state_path(self) -> Path:
         return Path(self.state_dir).resolve()

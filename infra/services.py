@@ -1,5 +1,6 @@
 """Local services on loopback: a Prefect server + a process work-pool worker, an MLflow
-server (sqlite + local artifacts), a Ray head with its dashboard (jobs attach to it through
+server (sqlite files, or PostgreSQL with ``services.database``; artifacts in the state dir or
+on S3), a Ray head with its dashboard (jobs attach to it through
 ``$RAY_ADDRESS``: :mod:`infra.ray_connect`) and optionally a moto S3 server.
 
 Locked down for a machine shared with other local users and with web browsers: the Prefect
@@ -29,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from infra.config import ServicesConfig
 from infra.offline import OFFLINE_ENV
@@ -97,6 +99,79 @@ def auth_string(cfg: ServicesConfig) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def _without_password(url: str, mask: str | None = None) -> str:
+    """``url`` with its password left out, or replaced by ``mask``."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if colon and mask is not None:
+        user = f"{user}:{mask}"
+    return urlunsplit(parts._replace(netloc=f"{user}{at}{hostport}"))
+
+
+def mask_password(url: str) -> str:
+    """``url`` fit to print or log: its password (if any) as ``***``."""
+    return _without_password(url, "***")
+
+
+def database_password(cfg: ServicesConfig) -> str | None:
+    """The password written in ``services.database``, None without one (then libpq's and
+    asyncpg's own sources apply: ``$PGPASSWORD``, ``~/.pgpass``)."""
+    password = urlsplit(cfg.database).password if cfg.database else None
+    return None if password is None else unquote(password)
+
+
+def database_urls(cfg: ServicesConfig) -> dict[str, str]:
+    """The Prefect server's and MLflow's backend store URLs, never with a password (it
+    reaches the two servers as ``$PGPASSWORD``, not on their command lines, which every local
+    user can read): sqlite files in the state dir, or their databases on
+    ``services.database``, each naming its driver: asyncpg for Prefect, psycopg2 for MLflow
+    (SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, which is not installed)."""
+    state = cfg.state_path()
+    if cfg.database is None:
+        return {"prefect": f"sqlite+aiosqlite:///{state / 'prefect' / 'prefect.db'}",
+                "mlflow": f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"}
+    server = urlsplit(_without_password(cfg.database))
+    out = {}
+    for name, scheme, db in (("prefect", "postgresql+asyncpg", cfg.prefect_database),
+                             ("mlflow", "postgresql+psycopg2", cfg.mlflow_database)):
+        out[name] = urlunsplit(server._replace(scheme=scheme, path=f"/{db}"))
+    return out
+
+
+def _create_databases(cfg: ServicesConfig) -> None:
+    """Create the Prefect and MLflow databases on ``services.database`` when missing (owned
+    by the URL's user; connecting through the server's ``postgres`` database)."""
+    try:
+        import psycopg2
+        from psycopg2 import sql
+    except ImportError as err:
+        raise RuntimeError("services.database needs psycopg2 (MLflow's PostgreSQL driver): "
+                           "pip install 'wildface[postgres]'") from err
+    server = urlsplit(_without_password(cfg.database))
+    maintenance = urlunsplit(server._replace(scheme="postgresql", path="/postgres"))
+    try:
+        conn = psycopg2.connect(maintenance, password=database_password(cfg),
+                                connect_timeout=10)
+    except psycopg2.Error as err:
+        raise RuntimeError(f"PostgreSQL at {mask_password(cfg.database)}: {err}".strip()) from err
+    try:
+        conn.autocommit = True  # CREATE DATABASE runs outside a transaction
+        with conn.cursor() as cur:
+            for db in (cfg.prefect_database, cfg.mlflow_database):
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+                if cur.fetchone() is None:
+                    try:
+                        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+                    except psycopg2.Error as err:
+                        raise RuntimeError(
+                            f"database {db} is missing on {mask_password(cfg.database)} and "
+                            f"could not be created ({str(err).strip()}): create it, owned by "
+                            "the URL's user") from err
+    finally:
+        conn.close()
+
+
 def client_env(cfg: ServicesConfig) -> dict[str, str]:
     """Variables that point clients (prefect CLI, flows, mlflow, boto3) at the services,
     with the Prefect API's auth string once ``up`` has made one."""
@@ -125,6 +200,8 @@ def child_env(cfg: ServicesConfig, name: str = "prefect") -> dict[str, str]:
     if name == "ray":
         # The head itself: `ray start --head` must not take this for a cluster to join.
         env.pop("RAY_ADDRESS", None)
+    if name in ("prefect", "mlflow") and (password := database_password(cfg)) is not None:
+        env["PGPASSWORD"] = password
     if name not in PREFECT_SERVICES:
         for key in ("PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
             env.pop(key, None)
@@ -138,8 +215,7 @@ def child_env(cfg: ServicesConfig, name: str = "prefect") -> dict[str, str]:
         "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
         "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true",
         "PREFECT_HOME": str(state / "prefect"),
-        "PREFECT_API_DATABASE_CONNECTION_URL":
-            f"sqlite+aiosqlite:///{state / 'prefect' / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_urls(cfg)["prefect"],
         "PREFECT_SERVER_API_HOST": cfg.host,
         "PREFECT_WORKER_QUERY_SECONDS": str(cfg.worker_query_seconds),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -155,8 +231,9 @@ def _commands(cfg: ServicesConfig) -> dict[str, list[str]]:
         "worker": [_bin("prefect"), "worker", "start", "--pool", cfg.work_pool,
                    "--type", "process"],
         "mlflow": [_bin("mlflow"), "server", "--host", cfg.host, "--port", str(cfg.mlflow_port),
-                   "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
-                   "--artifacts-destination", str(state / "mlflow" / "artifacts"),
+                   "--backend-store-uri", database_urls(cfg)["mlflow"],
+                   "--artifacts-destination",
+                   cfg.artifacts or str(state / "mlflow" / "artifacts"),
                    "--workers", "1",
                    # Only requests addressed to this server (DNS rebinding gets a 403); MLflow
                    # itself refuses state changes from non-localhost web origins.
@@ -265,7 +342,8 @@ def up(cfg: ServicesConfig) -> dict:
     """Start every service that is not running and wait until each is healthy: the Prefect
     server first, then its work pool is given the restricted job template, then the others
     together (the worker needs both). A new Prefect auth string is made when neither Prefect
-    process runs (a running one keeps the string it started with)."""
+    process runs (a running one keeps the string it started with). With
+    ``services.database``, its two databases are created first when missing."""
     cmds = _commands(cfg)
     state_dir = cfg.state_path()
     for sub in ("prefect", "mlflow/artifacts", "logs"):
@@ -276,6 +354,8 @@ def up(cfg: ServicesConfig) -> dict:
     if auth_string(cfg) is None or not any(
             name in state and _alive(state[name]) for name in PREFECT_SERVICES):
         _new_auth_string(cfg)
+    if cfg.database is not None:
+        _create_databases(cfg)
     for wave in (["prefect"], [n for n in cmds if n != "prefect"]):
         if wave[0] != "prefect":
             _restrict_work_pool(cfg, child_env(cfg))
@@ -295,6 +375,8 @@ def up(cfg: ServicesConfig) -> dict:
                 started[name] = subprocess.Popen(
                     cmds[name], env=child_env(cfg, name), cwd=PROJECT_ROOT, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            if name in ("prefect", "mlflow"):
+                extra["database"] = database_urls(cfg)[name]
             state[name] = {"pid": started[name].pid, "cmd": cmds[name], "log": str(log),
                            "url": urls(cfg).get(name), **extra}
             _write_state(cfg, state)
@@ -347,13 +429,16 @@ def down(cfg: ServicesConfig, timeout_s: float = 20.0) -> dict:
 
 
 def status(cfg: ServicesConfig) -> dict:
-    """{name: {pid, running, healthy, url, log}} of the recorded services."""
+    """{name: {pid, running, healthy, url, log}} of the recorded services, and the
+    database (no password) of the Prefect server and MLflow."""
     out = {}
     for name, entry in _read_state(cfg).items():
         running = _alive(entry)
         out[name] = {"pid": entry["pid"], "running": running,
                      "healthy": running and _healthy(name, cfg), "url": entry.get("url"),
                      "log": entry["log"]}
+        if "database" in entry:
+            out[name]["database"] = entry["database"]
     return out
 
 

@@ -11,8 +11,8 @@ import typer
 from flows.cli.options import load_config_or_exit
 
 app = typer.Typer(help="Local services on 127.0.0.1: Prefect server + process worker, "
-                  "MLflow server, Ray head with its dashboard (services.ray), optional moto "
-                  "S3.", no_args_is_help=True)
+                  "MLflow server (sqlite, or PostgreSQL with --database), Ray head with its "
+                  "dashboard (services.ray), optional moto S3.", no_args_is_help=True)
 
 
 def _cfg(config: Optional[str], set_: list[str]):
@@ -29,6 +29,10 @@ def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
        s3: bool = typer.Option(False, "--s3", help="also start a moto S3 server"),
        ray: bool = typer.Option(False, "--ray", help="also start a Ray head with its "
                                 "dashboard (no login: for single-user machines)"),
+       database: Optional[str] = typer.Option(
+           None, "--database", help="PostgreSQL server for the Prefect server and MLflow: "
+           "postgresql://USER@HOST:PORT (services.database; password from ~/.pgpass or "
+           "$PGPASSWORD rather than here)"),
        deploy: bool = typer.Option(True, "--deploy/--no-deploy",
                                    help="register prefect.yaml's deployments")) -> None:
     """Start the services (pids and logs under services.state_dir) and wait until healthy."""
@@ -39,6 +43,14 @@ def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
         cfg.s3 = True
     if ray:
         cfg.ray = True
+    if database is not None:
+        from pydantic import ValidationError
+
+        try:
+            cfg.database = database
+        except ValidationError as err:  # its message only: the URL may hold a password
+            typer.echo(f"error: --database: {err.errors()[0]['msg']}", err=True)
+            raise typer.Exit(2) from None
     typer.echo(json.dumps(services.up(cfg), indent=1))
     if deploy:
         services.deploy(cfg)
