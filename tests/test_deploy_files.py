@@ -200,7 +200,7 @@ def test_compose_services_on_loopback_with_secrets_from_the_env_file():
     assert prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
     mlflow = " ".join(services["mlflow"]["command"])
     assert services["mlflow"]["image"] == IMAGE
-    assert "--backend-store-uri=postgresql://" in mlflow and "--allowed-hosts=" in mlflow
+    assert "--backend-store-uri=postgresql+psycopg2://" in mlflow and "--allowed-hosts=" in mlflow
 
 
 @pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
