@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.wildface-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast test-slow gpu-wheels clean
+.PHONY: install demo test test-fast test-slow postgres gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test-fast: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+## PostgreSQL (Debian's package) for services.database and its test, when initdb is missing.
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL is installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q postgresql; \
+	elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q postgresql; \
+	else echo "initdb not found: install Debian's postgresql package as root" >&2; exit 1; fi
 
 ## Wheels for a GPU machine whose Python has PyTorch but not wildface's pure-Python deps
 ## (benchmarks/gpu_check.sh installs them): into .whl/ (ignored), for Python 3.12 on x86-64.
