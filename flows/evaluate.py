@@ -132,7 +132,7 @@ def predict_dataset(model: str, dataset: str | Path, out: str | Path, cfg: Wildf
     Returns (``PredictSummary``, the model's ``ModelInfo``)."""
     import tempfile
 
-    from flows.model_uri import load_reconstructor
+    from flows.registry import load_reconstructor
     from recon.devices import set_cpu_threads
     from recon.evaluation.predict import predict_now
 
@@ -256,10 +256,10 @@ def evaluate(
     ``evaluate_flow.dataset``, else the synthetic set), score it with the NoW protocol and
     log ``now_median`` / ``now_mean`` / ``now_std`` and the curve to the version's run.
     ``cfg`` (in-process) or ``config`` + ``overrides`` (deployments)."""
-    from flows.model_uri import tracking_uri_for
+    from flows.tracking import resolve_tracking_uri
 
     cfg = cfg or load_config(config, overrides)
-    uri = tracking_uri_for(tracking_uri or cfg.tracking.uri)
+    uri = resolve_tracking_uri(cfg.tracking, services=cfg.services, given=tracking_uri)
     out_path = Path(out).resolve()
     data = dataset_task(dataset or cfg.evaluate_flow.dataset, str(out_path), cfg)
     predicted = predict_task(model, data, str(out_path), cfg, uri)

@@ -47,7 +47,7 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
                         tracking_uri: str | None = None) -> dict[str, float]:
     """Neutral-shape error of a logged/registered model on a held-out synthetic set.
 
-    The model loads through wildface's own loader (:func:`flows.model_uri.load_reconstructor`:
+    The model loads through wildface's own loader (:func:`flows.registry.load_reconstructor`:
     files checked against their recorded sha256, weights only; the pyfunc's code file is never
     run). Every image of ``heldout`` (a ``wildface synth`` folder of identities not trained
     on) is cropped at the evaluation scale and reconstructed as the pyfunc's ``predict`` does;
@@ -60,7 +60,7 @@ def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
 
     import torch
 
-    from flows.model_uri import load_reconstructor
+    from flows.registry import load_reconstructor
     from recon.evaluation.alignment import aligned_error
     from recon.mesh_io import write_obj
     from recon.synth import iter_samples, load_params
@@ -186,7 +186,8 @@ def pipeline(
     data = str(out_path / "data")
     summary = preprocess(input=input, output=data, config=config, overrides=overrides,
                          use_ray=use_ray_preprocess)
-    uri = tracking_uri or tracking.resolve_tracking_uri(cfg_d.tracking, out_path, cfg_d.services)
+    uri = tracking.resolve_tracking_uri(cfg_d.tracking, out_path, cfg_d.services,
+                                       given=tracking_uri)
     with tracking.parent_run(uri, cfg_d.tracking.experiment, "pipeline",
                              cfg_d.model_dump(mode="json")) as parent:
         stages = train_stages(cfg_c, cfg_d, data, str(out_path / "train"), uri, parent)
@@ -251,8 +252,9 @@ def run_demo(out: str | Path, config: str | None = "demo", overrides: list[str] 
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, overrides)  # validate before any work
     set_cpu_threads()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        _say(f"no MLflow server: MLflow store in {out / 'mlflow.db'}")
+    uri = tracking.resolve_tracking_uri(cfg.tracking, out, cfg.services)
+    if uri.startswith("sqlite:///"):
+        _say(f"no MLflow server: MLflow store in {uri[len('sqlite:///'):]}")
     if not os.environ.get("PREFECT_API_URL"):
         _say("no Prefect server: flows run on an ephemeral Prefect API")
 

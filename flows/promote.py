@@ -9,9 +9,9 @@ the mean face, the baseline that knows nothing (``promotion.baseline_metric``, d
 ``promotion.margin``, and there is no champion or it beats the champion by that margin too,
 and its
 files pass the load-time checks: they match the sha256 recorded at registration
-(:func:`flows.model_uri.resolve_model`) and its checkpoint holds no ``inf`` / ``nan``. Either
+(:func:`flows.registry.resolve_model`) and its checkpoint holds no ``inf`` / ``nan``. Either
 way the decision and both numbers are written to the challenger version's tags
-(``promotion.*``) and description; the alias moves through :func:`flows.tracking.set_alias`,
+(``promotion.*``) and description; the alias moves through :func:`flows.registry.set_alias`,
 which records who moved it, when, and the previous champion on the version's tags.
 
 :func:`decide` is the pure rule; :func:`promote_version` does the MLflow I/O with a given
@@ -20,7 +20,6 @@ client; :func:`promote` is the flow.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -129,7 +128,7 @@ def promote_version(
     """
     from mlflow.exceptions import MlflowException
 
-    from flows.tracking import set_alias
+    from flows.registry import set_alias
 
     challenger = (client.get_model_version(model_name, str(version)) if version is not None
                   else client.get_model_version_by_alias(model_name, challenger_alias))
@@ -171,7 +170,7 @@ def integrity_problem(client, model_name: str, version: str) -> str | None:
     at registration, or its checkpoint holds ``inf`` / ``nan``), else None."""
     import tempfile
 
-    from flows.model_uri import assert_finite_model, resolve_model
+    from flows.registry import assert_finite_model, resolve_model
 
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         try:
@@ -226,9 +225,11 @@ def promote(
     """
     from mlflow import MlflowClient
 
+    from flows.tracking import resolve_tracking_uri
+
     cfg = cfg or load_config(config, overrides)
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri) if uri else MlflowClient()
+    uri = resolve_tracking_uri(cfg.tracking, services=cfg.services)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     decision = promote_version(client, cfg.tracking.registered_model, cfg.promotion,
                                challenger_alias=cfg.tracking.alias, version=version)
     logger = get_run_logger()

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from flows.registry import ModelFiles, load_model, resolve_model
 from infra import storage
 from recon.progress import Progress
 
@@ -457,24 +458,20 @@ def _write_frames(path: Path, rows: list[dict[str, Any]]) -> None:
 class _RayReconstructor:
     """Ray Data actor: loads the model and the face finder once, reconstructs items."""
 
-    def __init__(self, model: dict, cfg_json: str, out: str, aligned: bool = False) -> None:
+    def __init__(self, files: ModelFiles, face_json: str, cfg_json: str, out: str,
+                 aligned: bool = False) -> None:
         import torch
 
         from flows.config import WildfaceConfig
         from infra.offline import apply_offline_env
         from recon.config import FaceModelConfig
-        from recon.reconstruct import load_model
 
         apply_offline_env()
         cfg = WildfaceConfig.model_validate_json(cfg_json)
         storage.configure(cfg.storage)
         torch.set_num_threads(max(1, int(cfg.reconstruct.cpus_per_worker)))
-        face = FaceModelConfig.model_validate_json(model["face_model_config"]) \
-            if model.get("face_model_config") else None
-        recon = load_model(model["checkpoint"], face_model=face,
-                           recorded_face_model=model.get("face_model") or None,
-                           config_json=model.get("config_json") or None,
-                           device=cfg.reconstruct.device, source=json.loads(model["source"]),
+        face = FaceModelConfig.model_validate_json(face_json) if face_json else None
+        recon = load_model(files, face_model=face, device=cfg.reconstruct.device,
                            refine=cfg.reconstruct.refine)
         rc = cfg.reconstruct
         self.run = InputReconstructor(recon, FaceFinder(cfg.preprocess), out, rc.batch_size,
@@ -494,7 +491,7 @@ def run_batch(inputs: Iterable[str], out: str, model: str, cfg, *, use_ray: bool
               aligned: bool = False) -> dict[str, Any]:
     """Reconstruct every input into ``out`` (see the module doc); skip finished ones.
 
-    model: ``--model`` (:mod:`flows.model_uri`); cfg: ``WildfaceConfig``; face_model: a
+    model: ``--model`` (:mod:`flows.registry`); cfg: ``WildfaceConfig``; face_model: a
     configured face model that must match the model's; progress(done, total, result) after
     each input; aligned: every input is a square face crop (no detection). Returns and
     writes ``OUT/summary.json``: counts by status and the failures.
@@ -510,7 +507,6 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
                face_model: str | None, tracking_uri: str | None,
                progress: Callable[[int, int, dict], None] | None,
                aligned: bool) -> dict[str, Any]:
-    from flows.model_uri import resolve_model
     from recon.config import FaceModelConfig
 
     pc = cfg.preprocess
@@ -543,13 +539,9 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
 
         if todo and not use_ray:
             from recon.devices import set_cpu_threads
-            from recon.reconstruct import load_model
 
             set_cpu_threads(rc.threads)
-            recon = load_model(files.checkpoint, face_model=configured,
-                               recorded_face_model=files.face_model,
-                               config_json=files.config_json, device=rc.device,
-                               source=files.source, refine=rc.refine)
+            recon = load_model(files, face_model=configured, device=rc.device, refine=rc.refine)
             run = InputReconstructor(recon, FaceFinder(pc), out, rc.batch_size,
                                      rc.video_every, rc.video_max_frames, aligned=aligned)
             for item in todo:
@@ -560,7 +552,7 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
                     {r["name"]: r for r in results})
 
 
-def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
+def _run_ray(todo: list[InputItem], out: str, files: ModelFiles, configured, cfg,
              report: Callable[[dict], None], aligned: bool = False) -> None:
     import ray
     from ray.data import ActorPoolStrategy
@@ -570,14 +562,12 @@ def _run_ray(todo: list[InputItem], out: str, files, configured, cfg,
 
     rc = cfg.reconstruct
     started = start_or_attach(rc.ray_start(), log_to_driver=False)
-    model = {"checkpoint": str(files.checkpoint),
-             "face_model": str(files.face_model) if files.face_model else "",
-             "config_json": files.config_json or "", "source": json.dumps(files.source),
-             "face_model_config": configured.model_dump_json() if configured else ""}
+    face_json = configured.model_dump_json() if configured else ""
     try:
         check_gpus(rc.gpus_per_worker, "reconstruct.gpus_per_worker", rc.ray_address)
         ds = ray.data.from_items([it.as_dict() for it in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(_RayReconstructor, fn_constructor_args=(model, cfg.model_dump_json(),
+        ds = ds.map_batches(_RayReconstructor, fn_constructor_args=(files, face_json,
+                                                                    cfg.model_dump_json(),
                                                                     str(out), aligned),
                             batch_size=1, batch_format="numpy",
                             compute=ActorPoolStrategy(size=min(rc.workers, len(todo))),

@@ -1,6 +1,6 @@
 """The registered wildface model: the full DECA reconstructor (coarse + detail) as an MLflow
-pyfunc, logged "from code" (:func:`flows.tracking.register_model` passes this file; MLflow runs
-it at load time and takes the model given to ``set_model``), so no pickled object is stored.
+pyfunc, logged "from code" (:func:`flows.registry.log_reconstructor` passes this file; MLflow
+runs it at load time and takes the model given to ``set_model``), so no pickled object is stored.
 
 Load it with ``mlflow.pyfunc.load_model("models:/wildface-deca@challenger")`` (wildface must be
 installed where it loads) and call ``predict(images)``. It runs on the GPU when the loading
@@ -11,7 +11,7 @@ process sees one; ``load_model(uri, model_config={"device": "cpu"})`` (or ``cuda
 Trust: loaded the MLflow way, the copy of this file in the artifact store is executed, and the
 artifact store is not authenticated. wildface itself never does that: ``wildface
 reconstruct`` / ``evaluate`` / the pipeline load registered models with
-:func:`flows.model_uri.resolve_model`, which checks every file (this one included) against the
+:func:`flows.registry.resolve_model`, which checks every file (this one included) against the
 sha256 recorded in the version's ``sha256.*`` tags and reads the weights only. Whoever loads
 the pyfunc should run ``resolve_model`` on the URI first and load the checked folder it
 returns (``mlflow.pyfunc.load_model(str(files.checkpoint.parents[1]))``).
@@ -46,14 +46,14 @@ with warnings.catch_warnings():
         """
 
         def load_context(self, context) -> None:
+            from flows.registry import ModelFiles, load_model
             from recon.devices import set_cpu_threads
-            from recon.reconstruct import load_model
 
             config = context.model_config or {}
-            recon = load_model(context.artifacts["checkpoint"],
-                               recorded_face_model=context.artifacts["face_model"],
-                               config_json=Path(context.artifacts["config"]).read_text(),
-                               device=config.get("device", "auto"))
+            files = ModelFiles(checkpoint=Path(context.artifacts["checkpoint"]),
+                               face_model=Path(context.artifacts["face_model"]),
+                               config_json=Path(context.artifacts["config"]).read_text())
+            recon = load_model(files, device=config.get("device", "auto"))
             if recon.device.type == "cpu":
                 set_cpu_threads()
             self.model = recon.model

@@ -67,7 +67,7 @@ def retrain(
         logger.info("%d new photo(s) < retrain.min_new_images=%d: not retraining", new,
                     rc.min_new_images)
         return {"preprocess": pre, "skipped": f"{new} new photo(s)"}
-    uri = tracking_uri or tracking.resolve_tracking_uri(cfg.tracking, out_path, cfg.services)
+    uri = tracking.resolve_tracking_uri(cfg.tracking, out_path, cfg.services, given=tracking_uri)
     trained = train(data=data, out=str(out_path / "train"), config=config, overrides=overrides,
                     tracking_uri=uri)
     version = trained["model"]

@@ -1,4 +1,5 @@
-"""MLflow tracking and registry of wildface training runs.
+"""MLflow tracking of wildface training runs: where runs go, what a run records, per-step
+logging and the training figure.
 
 - Runs: one parent run per pipeline (or per ``train`` flow) and one nested run per stage
   (``coarse``, ``detail``) holding the full resolved config as params, the dataset's
@@ -6,16 +7,12 @@
   step time as metrics, and every ``tracking.figure_every`` steps a DECA-style figure.
   The driver creates the stage run; the rank-0 Ray Train worker logs into it by run id
   (:class:`StepLogger`), so metrics need no round trip through Ray.
-- Registry: the full coarse+detail reconstructor is ONE registered model, a pyfunc
-  (:class:`flows.reconstructor.Reconstructor`) whose artifacts are the detail checkpoint, the resolved config and
-  the face model's cached arrays; each new version gets the ``tracking.alias`` alias
-  (``challenger``) and tags naming its data, metrics and the sha256 of its files (checked at
-  every load, :mod:`flows.model_uri`). Aliases, never stages; every move of one records who,
-  when and the previous holder (:func:`set_alias`).
+- The registered model (logging, registering, aliases, loading) is :mod:`flows.registry`'s.
 
-Where runs go (:func:`resolve_tracking_uri`): ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``,
-else the MLflow server of ``wildface services`` when it answers, else a sqlite store in the
-output folder (``sqlite:///OUT/mlflow.db``, artifacts in ``OUT/mlartifacts``).
+Where runs and models are (:func:`resolve_tracking_uri`, the one resolver): a given
+``--tracking-uri``, else ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the MLflow server
+of ``wildface services`` when it answers, else a sqlite store in the output folder
+(``sqlite:///OUT/mlflow.db``, artifacts in ``OUT/mlartifacts``).
 """
 from __future__ import annotations
 
@@ -27,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,13 +35,9 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from flows.model_uri import (CODE_FILE, MLMODEL, alias_tag, assert_finite_model,
-                             model_checksums, resolve_model, services_mlflow_uri)
 from infra.config import ServicesConfig, TrackingConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# MLflow models-from-code file of the registered pyfunc (no pickled Python objects).
-RECONSTRUCTOR_FILE = Path(__file__).resolve().parent / "reconstructor.py"
 FIGURE_ROWS = ("input", "landmarks 2D (green target, red predicted)", "landmarks 3D",
                "coarse shape", "detailed shape", "textured render")
 
@@ -58,16 +52,47 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike,
-                         services: ServicesConfig | None = None) -> str:
-    """``cfg.uri`` > ``$MLFLOW_TRACKING_URI`` > services' server > sqlite in ``out_dir``
-    (:func:`absolute_uri`)."""
-    given = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if given:
-        return absolute_uri(given)
+def _server_answers(uri: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def services_mlflow_uri(services: ServicesConfig | None = None) -> str | None:
+    """The MLflow server of ``wildface services`` when it answers, else None."""
+    svc = services or ServicesConfig()
+    uri = f"http://{svc.host}:{svc.mlflow_port}"
+    return uri if _server_answers(uri) else None
+
+
+def resolve_tracking_uri(cfg: TrackingConfig | None = None,
+                         out_dir: str | os.PathLike | None = None,
+                         services: ServicesConfig | None = None, *,
+                         given: str | None = None) -> str:
+    """Where runs and models are, the first of: ``given`` (a ``--tracking-uri``),
+    ``cfg.uri`` (``tracking.uri``), ``$MLFLOW_TRACKING_URI``, without ``out_dir`` the URI
+    this process set (``mlflow.set_tracking_uri``), the services' server when it answers,
+    then the sqlite store in ``out_dir``. Without ``out_dir`` and nothing found: ValueError.
+    A relative sqlite database is made absolute (:func:`absolute_uri`).
+
+    The process's own URI is skipped for an output folder: an earlier flow in this process
+    would otherwise pull a new run into its store."""
+    explicit = given or (cfg.uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        return absolute_uri(explicit)
+    if out_dir is None:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+        if is_tracking_uri_set():
+            return mlflow.get_tracking_uri()
     served = services_mlflow_uri(services)
     if served:
         return served
+    if out_dir is None:
+        raise ValueError("an MLflow model URI needs a tracking URI: pass --tracking-uri, set "
+                         "MLFLOW_TRACKING_URI or tracking.uri, or start `wildface services up`")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
@@ -301,24 +326,6 @@ def download_latest_figure(client: MlflowClient, run_id: str, directory: Path,
 
 
 # -- the figure -------------------------------------------------------------------------------
-def _to_uint8(images) -> np.ndarray:
-    """(B, 3, H, W) tensor in [0, 1] -> (B, H, W, 3) uint8."""
-    return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255
-            ).round().astype(np.uint8)
-
-
-def _draw_points(image: np.ndarray, points: np.ndarray, colour: tuple[int, int, int]) -> None:
-    """Draw (N, 2) points in the [-1, 1] image convention as 3x3 squares, in place."""
-    H, W = image.shape[:2]
-    cols = np.round((points[:, 0] + 1) * W / 2 - 0.5).astype(int)
-    rows = np.round((points[:, 1] + 1) * H / 2 - 0.5).astype(int)
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            r, c = rows + dr, cols + dc
-            ok = (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            image[r[ok], c[ok]] = colour
-
-
 def deca_figure(model, images, landmarks) -> np.ndarray:
     """DECA's training figure for a fixed set of images: a (6 H, B W, 3) uint8 grid.
 
@@ -329,7 +336,8 @@ def deca_figure(model, images, landmarks) -> np.ndarray:
     """
     import torch
 
-    from recon.render import ndc_to_image
+    from recon.reconstruct import to_uint8
+    from recon.render import draw_landmarks, ndc_to_image
 
     was_training = model.training
     model.eval()
@@ -337,148 +345,11 @@ def deca_figure(model, images, landmarks) -> np.ndarray:
         rec = model.reconstruct(images, with_detail=True, render=True)
         lmk3d = ndc_to_image(model.project(rec.landmarks3d, rec.codes.cam))[..., :2]
     model.train(was_training)
-    inputs = _to_uint8(images)
-    lmk2d_rows, lmk3d_rows = inputs.copy(), inputs.copy()
-    for b in range(inputs.shape[0]):
-        _draw_points(lmk2d_rows[b], landmarks[b].cpu().numpy(), (0, 255, 0))
-        _draw_points(lmk2d_rows[b], rec.landmarks2d[b].cpu().numpy(), (255, 0, 0))
-        _draw_points(lmk3d_rows[b], lmk3d[b].cpu().numpy(), (0, 128, 255))
+    landmarks = landmarks.to(images.device)
+    lmk2d = draw_landmarks(draw_landmarks(images, landmarks, (0.0, 1.0, 0.0)),
+                           rec.landmarks2d, (1.0, 0.0, 0.0))
+    lmk3d = draw_landmarks(images, lmk3d, (0.0, 128 / 255, 1.0))
     detail_shape = rec.shape_detail_images if rec.shape_detail_images is not None else rec.shape_images
     textured = rec.images_detail if rec.images_detail is not None else rec.images
-    rows = [inputs, lmk2d_rows, lmk3d_rows, _to_uint8(rec.shape_images),
-            _to_uint8(detail_shape), _to_uint8(textured)]
-    return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-
-
-# -- the registered model -----------------------------------------------------------------------
-def log_reconstructor(uri: str, cfg, *, run_id: str, detail_checkpoint: str,
-                      coarse_checkpoint: str) -> str:
-    """Log the reconstructor pyfunc (:mod:`flows.reconstructor`) into ``run_id`` as ``model/``:
-    artifacts = both checkpoints, the resolved config and the face model's arrays. The sha256
-    of every file (:func:`flows.model_uri.model_checksums`, the ``MLmodel`` and the code file
-    included) become ``sha256.*`` tags of the logged model: the record each load checks the
-    artifact store's copies against. Returns the model URI (``models:/m-...``) to load or
-    register."""
-    from importlib.metadata import version
-
-    from recon.flame_io import load_face_model
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
-    with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
-        config_path = Path(tmp) / "config.json"
-        config_path.write_text(cfg.model_dump_json(indent=1))
-        face_path = load_face_model(cfg.face_model).save_npz(Path(tmp) / "face_model.npz")
-        artifacts = {"checkpoint": detail_checkpoint, "coarse_checkpoint": coarse_checkpoint,
-                     "config": str(config_path), "face_model": str(face_path)}
-        # Hashed here, from the files handed to MLflow, not read back from its artifact store.
-        record = model_checksums({**artifacts, CODE_FILE: RECONSTRUCTOR_FILE})
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(RECONSTRUCTOR_FILE), artifacts=artifacts,
-                # Declared so that loading may override it (load_model(model_config=...) or
-                # MLFLOW_PYFUNC_INFERENCE_CONFIG): MLflow ignores keys not logged here.
-                model_config={"device": "auto"},
-                # Explicit requirements: inferring them would load the model in a subprocess.
-                pip_requirements=[f"wildface=={version('wildface')}",
-                                  f"torch=={version('torch')}", f"mlflow=={mlflow.__version__}"],
-            )
-        # MLflow writes the MLmodel itself: read back at once, before anyone else uses it.
-        logged = client.get_logged_model(info.model_id)
-        mlmodel = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{logged.artifact_location.rstrip('/')}/{MLMODEL}", dst_path=tmp,
-            tracking_uri=uri)
-        record.update(model_checksums({MLMODEL: mlmodel}))
-    client.set_logged_model_tags(info.model_id, record)
-    return info.model_uri
-
-
-def register_model(uri: str, cfg, model_uri: str, *, run_id: str, data: str,
-                   metrics: Mapping[str, float] | None = None,
-                   extra_tags: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Register ``model_uri`` as a new version of ``tracking.registered_model``, tagged with
-    its data (root, manifest hash), code version, face model, backbone, ``metrics``
-    (``metric.<name>``) and the sha256 of its files (``sha256.*``), and point the
-    ``tracking.alias`` alias (``challenger``) at it (:func:`set_alias`).
-    Returns ``{"name", "version", "uri", "run_id"}``.
-
-    Refused, registering nothing: a model whose files do not match the checksums recorded when
-    it was logged (:class:`flows.model_uri.ModelIntegrityError`) and one whose checkpoint holds
-    ``inf`` / ``nan`` (:class:`recon.training.checkpoint.NonFiniteState`)."""
-
-    tc = cfg.tracking
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
-    with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
-        files = resolve_model(model_uri, tmp, uri)
-        assert_finite_model(files)
-    mv = mlflow.register_model(model_uri, tc.registered_model)
-    tags = {"data_root": str(data), "code_version": code_version(),
-            "face_model": cfg.face_model.path if cfg.face_model.path == "demo-head"
-            else Path(cfg.face_model.path).name, "backbone": cfg.model.backbone}
-    tags.update({f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()
-                 if isinstance(v, (int, float))})
-    tags["manifest_sha256"] = client.get_run(run_id).data.tags.get("wildface.manifest_sha256",
-                                                                   "unknown")
-    tags.update(extra_tags or {})
-    tags.update(files.checksums)  # last: nothing else may overwrite the record
-    for k, v in tags.items():
-        client.set_model_version_tag(tc.registered_model, mv.version, k, str(v)[:5000])
-    set_alias(client, tc.registered_model, tc.alias, mv.version)
-    return {"name": tc.registered_model, "version": str(mv.version),
-            "uri": f"models:/{tc.registered_model}/{mv.version}", "run_id": run_id}
-
-
-def _who() -> str:
-    """``user@host`` of this process (the uid when the user has no name here)."""
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry or $USER
-        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def set_alias(client: MlflowClient, name: str, alias: str, version: str | int) -> str | None:
-    """Point ``alias`` of registered model ``name`` at ``version``, the one way wildface moves
-    an alias: who, when and the previous holder are written to the version's tags
-    (:func:`alias_tag`) before the move, so no move is left without a record. Returns the
-    previous holder's version (None when the alias was free)."""
-    from datetime import datetime, timezone
-
-    try:
-        previous = str(client.get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:  # the alias is free
-        previous = None
-    record = {"set_by": _who(),
-              "set_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "previous": previous or "none"}
-    for field, value in record.items():
-        client.set_model_version_tag(name, str(version), alias_tag(alias, field), value)
-    client.set_registered_model_alias(name, alias, str(version))
-    return previous
-
-
-def download_coarse_checkpoint(ref: str, uri: str, directory: Path) -> Path:
-    """The coarse checkpoint of ``runs:/<run id>`` (its ``checkpoint/`` artifact) or of a
-    registered version ``models:/<name>/<version>`` / ``models:/<name>@<alias>``, downloaded
-    to ``directory``."""
-    client = MlflowClient(uri, uri)
-    directory.mkdir(parents=True, exist_ok=True)
-    if ref.startswith("runs:/"):
-        run_id = ref[len("runs:/"):].strip("/").split("/")[0]
-        files = [f.path for f in client.list_artifacts(run_id, "checkpoint")
-                 if f.path.endswith(".pt")]
-        if not files:
-            raise FileNotFoundError(f"{ref}: the run has no checkpoint/ artifact")
-        return Path(client.download_artifacts(run_id, sorted(files)[-1], str(directory)))
-
-    files = resolve_model(ref, directory, uri)  # checked against the version's record
-    coarse = files.artifacts.get("coarse_checkpoint")
-    if coarse is None or not coarse.name.startswith("coarse-"):
-        raise FileNotFoundError(f"{ref}: the model version has no coarse checkpoint artifact")
-    return coarse
+    rows = [images, lmk2d, lmk3d, rec.shape_images, detail_shape, textured]
+    return np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)

@@ -58,7 +58,7 @@ apply_offline_env()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from flows import tracking  # noqa: E402
+from flows import registry, tracking  # noqa: E402
 from flows.ray_cluster import (  # noqa: E402
     check_gpus,
     credentials_file,
@@ -248,7 +248,7 @@ def resolve_checkpoint(ref: str, directory: Path, tracking_uri: str | None,
     if ref.startswith(("runs:/", "models:/")):
         if not tracking_uri:
             raise ValueError(f"{ref}: an MLflow reference needs a tracking URI")
-        ref = str(tracking.download_coarse_checkpoint(ref, tracking_uri, directory))
+        ref = str(registry.download_coarse_checkpoint(ref, tracking_uri, directory))
     elif not storage.is_s3(ref) and not Path(ref).is_file():
         raise FileNotFoundError(f"coarse checkpoint not found: {ref}")
     if rc.address and storage.is_s3(rc.storage_path) and not storage.is_s3(ref):
@@ -282,7 +282,7 @@ def train_stage_task(cfg: WildfaceConfig, stage: Stage, data: str, out_dir: str,
 @task(name="log-model")
 def log_model_task(cfg: WildfaceConfig, tracking_uri: str, coarse: dict, detail: dict) -> str:
     """Log the reconstructor into the detail stage's run; returns its model URI."""
-    return tracking.log_reconstructor(tracking_uri, cfg, run_id=detail["mlflow_run_id"],
+    return registry.log_reconstructor(tracking_uri, cfg, run_id=detail["mlflow_run_id"],
                                       detail_checkpoint=detail["checkpoint"],
                                       coarse_checkpoint=coarse["checkpoint"])
 
@@ -294,7 +294,7 @@ def register_task(cfg: WildfaceConfig, tracking_uri: str, model_uri: str, coarse
     all_metrics = {**{f"coarse.{k}": v for k, v in coarse["metrics"].items()},
                    **{f"detail.{k}": v for k, v in detail["metrics"].items()},
                    **(metrics or {})}
-    version = tracking.register_model(tracking_uri, cfg, model_uri,
+    version = registry.register_model(tracking_uri, cfg, model_uri,
                                       run_id=detail["mlflow_run_id"], data=data,
                                       metrics=all_metrics)
     get_run_logger().info("registered %s version %s (alias %s)", version["name"],
@@ -346,7 +346,7 @@ def train(
     cfg_d = stage_config(config, overrides, detail_overrides)
     # The Ray Train workers and the run's records must not depend on the caller's folder.
     data = storage.absolute(data)
-    uri = tracking_uri or tracking.resolve_tracking_uri(cfg_d.tracking, out, cfg_d.services)
+    uri = tracking.resolve_tracking_uri(cfg_d.tracking, out, cfg_d.services, given=tracking_uri)
     with tracking.parent_run(uri, cfg_d.tracking.experiment, "train",
                              cfg_d.model_dump(mode="json")) as parent:
         results = train_stages(cfg_c, cfg_d, data, out, uri, parent, coarse, run_name)

@@ -69,7 +69,7 @@ def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, tmp_pat
     NoW metrics and the curve on the version's run; promote then makes it champion."""
     from mlflow.tracking import MlflowClient
 
-    from flows import tracking
+    from flows import registry, tracking
     from flows.evaluate import evaluate
     from flows.promote import promote
 
@@ -79,10 +79,10 @@ def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, tmp_pat
     exp_id = tracking.setup(uri, cfg.tracking.experiment)
     client = MlflowClient(uri, uri)
     run_id = client.create_run(exp_id, run_name="detail").info.run_id
-    model_uri = tracking.log_reconstructor(uri, cfg, run_id=run_id,
+    model_uri = registry.log_reconstructor(uri, cfg, run_id=run_id,
                                            detail_checkpoint=str(checkpoint),
                                            coarse_checkpoint=str(checkpoint))
-    version = tracking.register_model(uri, cfg, model_uri, run_id=run_id, data=str(synth))
+    version = registry.register_model(uri, cfg, model_uri, run_id=run_id, data=str(synth))
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -117,7 +117,7 @@ def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, tmp_pat
     assert str(champion.version) == version["version"]
 
     # the registered model carries its face model: another one is refused
-    from flows.model_uri import load_reconstructor
+    from flows.registry import load_reconstructor
     from recon.reconstruct import FaceModelMismatch
     from tiny_face_model import tiny_face_assets
 

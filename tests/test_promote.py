@@ -93,7 +93,7 @@ def registry(store, request):
     run logged ``now_median``, with its files' sha256 recorded as registration records them,
     and ``now_mean_face_median`` (``baseline``: the mean face's, 2.0 unless given), with its
     files' sha256 recorded as registration records them, and gives it the challenger alias."""
-    from flows.model_uri import model_checksums
+    from flows.registry import model_checksums
 
     root, uri, client, exp = store
     name = f"{MODEL}-{request.node.name}".replace("[", "-").replace("]", "")

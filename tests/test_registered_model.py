@@ -14,14 +14,14 @@ from reconstruct_fixtures import tiny_config
 def logged(checkpoint, tmp_path_factory):  # noqa: F811 (fixture)
     from mlflow.tracking import MlflowClient
 
-    from flows import tracking
+    from flows import registry, tracking
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = tiny_config(**{"tracking.uri": uri})
     exp_id = tracking.setup(uri, cfg.tracking.experiment)
     run_id = MlflowClient(uri, uri).create_run(exp_id, run_name="detail").info.run_id
-    return tracking.log_reconstructor(uri, cfg, run_id=run_id,
+    return registry.log_reconstructor(uri, cfg, run_id=run_id,
                                       detail_checkpoint=str(checkpoint),
                                       coarse_checkpoint=str(checkpoint))
 

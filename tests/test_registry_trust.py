@@ -21,8 +21,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows import tracking
-from flows.model_uri import ModelIntegrityError, load_reconstructor, resolve_model
+from flows import registry, tracking
+from flows.registry import ModelIntegrityError, load_reconstructor, resolve_model
 from reconstruct_fixtures import tiny_config, untrained_checkpoint
 from recon.evaluation.config import PromotionConfig
 from recon.training.checkpoint import NonFiniteState
@@ -47,9 +47,9 @@ def store(tmp_path_factory):
     exp_id = tracking.setup(uri, cfg.tracking.experiment)
     client = MlflowClient(uri, uri)
     run_id = client.create_run(exp_id, run_name="detail").info.run_id
-    model_uri = tracking.log_reconstructor(uri, cfg, run_id=run_id, detail_checkpoint=str(ckpt),
+    model_uri = registry.log_reconstructor(uri, cfg, run_id=run_id, detail_checkpoint=str(ckpt),
                                            coarse_checkpoint=str(coarse))
-    version = tracking.register_model(uri, cfg, model_uri, run_id=run_id, data="synthetic")
+    version = registry.register_model(uri, cfg, model_uri, run_id=run_id, data="synthetic")
     logged = client.get_logged_model(model_uri.rsplit("/", 1)[-1])
     folder = Path(urlparse(logged.artifact_location).path)  # the artifact store's copy
     return {"root": root, "uri": uri, "cfg": cfg, "client": client, "run_id": run_id,
@@ -77,6 +77,25 @@ def _evil_code(marker: Path) -> bytes:
             "raise RuntimeError('the replaced file ran')\n").encode()
 
 
+def test_model_uris_are_read_into_their_parts():
+    """The forms of MLflow's docs (models:/<name>/<version>, models:/<name>@<alias>,
+    models:/<model id>, runs:/<run id>/<path>); anything else is refused by name."""
+    from flows.registry import ModelRef, parse_model_uri
+
+    assert parse_model_uri("models:/wildface-deca@champion") == ModelRef(
+        "models:/wildface-deca@champion", name="wildface-deca", alias="champion")
+    assert parse_model_uri("models:/wildface-deca/12") == ModelRef(
+        "models:/wildface-deca/12", name="wildface-deca", version="12")
+    assert parse_model_uri("models:/m-0a1b") == ModelRef("models:/m-0a1b", model_id="m-0a1b")
+    assert parse_model_uri("runs:/abc123") == ModelRef("runs:/abc123", run_id="abc123",
+                                                       path="model")
+    assert parse_model_uri("runs:/abc123/detail_model").path == "detail_model"
+    for bad in ("models:/wildface-deca", "models:/wildface-deca/latest", "models:/@champion",
+                "runs:/abc123/../x", "runs:/", "/tmp/detail-000000001.pt"):
+        with pytest.raises(ValueError, match="expected|not an MLflow"):
+            parse_model_uri(bad)
+
+
 def test_files_and_record_match_after_registration(store):
     client, v = store["client"], store["version"]
     tags = client.get_model_version(MODEL, v["version"]).tags
@@ -88,7 +107,7 @@ def test_files_and_record_match_after_registration(store):
     assert record["sha256.face_model"] == sha256_file(folder / "artifacts/face_model.npz")
     assert record["sha256.MLmodel"] == sha256_file(folder / "MLmodel")
     assert record["sha256.python_model"] == sha256_file(
-        Path(tracking.RECONSTRUCTOR_FILE))
+        Path(registry.RECONSTRUCTOR_FILE))
     for ref in (v["uri"], f"models:/{MODEL}@challenger", store["model_uri"],
                 f"runs:/{store['run_id']}"):
         files = resolve_model(ref, tracking_uri=store["uri"])
@@ -121,11 +140,11 @@ def test_tampered_checkpoint_is_refused_with_both_hashes(store, tmp_path):
 def test_a_detail_stage_starts_only_from_the_recorded_coarse_checkpoint(store, tmp_path):
     v, uri = store["version"], store["uri"]
     target = store["folder"] / "artifacts" / "coarse-000000001.pt"
-    got = tracking.download_coarse_checkpoint(v["uri"], uri, tmp_path / "ok")
+    got = registry.download_coarse_checkpoint(v["uri"], uri, tmp_path / "ok")
     assert got.name == target.name and sha256_file(got) == sha256_file(target)
     with replaced(target, _other_weights(store, tmp_path)):
         with pytest.raises(ModelIntegrityError, match="coarse_checkpoint"):
-            tracking.download_coarse_checkpoint(v["uri"], uri, tmp_path / "bad")
+            registry.download_coarse_checkpoint(v["uri"], uri, tmp_path / "bad")
 
 
 def test_the_pipelines_heldout_check_runs_on_the_checked_model(store, tmp_path):
@@ -177,11 +196,11 @@ def test_a_model_without_a_record_is_refused(store, tmp_path):
 
 def test_an_alias_moved_outside_wildface_is_reported(store, tmp_path, caplog):
     store["client"].set_registered_model_alias(MODEL, "by-hand", store["version"]["version"])
-    with caplog.at_level(logging.WARNING, logger="flows.model_uri"):
+    with caplog.at_level(logging.WARNING, logger="flows.registry"):
         resolve_model(f"models:/{MODEL}@by-hand", tmp_path, store["uri"])
     assert "set outside wildface" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="flows.model_uri"):
+    with caplog.at_level(logging.WARNING, logger="flows.registry"):
         resolve_model(f"models:/{MODEL}@challenger", tmp_path / "2", store["uri"])
     assert "set outside wildface" not in caplog.text
 
@@ -201,12 +220,12 @@ def test_a_nan_checkpoint_is_never_registered(store, tmp_path):
     client, uri, cfg = store["client"], store["uri"], store["cfg"]
     bad = _nan_checkpoint(store, tmp_path / "detail-000000002.pt")
     run_id = client.create_run(store["exp_id"], run_name="diverged").info.run_id
-    model_uri = tracking.log_reconstructor(uri, cfg, run_id=run_id, detail_checkpoint=str(bad),
+    model_uri = registry.log_reconstructor(uri, cfg, run_id=run_id, detail_checkpoint=str(bad),
                                            coarse_checkpoint=str(bad))
     before = {m.version for m in client.search_model_versions(f"name='{MODEL}'")}
     challenger = str(client.get_model_version_by_alias(MODEL, "challenger").version)
     with pytest.raises(NonFiniteState, match="non-finite"):
-        tracking.register_model(uri, cfg, model_uri, run_id=run_id, data="synthetic")
+        registry.register_model(uri, cfg, model_uri, run_id=run_id, data="synthetic")
     assert {m.version for m in client.search_model_versions(f"name='{MODEL}'")} == before
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == challenger
 
@@ -235,7 +254,7 @@ def test_promotion_records_who_and_when_and_refuses_a_tampered_or_diverged_model
     assert tags["alias.champion.previous"] == "none"
 
     # a better version 2 whose checkpoint is replaced in the store after registration
-    v2 = tracking.register_model(uri, cfg, store["model_uri"], run_id=store["run_id"],
+    v2 = registry.register_model(uri, cfg, store["model_uri"], run_id=store["run_id"],
                                  data="synthetic")
     client.set_model_version_tag(MODEL, v2["version"], "now_median", "1.0")
     client.set_model_version_tag(MODEL, v2["version"], "now_mean_face_median", "2.0")
@@ -257,7 +276,7 @@ def test_promotion_refuses_a_diverged_model(store, tmp_path):
     another tool): the promotion's own check refuses it."""
     import mlflow
 
-    from flows.model_uri import model_checksums
+    from flows.registry import model_checksums
     from flows.promote import promote_version
 
     client = store["client"]

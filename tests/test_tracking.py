@@ -22,24 +22,68 @@ def test_flatten_nested_config_to_params():
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
     closed = ServicesConfig(mlflow_port=9)  # nothing answers on the discard port
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(mlflow_uri, "_tracking_uri", None)  # nothing set in this process
     assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path, closed) == \
         f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    # without an output folder (a model to read) there is nowhere to fall back to
+    with pytest.raises(ValueError, match="--tracking-uri"):
+        tracking.resolve_tracking_uri(services=closed)
+    # a URI this process set serves a model to read, never a new output folder's runs
+    monkeypatch.setattr(mlflow_uri, "_tracking_uri", "http://127.0.0.1:2")
+    assert tracking.resolve_tracking_uri(services=closed) == "http://127.0.0.1:2"
+    assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path, closed).startswith("sqlite")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path, closed) == "http://127.0.0.1:1"
+    assert tracking.resolve_tracking_uri(services=closed) == "http://127.0.0.1:1"
     assert tracking.resolve_tracking_uri(TrackingConfig(uri="file:///x"), tmp_path, closed) == \
         "file:///x"
+    # a --tracking-uri comes before tracking.uri
+    assert tracking.resolve_tracking_uri(TrackingConfig(uri="file:///x"), tmp_path, closed,
+                                         given="http://127.0.0.1:3") == "http://127.0.0.1:3"
     # a relative sqlite database is the caller's, not the folder a Ray worker runs in
     monkeypatch.chdir(tmp_path)
     assert tracking.resolve_tracking_uri(TrackingConfig(uri="sqlite:///runs/m.db"), "out",
                                          closed) == f"sqlite:///{tmp_path.resolve()}/runs/m.db"
+    assert tracking.resolve_tracking_uri(given="sqlite:///m.db") == \
+        f"sqlite:///{tmp_path.resolve()}/m.db"
     assert tracking.resolve_tracking_uri(TrackingConfig(uri="sqlite:////abs/m.db"), "out",
                                          closed) == "sqlite:////abs/m.db"
     # run_stage applies the same to a tracking URI given to it directly
     assert tracking.absolute_uri("sqlite:///m.db") == f"sqlite:///{tmp_path.resolve()}/m.db"
     assert tracking.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert "mlflow ui --backend-store-uri sqlite:///" in tracking.ui_hint("sqlite:////a/b.db")
+
+
+def test_the_services_mlflow_is_used_when_it_answers(tmp_path, monkeypatch):
+    """A server on 127.0.0.1 answering MLflow's ``/health`` stands in for the services'."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        svc = ServicesConfig(host="127.0.0.1", mlflow_port=server.server_port)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        expected = f"http://127.0.0.1:{server.server_port}"
+        assert tracking.resolve_tracking_uri(TrackingConfig(), tmp_path, svc) == expected
+        # before it: tracking.uri
+        assert tracking.resolve_tracking_uri(TrackingConfig(uri="file:///x"), tmp_path,
+                                             svc) == "file:///x"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class _Client:
@@ -71,20 +115,10 @@ def test_step_logger_means_every_n_steps():
     assert len(logger.client.batches) == 1
 
 
-def test_draw_points_marks_the_right_pixels():
-    img = np.zeros((8, 8, 3), np.uint8)
-    # image convention: -1/+1 are the outer edges; pixel centre (col 2, row 5) is at
-    # x = (2 + 0.5) / 8 * 2 - 1, y = (5 + 0.5) / 8 * 2 - 1
-    tracking._draw_points(img, np.array([[2.5 / 4 - 1, 5.5 / 4 - 1]]), (255, 0, 0))
-    marked = np.argwhere(img[..., 0] == 255)
-    assert marked.min(0).tolist() == [4, 1] and marked.max(0).tolist() == [6, 3]
-    tracking._draw_points(img, np.array([[5.0, 5.0]]), (0, 255, 0))  # off-image: ignored
-    assert not img[..., 1].any()
-
-
 @pytest.mark.slow
 def test_deca_figure_layout():
     from recon.deca import DECA
+    from recon.reconstruct import to_uint8
 
     cfg = load_config(None, ["model.backbone=mobilenet_v3_small", "model.hidden=16",
                              "model.image_size=32", "model.uv_size=16", "model.n_detail=4",
@@ -96,7 +130,7 @@ def test_deca_figure_layout():
     grid = tracking.deca_figure(model, images, lmk)
     assert grid.shape == (6 * 32, 3 * 32, 3) and grid.dtype == np.uint8
     # row 0 is the input itself; row 1 the input with target landmarks (green) drawn
-    np.testing.assert_array_equal(grid[:32, 32:64], tracking._to_uint8(images)[1])
+    np.testing.assert_array_equal(grid[:32, 32:64], to_uint8(images)[1])
     assert (grid[32:64, :32] == [0, 255, 0]).all(-1).any() or \
         (grid[32:64, :32] == [255, 0, 0]).all(-1).any()
     assert model.training  # restored after the figure

@@ -87,7 +87,8 @@ def predict(
 
     try:
         summary, info = predict_dataset(model, add_synthetic_landmarks(dataset, cfg), out, cfg,
-                                        face_model=face_model, tracking_uri=tracking_uri,
+                                        face_model=face_model,
+                                        tracking_uri=tracking_uri or cfg.tracking.uri,
                                         overwrite=overwrite)
     except (FaceModelMismatch, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

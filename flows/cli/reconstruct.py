@@ -51,7 +51,8 @@ def reconstruct(
 
     try:
         summary = run_batch(inputs, out, model, cfg, use_ray=ray, face_model=face_model,
-                            tracking_uri=tracking_uri, progress=progress, aligned=aligned)
+                            tracking_uri=tracking_uri or cfg.tracking.uri, progress=progress,
+                            aligned=aligned)
     except (FaceModelMismatch, FileNotFoundError, ValueError, OutputLocked) as err:
         _fail(str(err))
     typer.echo(json.dumps({k: summary[k] for k in ("inputs", "processed", "counts", "seconds")}))
@@ -89,7 +90,7 @@ def animate(
     cfg = load_config_or_exit(config, overrides)
     import tempfile
 
-    from flows.model_uri import load_reconstructor
+    from flows.registry import load_reconstructor
     from recon import animate as anim
     from recon.devices import set_cpu_threads
     from recon.reconstruct import FaceModelMismatch
@@ -98,7 +99,8 @@ def animate(
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         try:
             recon = load_reconstructor(model, face_model=face_model, directory=tmp,
-                                       tracking_uri=tracking_uri, device=cfg.reconstruct.device,
+                                       tracking_uri=tracking_uri or cfg.tracking.uri,
+                                       device=cfg.reconstruct.device,
                                        refine=cfg.reconstruct.refine)
         except (FaceModelMismatch, FileNotFoundError, ValueError) as err:
             _fail(str(err))
