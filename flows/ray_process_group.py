@@ -6,15 +6,20 @@ Ray Train's own setup (``TorchConfig``, Ray 2.60) has every worker call
 so anyone who can reach the machine can talk to the store for the whole run. Here rank 0
 binds a socket to its node IP (127.0.0.1 for a local Ray, the cluster address on a cluster)
 and hands it to the store (``master_listen_fd``); every rank joins the process group through
-that store. Everything else is Ray's setup (backend, worker environment, shutdown).
+that store. Gloo's own connections go over the interface that holds the rank's node IP
+(``GLOO_SOCKET_IFNAME``, unless set): by default gloo binds what the host name resolves to,
+often 127.0.0.1 (``/etc/hosts``), which ranks on other nodes cannot reach. Everything else
+is Ray's setup (backend, worker environment, shutdown).
 
 Imported by name in Ray's controller and workers (the config is pickled), so it lives in a
 module of its own and not in a flow file.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -39,12 +44,30 @@ def _listen_on_node_ip() -> tuple[str, int]:
     return addr, sock.getsockname()[1]
 
 
+def interface_of(addr: str) -> str | None:
+    """The network interface whose (IPv4) address is ``addr``; None when none is."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address
+                continue
+            if socket.inet_ntoa(raw[20:24]) == addr:
+                return name
+    return None
+
+
 def _join_process_group(backend: str, world_rank: int, world_size: int, addr: str, port: int,
                         timeout_s: int) -> None:
     """This rank's store (rank 0 serves the socket of :func:`_listen_on_node_ip`) and its
     membership of the default process group."""
     timeout = timedelta(seconds=timeout_s)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        iface = interface_of(ray.util.get_node_ip_address())
+        if iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
     if backend == "nccl" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
         # As Ray does: a timed-out collective fails the worker instead of hanging it.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")

@@ -1,0 +1,226 @@
+"""wildface on a Ray cluster of two hosts with no shared disk (:mod:`netns_cluster`: a head
+and a worker node, each in its own network namespace; the worker cannot see the driver's or
+the head's files). Data, shards, checkpoints and Ray Train's storage live on S3 (a moto
+server on the head's address, the only store both nodes reach).
+
+The driver runs on the head, as a user's would: the functions ``drive_*`` below, started
+there by :func:`drive` in a process of their own, write what they saw to a JSON file that
+the test reads.
+
+1. cluster helper (fast): namespaces, the private view of the worker, cleanup on failure;
+2. coarse training with one Ray Train worker per node (each node has one CPU), the worker
+   node killed (every process of it at once) once a checkpoint is registered, a node
+   started again: the run resumes from the last checkpoint and finishes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from netns_cluster import VENV_BIN, NetnsCluster
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+TESTS = Path(__file__).resolve().parent
+S3_PORT = 9000
+RUN = "multinode-coarse"
+STEPS = 10
+
+
+# -- the cluster helper --------------------------------------------------------------------------
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@needs_root
+def test_cluster_nodes_are_separate_hosts_and_cleanup_survives_a_failure():
+    with pytest.raises(RuntimeError, match="boom"):
+        with NetnsCluster() as c:
+            secret = c.driver_dir / "driver-only.txt"
+            secret.write_text("x")
+            head = c.ip["head"]
+            serve = ("import socket, time; s = socket.socket(); s.bind(('%s', 7000)); "
+                     "s.listen(); c, _ = s.accept(); c.send(b'hello'); time.sleep(600)" % head)
+            sleepers = {"head": c._spawn("head", [sys.executable, "-c", serve]),
+                        "worker": c._spawn("worker", ["sleep", "600"], private_root=True)}
+            dial = ("import socket, time; time.sleep(0.5); "
+                    "print(socket.create_connection(('%s', 7000), timeout=10).recv(5))" % head)
+            probe = c._spawn("worker", [
+                "sh", "-c", f"test -e {secret} && echo seen; ip -4 -o addr show; "
+                            f"{sys.executable} -c \"{dial}\""],
+                private_root=True, stdout=subprocess.PIPE, text=True)
+            out = probe.communicate(timeout=30)[0]
+            assert "seen" not in out  # the driver's folder is not on the worker's disk
+            assert f"{c.ip['worker']}/24" in out and "b'hello'" in out, out
+            assert secret.read_text() == "x"
+            pids = [p.pid for p in sleepers.values()]
+            for node, p in sleepers.items():
+                assert p.pid in c.pids(node)
+            names = set(c.netns.values())
+            root = c.root
+            raise RuntimeError("boom")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not names & {line.split()[0] for line in listed.splitlines() if line.strip()}
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                and "sleep" in _cmdline(pid)]
+    assert not root.exists()
+
+
+# -- the driver's side (run on the head) -----------------------------------------------------------
+def _config(root: Path, address: str) -> Path:
+    from conftest import E2E_BASE
+
+    tree = {k: dict(v) for k, v in E2E_BASE.items()}
+    tree["train"].update(steps=STEPS, pretrain_steps=2, checkpoint_every=2)
+    tree["ray"] = {"address": address, "num_workers": 2, "cpus_per_worker": 1,
+                   "max_failures": 4, "storage_path": "s3://wfruns/ray"}
+    tree["synth"] = {"identities": 4, "images_per_identity": 2, "image_size": 64}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _upload_shards(cfg, root: Path, uri: str) -> None:
+    """A synthetic set as a preprocessing output (two train shards of two identities, one
+    per rank) on S3."""
+    from infra import storage
+    from recon.synth import generate, iter_samples
+    from shard_fixtures import write_train_split
+
+    generate(root / "synth", cfg.synth, cfg.face_model)
+    local = write_train_split(root / "set", list(iter_samples(root / "synth")), per_shard=4,
+                              manifest=True)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.put_file(f, storage.join(uri, f.relative_to(local).as_posix()))
+
+
+def drive_coarse(root: str, address: str) -> None:
+    """Coarse training on the cluster; ``root/checkpointed`` appears once Ray has
+    registered a checkpoint (the test kills the worker node then)."""
+    import threading
+
+    from infra.offline import apply_offline_env
+
+    apply_offline_env()
+    from flows.config import load_config
+    from flows.train import run_stage
+    from infra import storage
+
+    root = Path(root)
+    cfg = load_config(_config(root, address))
+    storage.configure(cfg.storage)
+    for bucket in ("wfdata", "wfruns"):
+        storage._client().create_bucket(Bucket=bucket)
+    _upload_shards(cfg, root, "s3://wfdata/set")
+
+    done = threading.Event()
+
+    def watch() -> None:
+        # Ray writes this snapshot each time it registers a checkpoint.
+        snapshot = f"s3://wfruns/ray/{RUN}/checkpoint_manager_snapshot.json"
+        while not done.wait(0.5):
+            if storage.exists(snapshot):
+                (root / "checkpointed").write_text(storage.read_bytes(snapshot).decode())
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run_stage(cfg, "coarse", "s3://wfdata/set", root / "out", run_name=RUN)
+    finally:
+        done.set()
+    files = storage.list_files(f"s3://wfruns/ray/{RUN}")
+    (root / "coarse.json").write_text(json.dumps({**result.as_dict(), "files": files}))
+
+
+def drive(cluster: NetnsCluster, name: str, *args: str) -> subprocess.Popen:
+    """``drive_<name>(*args)`` in a process on the head (the driver's host and folder)."""
+    log = open(cluster.driver_dir / f"{name}.log", "ab")
+    with log:
+        return cluster.run([sys.executable, "-c",
+                            f"import sys, test_multinode as t; t.drive_{name}(*sys.argv[1:])",
+                            *args], env={"PYTHONPATH": str(TESTS)},
+                           stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log_tail(cluster: NetnsCluster, name: str) -> str:
+    return (cluster.driver_dir / f"{name}.log").read_text()[-4000:]
+
+
+# -- the cluster run -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    """Head and worker node up (one CPU each), moto on the head's address."""
+    endpoint = f"http://10.213.7.1:{S3_PORT}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+           # A lost node is declared dead after ~3 s instead of Ray's default ~30 s.
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+           "RAY_health_check_failure_threshold": "3"}
+    with NetnsCluster(env=env) as c:
+        c.start_node("head")
+        c.start_node("worker")
+        c.run([str(VENV_BIN / "moto_server"), "-H", c.ip["head"], "-p", str(S3_PORT)],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        c.wait_for_nodes(2)
+        yield c
+
+
+def _train_workers(cluster: NetnsCluster, node: str) -> list[int]:
+    return [pid for pid in cluster.pids(node) if "RayTrainWorker" in _cmdline(pid)]
+
+
+@needs_root
+@pytest.mark.slow
+def test_coarse_one_worker_per_node_resumes_after_losing_a_node(cluster):
+    from recon.training.checkpoint import load_checkpoint
+
+    root = cluster.driver_dir
+    driver = drive(cluster, "coarse", str(root), cluster.address)
+    deadline = time.monotonic() + 240
+    while not (root / "checkpointed").exists():
+        assert driver.poll() is None, _log_tail(cluster, "coarse")
+        assert time.monotonic() < deadline, _log_tail(cluster, "coarse")
+        time.sleep(0.2)
+    # one training worker on each node (each has one CPU)
+    workers = {n: _train_workers(cluster, n) for n in cluster.NODES}
+    cluster.kill("worker")
+    assert driver.poll() is None, "the run finished before the node was lost"
+    time.sleep(2)
+    cluster.start_node("worker")  # a node returns
+    assert driver.wait(timeout=300) == 0, _log_tail(cluster, "coarse")
+    assert [len(workers[n]) for n in cluster.NODES] == [1, 1], workers
+
+    result = json.loads((root / "coarse.json").read_text())
+    assert result["step"] == STEPS
+    # the restarted worker group started from a checkpoint registered before the loss
+    registered = json.loads((root / "checkpointed").read_text())
+    assert result["resumed_from"] is not None and 2 <= result["resumed_from"] < STEPS, result
+    assert result["resumed_from"] % 2 == 0 and registered
+    assert result["checkpoint_uri"].startswith(f"wfruns/ray/{RUN}/checkpoint_")
+    ckpts = [f for f in result["files"] if f.endswith(".pt")]
+    assert ckpts and not [f for f in result["files"] if f.endswith(".tmp")]
+    # the final checkpoint, copied to the driver's folder from S3, is complete
+    final = load_checkpoint(Path(result["checkpoint"]), stage="coarse")
+    assert final["step"] == STEPS and set(final) >= {"model", "optimizer", "step_state"}
+
+
+def test_gloo_interface_is_the_one_holding_the_node_ip():
+    from flows.ray_process_group import interface_of
+
+    listed = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True,
+                            text=True, check=True).stdout
+    pairs = [(f[1], f[3].split("/")[0]) for f in (line.split() for line in listed.splitlines())]
+    assert pairs
+    for name, addr in pairs:
+        assert interface_of(addr) == name.split("@")[0]
+    assert interface_of("10.213.7.250") is None  # an address of no interface here
