@@ -38,7 +38,7 @@ import posixpath
 import re
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +46,8 @@ from pathlib import Path
 from urllib.request import pathname2url
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from infra import storage
 from preprocessing import annotations
@@ -280,34 +282,69 @@ def _vgg_csv(uri: str | None, n_values: int) -> tuple[dict[str, int], np.ndarray
     return index, np.frombuffer(values, np.float32).reshape(-1, n_values)
 
 
-def read_vggface2(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
-    files = _files(root)
+def vggface2_listing(rels: Iterable[str] | pa.Array, listed: Mapping[str, Iterable[str]],
+                     cfg: PreprocessConfig) -> pa.Table:
+    """VGGFace2's entries, column-wise: one Arrow string column is ~30 bytes a name where an
+    entry object is ~1 kB, which is what keeps its 3.3 M images in memory (benchmarks/listing.py).
+
+    rels: the files under the root, relative to it; listed: {'train' | 'test': the NAME_IDs
+    of that split's bb_landmark csv files}. Returns columns ``rel``, ``label`` (the identity
+    folder; null when refused) and ``reason`` ('' when usable), sorted by ``rel``: every image
+    under ``train/`` or ``test/`` and every listed name, refused when it is absent, leads
+    outside the root or is not in a ``<split>/<identity>/`` folder."""
+    rels = rels if isinstance(rels, (pa.Array, pa.ChunkedArray)) else pa.array(rels, pa.string())
+    exts = "|".join(re.escape(e.lower().lstrip(".")) for e in cfg.extensions)
+    keep = pc.and_(pc.match_substring_regex(rels, "^(train|test)/"),
+                   pc.match_substring_regex(rels, rf"\.({exts})$", ignore_case=True))
+    disk = pc.filter(rels, keep)
+    parts = pc.extract_regex(disk, r"^(?P<split>train|test)/(?P<label>[^/]+)/[^/]+$")
+    deep = pc.invert(parts.is_valid())
+    label = pc.if_else(deep, pa.scalar(None, pa.string()), pc.struct_field(parts, [1]))
+    if pc.any(deep).as_py():
+        split_of = pc.struct_field(pc.extract_regex(disk, r"^(?P<split>train|test)/"), [0])
+        reason = pc.if_else(deep, pc.binary_join_element_wise(
+            "not in a ", split_of, "/<identity>/ folder", ""), "")
+    else:  # the usual case: one shared '' instead of a string column built per name
+        reason = pa.repeat("", len(disk))
+    # Names the csv files list (NAME_ID: the path without '.jpg') that are not on disk.
+    names = pa.array([f"{split}/{n}.jpg" for split in sorted(listed) for n in listed[split]],
+                     pa.string())
+    absent = pc.unique(pc.filter(names, pc.invert(pc.is_in(names, value_set=disk))))
+    why = ["unsafe name in bb_landmark" if _safe(rel.partition("/")[2],
+                                                 f"bb_landmark ({rel.partition('/')[0]})") is None
+           else "listed in bb_landmark but missing" for rel in absent.to_pylist()]
+    table = pa.concat_tables([
+        pa.table({"rel": disk, "label": label, "reason": reason}),
+        pa.table({"rel": absent, "label": pa.nulls(len(absent), pa.string()),
+                  "reason": pa.array(why, pa.string())})])
+    return table.sort_by("rel")
+
+
+def read_vggface2(root: str, cfg: PreprocessConfig,
+                  files: Mapping[str, str] | None = None) -> Iterator[InputFile]:
+    """files: {path relative to root: uri}, the listing of ``root`` when None."""
+    files = _files(root) if files is None else files
     if not any(r.startswith(("train/", "test/")) for r in files):
         raise LayoutError(f"vggface2 input {root}: no train/ or test/ folder")
-    for split in ("train", "test"):
-        boxes, box_v = _vgg_csv(_first(files, f"bb_landmark/loose_bb_{split}.csv"), 4)
-        lmks, lmk_v = _vgg_csv(_first(files, f"bb_landmark/loose_landmark_{split}.csv"), 10)
-        on_disk = {rel[len(split) + 1:] for rel in files
-                   if rel.startswith(split + "/") and _image_ext(rel, cfg)}
-        # Images on disk and names the csv files list (NAME_ID is the path without '.jpg').
-        listed = {f"{n}.jpg" for n in boxes} | {f"{n}.jpg" for n in lmks}
-        for name in sorted(on_disk | listed):
-            rel = f"{split}/{name}"
-            if name not in on_disk:
-                yield _refused(rel, "unsafe name in bb_landmark"
-                               if _safe(name, f"bb_landmark ({split})") is None
-                               else "listed in bb_landmark but missing")
-                continue
-            parts = name.split("/")
-            if len(parts) != 2:
-                yield _refused(rel, f"not in a {split}/<identity>/ folder")
-                continue
-            name_id = posixpath.splitext(name)[0]
-            b, p = boxes.get(name_id), lmks.get(name_id)
-            yield InputFile(
-                uri=files[rel], rel=rel, label=parts[0],
-                box=None if b is None else _box_xywh(*map(float, box_v[b])),
-                points=None if p is None else _points([float(x) for x in lmk_v[p]]))
+    csvs = {split: (_vgg_csv(_first(files, f"bb_landmark/loose_bb_{split}.csv"), 4),
+                    _vgg_csv(_first(files, f"bb_landmark/loose_landmark_{split}.csv"), 10))
+            for split in ("train", "test")}
+    listed = {split: set(boxes) | set(lmks) for split, ((boxes, _), (lmks, _)) in csvs.items()}
+    table = vggface2_listing(list(files), listed, cfg)
+    del listed
+    for rel, label, reason in zip(*(table.column(c).to_pylist()
+                                    for c in ("rel", "label", "reason"))):
+        if reason:
+            yield _refused(rel, reason)
+            continue
+        split, _, name = rel.partition("/")
+        (boxes, box_v), (lmks, lmk_v) = csvs[split]
+        name_id = posixpath.splitext(name)[0]
+        b, p = boxes.get(name_id), lmks.get(name_id)
+        yield InputFile(
+            uri=files[rel], rel=rel, label=label,
+            box=None if b is None else _box_xywh(*map(float, box_v[b])),
+            points=None if p is None else _points([float(x) for x in lmk_v[p]]))
 
 
 # ------------------------------------------------------------------------------- celeba
@@ -539,4 +576,4 @@ class VideoFrames:
 
 __all__ = ["AFLW_POINTS", "BUPT_RACES", "FIVE_POINTS", "InputFile", "LayoutError", "READERS",
            "VideoFrames", "frame_indices", "hash_inputs", "list_inputs", "local_copy",
-           "parse_inputs"]
+           "parse_inputs", "vggface2_listing"]

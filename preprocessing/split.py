@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import hashlib
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 
 def split_identities(identities: list[str], val_fraction: float, seed: int) -> dict[str, str]:
     """{identity: 'train' | 'val'}: identities ordered by a seeded hash, the first
@@ -18,3 +21,15 @@ def split_identities(identities: list[str], val_fraction: float, seed: int) -> d
         n_val = min(max(n_val, 1), len(unique) - 1)
     val = set(order[:n_val])
     return {i: ("val" if i in val else "train") for i in unique}
+
+
+def split_column(identities: pa.Array | pa.ChunkedArray, val_fraction: float,
+                 seed: int) -> pa.Array:
+    """The split of every row of an identity column, column-wise (3.3 M rows of ~9 k
+    identities: :func:`split_identities` runs on the distinct names only)."""
+    if isinstance(identities, pa.ChunkedArray):
+        identities = identities.combine_chunks()
+    coded = pc.dictionary_encode(identities)
+    names = coded.dictionary.to_pylist()
+    of = split_identities(names, val_fraction, seed)
+    return pc.take(pa.array([of[n] for n in names], pa.string()), coded.indices)

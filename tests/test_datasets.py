@@ -337,3 +337,45 @@ def test_preprocess_command_mixes_datasets(tmp_path):
     assert all(i.startswith(("vggface2/n", "celeba/")) for i in ok.identity)
     assert ok.groupby("identity").split.nunique().max() == 1
     assert json.loads((tmp_path / "out" / "identities.json").read_text())
+
+
+# ------------------------------------------------------------------ listing at scale
+def test_vggface2_listing_columns_refuse_what_read_vggface2_refuses():
+    from preprocessing.datasets import vggface2_listing
+
+    table = vggface2_listing(
+        ["train/n1/a.jpg", "test/n2/x/b.JPG", "train/n1/c.txt", "test/top.jpg",
+         "bb_landmark/loose_bb_train.csv"],
+        {"train": ["n1/a", "n9/z", "../../etc/passwd"]}, CFG)
+    assert table.to_pylist() == [
+        {"rel": "test/n2/x/b.JPG", "label": None, "reason": "not in a test/<identity>/ folder"},
+        {"rel": "test/top.jpg", "label": None, "reason": "not in a test/<identity>/ folder"},
+        {"rel": "train/../../etc/passwd.jpg", "label": None,
+         "reason": "unsafe name in bb_landmark"},
+        {"rel": "train/n1/a.jpg", "label": "n1", "reason": ""},
+        {"rel": "train/n9/z.jpg", "label": None, "reason": "listed in bb_landmark but missing"}]
+
+
+def test_listing_benchmark_builds_an_identity_disjoint_manifest():
+    import pyarrow as pa
+
+    from benchmarks.listing import VGGFACE2_IDENTITIES, run
+    from preprocessing.manifest import SCHEMA
+    from preprocessing.split import split_identities
+
+    out = run(10_000, val_fraction=0.2, seed=3)
+    m = out["table"].to_pandas()
+    assert out["table"].schema == SCHEMA and len(m) == 10_000
+    assert list(m.path) == sorted(m.path) and m.path.is_unique
+    assert (m.status == "ok").all() and set(m.source) == {"vggface2"}
+    # VGGFace2's layout: the identity is the folder, namespaced by the source.
+    row = m.iloc[0]
+    assert row.path.split("/")[2] == row.source_identity
+    assert row.identity == f"vggface2/{row.source_identity}"
+    assert m.identity.nunique() == VGGFACE2_IDENTITIES
+    assert m.groupby("identity").split.nunique().max() == 1  # one split per person
+    of = split_identities(list(m.identity), 0.2, 3)  # the per-name split, row by row
+    assert (m.split == m.identity.map(of)).all()
+    assert (m.groupby("identity").split.first() == "val").sum() == round(0.2 * VGGFACE2_IDENTITIES)
+    assert isinstance(out["peak_rss_mb"]["parquet"], int) and out["manifest_bytes"] > 0
+    assert pa.array(m.frame).null_count == 10_000  # a column not given: a rejected row's value
