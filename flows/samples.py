@@ -51,9 +51,10 @@ def _store(samples: Callable[[], Iterable[Mapping]], source: str,
     return cached_store(samples, cache_dir, source, identities)
 
 
-def _identities_in(data: str, part: Sequence[str]) -> int | None:
-    """How many identities the shards ``part`` of a preprocessing output hold, counted in
-    its manifest (no shard is read); None when it has no manifest."""
+def _identities_in(data: str, part: Sequence[str], k_images: int = 1) -> int | None:
+    """How many identities with at least ``k_images`` images the shards ``part`` of a
+    preprocessing output hold, counted in its manifest (no shard is read); None when it has
+    no manifest."""
     from preprocessing.manifest import MANIFEST_FILE, read_manifest
 
     if not storage.exists(storage.join(data, MANIFEST_FILE)):
@@ -62,17 +63,19 @@ def _identities_in(data: str, part: Sequence[str]) -> int | None:
     # Manifest shards are relative ("shards/train-000000.tar"); URLs end with the same name.
     names = {url.rsplit("/", 1)[-1] for url in part}
     in_part = rows["shard"].map(lambda shard: shard.rsplit("/", 1)[-1] in names)
-    return int(rows.loc[(rows["status"] == "ok") & in_part, "identity"].nunique())
+    sizes = rows.loc[(rows["status"] == "ok") & in_part, "identity"].value_counts()
+    return int((sizes >= k_images).sum())
 
 
 def rank_store(data: str, rank: int, world: int, n_identities: int,
-               cache_dir: str | None = None):
+               cache_dir: str | None = None, k_images: int = 1):
     """The samples rank ``rank`` of ``world`` trains on -> (SampleStore, own_shards).
 
     ``own_shards`` True: the rank read only its own part (shards ``r::W`` of a preprocessing
     output, identities ``r::W`` of a synth folder) and draws batches from all of it; False:
-    the parts would hold fewer than ``n_identities`` identities each, so every rank read the
-    whole split and the trainer strides batches by rank. ``cache_dir``: keep the samples in
+    the parts would hold fewer than ``n_identities`` identities (of at least ``k_images``
+    images: the batches' K, see :class:`recon.training.data.IdentityBatchSampler`) each, so
+    every rank read the whole split and the trainer strides batches by rank. ``cache_dir``: keep the samples in
     a memory-mapped cache there (built on first use, reused after) instead of in memory.
     """
     if is_synth_folder(data):
@@ -98,11 +101,11 @@ def rank_store(data: str, rank: int, world: int, n_identities: int,
     if world > 1 and len(urls) >= world:
         part = urls[rank::world]
         # The manifest says whether the part is enough before anything is decoded or cached.
-        counted = _identities_in(data, part)
+        counted = _identities_in(data, part, k_images)
         if counted is None or counted >= n_identities:
             store = _store(lambda: iter_samples(part), _shards_source(part), identities,
                            cache_dir)
-            if len(store.identities) >= n_identities:
+            if sum(len(keys) >= k_images for keys in store.identities.values()) >= n_identities:
                 return store, True
     return _store(lambda: iter_samples(urls), _shards_source(urls), identities,
                   cache_dir), False

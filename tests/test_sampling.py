@@ -127,6 +127,24 @@ def test_identity_source():
     assert identity_source("anna") == ""
 
 
+def test_rank_part_counts_only_identities_with_k_images(tmp_path):
+    """A rank reads only its own shards when they hold N identities of at least K images."""
+    from flows.samples import rank_store
+    from shard_fixtures import random_sample, write_train_split
+
+    # Shards of 2 samples: rank 0 gets shards 0 and 2 (p0 x 2, p2 x 1, p3 x 1), rank 1
+    # shards 1 and 3 (p1 x 2, p4 x 2).
+    keys = ["p0/0", "p0/1", "p1/0", "p1/1", "p2/0", "p3/0", "p4/0", "p4/1"]
+    samples = [random_sample(k, k.split("/")[0], 32, seed=i) for i, k in enumerate(keys)]
+    data = str(write_train_split(tmp_path / "data", samples, per_shard=2, manifest=True))
+    store, own = rank_store(data, 0, 2, 2, k_images=2)
+    assert not own and len(store) == 8  # 1 identity of 2+ images: the whole split
+    store, own = rank_store(data, 1, 2, 2, k_images=2)
+    assert own and sorted(store.identities) == ["p1", "p4"]
+    store, own = rank_store(data, 0, 2, 2, k_images=1)
+    assert own and sorted(store.identities) == ["p0", "p2", "p3"]
+
+
 @pytest.mark.slow
 def test_seed_recipe_trains_a_step_on_a_mixed_preprocessed_set(tmp_path, monkeypatch):
     """`wildface train --config seed` on shards of three sources (networks shrunk to
