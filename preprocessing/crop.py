@@ -11,7 +11,7 @@ import math
 import cv2
 import numpy as np
 
-from preprocessing.landmarks import landmark_box
+from recon.landmarks import landmark_square
 
 
 def scale_shift_affine(scale: float, origin: np.ndarray) -> np.ndarray:
@@ -23,10 +23,8 @@ def scale_shift_affine(scale: float, origin: np.ndarray) -> np.ndarray:
 
 def crop_window(lmk: np.ndarray, crop_scale: float) -> tuple[np.ndarray, float]:
     """(centre (2,) in pixel coords, side in pixels) of the crop for (68, 2) landmarks."""
-    x0, y0, x1, y1 = landmark_box(lmk)
-    centre = np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])
-    side = crop_scale * max(x1 - x0, y1 - y0)
-    return centre, side
+    centre, size = landmark_square(np.asarray(lmk, np.float64))
+    return centre, crop_scale * float(size)
 
 
 def crop_transform(lmk: np.ndarray, crop_size: int, crop_scale: float) -> np.ndarray:

@@ -8,7 +8,8 @@ import posixpath
 import numpy as np
 
 from preprocessing.assets import dlib_model_path
-from preprocessing.landmarks import dlib_rect, landmark_box
+from preprocessing.landmarks import dlib_rect
+from recon.landmarks import landmark_box
 
 
 class Embedder:

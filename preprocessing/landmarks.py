@@ -9,16 +9,7 @@ import numpy as np
 
 from preprocessing.assets import dlib_model_path
 from preprocessing.config import PreprocessConfig
-
-# iBUG 68-point layout: index ranges of the parts.
-JAW = list(range(0, 17))
-RIGHT_BROW = list(range(17, 22))  # subject's right = image left
-LEFT_BROW = list(range(22, 27))
-NOSE = list(range(27, 36))
-RIGHT_EYE = list(range(36, 42))
-LEFT_EYE = list(range(42, 48))
-MOUTH_OUTER = list(range(48, 60))
-MOUTH_INNER = list(range(60, 68))
+from recon.landmarks import LEFT_EYE, OUTER_LIPS, RIGHT_EYE, landmark_box
 
 
 def dlib_rect(box: tuple[float, float, float, float]):
@@ -62,13 +53,6 @@ def make_landmarker(cfg: PreprocessConfig) -> LandmarkFinder:
     return Landmarker()
 
 
-def landmark_box(lmk: np.ndarray) -> tuple[float, float, float, float]:
-    """Bounding box (x0, y0, x1, y1) of (68, 2) landmarks."""
-    x0, y0 = lmk.min(axis=0)
-    x1, y1 = lmk.max(axis=0)
-    return float(x0), float(y0), float(x1), float(y1)
-
-
 def plausible(lmk: np.ndarray, width: int, height: int) -> str | None:
     """Why (68, 2) landmarks cannot be a face, or None: outside the photo, or eyes not
     above the mouth (upside-down or collapsed fits)."""
@@ -81,7 +65,7 @@ def plausible(lmk: np.ndarray, width: int, height: int) -> str | None:
     if x0 < -margin or y0 < -margin or x1 > width + margin or y1 > height + margin:
         return "landmarks outside the photo"
     eyes_y = lmk[RIGHT_EYE + LEFT_EYE, 1].mean()
-    mouth_y = lmk[MOUTH_OUTER, 1].mean()
+    mouth_y = lmk[OUTER_LIPS, 1].mean()
     if not eyes_y < mouth_y:
         return "eyes not above mouth"
     return None

@@ -37,6 +37,7 @@ from preprocessing.identity import (cluster, folder_identity, label_distances, r
 from preprocessing.manifest import (IDENTITIES_FILE, MANIFEST_FILE, identities_bytes,
                                     manifest_row,
                                     manifest_bytes, write_if_changed)
+from preprocessing.ray_data import map_actor_pool
 from preprocessing.shards import shard_bytes
 from preprocessing.split import split_identities
 from recon.progress import Progress
@@ -183,19 +184,12 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
                 on_progress(start + len(chunk), len(items))
         return dict(counts)
 
-    import ray
-    from ray.data import ActorPoolStrategy
-
     started = start_or_attach(cfg.ray, log_to_driver=False)
     try:
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // cfg.ray.batch_size))
-        ds = ds.map_batches(
-            BatchProcessor, fn_constructor_args=args, batch_size=cfg.ray.batch_size,
-            batch_format="numpy", compute=ActorPoolStrategy(size=cfg.ray.workers),
-            num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker or None,
-        )
         done = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in map_actor_pool(items, BatchProcessor, args, workers=cfg.ray.workers,
+                                    cpus=cfg.ray.cpus_per_worker, gpus=cfg.ray.gpus_per_worker,
+                                    batch_size=cfg.ray.batch_size):
             _count(batch, counts)
             done += len(batch["status"])
             line.update(done)
@@ -203,6 +197,8 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
                 on_progress(done, len(items))
     finally:
         if started:
+            import ray
+
             ray.shutdown()
     log.info("per-image stages: %d images in %.1fs", len(items), time.perf_counter() - t0)
     return dict(counts)

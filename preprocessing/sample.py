@@ -1,4 +1,5 @@
-"""One photo -> one sample record: decode, detect, landmarks, crop, skin mask, embedding.
+"""One photo -> one sample record: decode, the main face and its crop
+(:mod:`preprocessing.faces`, as reconstruction finds it), skin mask, embedding.
 
 Models are loaded once per :class:`SampleMaker` (once per Ray actor). A record is a dict
 ``{rid, sha256, status, reason, jpg, lmk, mask, meta, embedding}``; rejected records keep
@@ -21,11 +22,10 @@ from PIL import Image
 from infra import storage
 from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
-from preprocessing.crop import apply_affine, crop_transform, to_normalised, warp
+from preprocessing.crop import apply_affine, warp
 from preprocessing.datasets import VideoFrames
 from preprocessing.decode import Rejected, decode_image
-from preprocessing.detect import make_detector
-from preprocessing.landmarks import landmark_box, make_landmarker, plausible
+from preprocessing.faces import FaceFinder, crop_face
 from preprocessing.skin_mask import make_masker
 from recon.mesh_io import npy_bytes
 
@@ -60,8 +60,8 @@ def _jpg(rgb: np.ndarray, quality: int) -> bytes:
 class SampleMaker:
     def __init__(self, cfg: PreprocessConfig):
         self.cfg = cfg
-        self.detector = make_detector(cfg)
-        self.landmarker = make_landmarker(cfg)
+        self.stage_seconds: dict[str, float] = defaultdict(float)
+        self.finder = FaceFinder(cfg, self._timed)
         self.masker = make_masker(cfg)
         self.frames = VideoFrames()
         if cfg.embedding == "dlib":
@@ -70,7 +70,6 @@ class SampleMaker:
             self.embedder = Embedder()
         else:
             self.embedder = None
-        self.stage_seconds: dict[str, float] = defaultdict(float)
 
     def _timed(self, stage: str, fn, *args):
         t = time.perf_counter()
@@ -139,22 +138,15 @@ class SampleMaker:
             meta["image"] = {"format": "video", "frame": frame, "width": rgb.shape[1],
                              "height": rgb.shape[0]}
         h, w = rgb.shape[:2]
-        if pts is not None:
-            lmk = annotations.read_pts(pts)
-            meta["landmark_source"] = "annotation"
-            meta["faces"] = [{"box": [round(v, 2) for v in landmark_box(lmk)], "score": None}]
-            meta["detector_score"] = None
-        else:
-            box, meta["detector_score"], found_by = self._face(rgb, guide, meta)
-            lmk = self._timed("landmarks", self.landmarker, rgb, box)
-            meta["landmark_source"] = f"{self.landmarker.name} on {found_by}"
-        why = plausible(lmk, w, h)
-        if why:
-            raise Rejected(why)
+        meta["faces"] = []
+        face = self.finder.main_face(rgb, pts, guide, seen=meta["faces"])
+        lmk = face.landmarks
+        meta["detector_score"] = face.score
+        meta["landmark_source"] = face.source
         meta["landmarks_photo"] = np.round(lmk, 2).tolist()
 
-        transform = crop_transform(lmk, cfg.crop_size, cfg.crop_scale)
-        crop = self._timed("crop", warp, rgb, lmk, cfg.crop_size, cfg.crop_scale)
+        crop, transform, lmk_normalised = self._timed("crop", crop_face, rgb, lmk, cfg.crop_size,
+                                                      cfg.crop_scale)
         lmk_crop = apply_affine(transform, lmk)
         if mask_png is not None:
             photo_mask = annotations.read_mask(mask_png, w, h)
@@ -168,26 +160,5 @@ class SampleMaker:
         meta["transform"] = np.round(transform, 6).tolist()
         meta["crop_size"] = cfg.crop_size
         record["jpg"] = self._timed("encode", _jpg, crop, cfg.jpeg_quality)
-        record["lmk"] = npy_bytes(to_normalised(lmk_crop, cfg.crop_size))
+        record["lmk"] = npy_bytes(lmk_normalised)
         record["mask"] = _png(mask)
-
-    def _face(self, rgb: np.ndarray, guide: annotations.DatasetGuide | None, meta: dict
-              ) -> tuple[tuple[float, float, float, float], float | None, str]:
-        """(box, detector score, what found it) of the face to put landmarks on: the
-        detector's main face or, with a dataset's labels, the face they label (the dataset's
-        box itself when the detector misses it, or always with ``dataset_boxes: use``)."""
-        cfg = self.cfg
-        if guide is not None and guide.box is not None and cfg.dataset_boxes == "use":
-            meta["faces"] = [{"box": [round(v, 2) for v in guide.box], "score": None}]
-            return guide.box, None, "the dataset's box"
-        faces = self._timed("detect", self.detector, rgb)
-        meta["faces"] = [f.to_dict() for f in faces]
-        i = 0 if guide is None else annotations.match_face([f.box for f in faces], guide)
-        if i is not None and faces:
-            found_by = cfg.detector if guide is None else f"{cfg.detector}, the dataset's face"
-            return faces[i].box, round(float(faces[i].score), 4), found_by
-        if guide is not None and guide.box is not None:
-            return guide.box, None, "the dataset's box"
-        if faces:
-            raise Rejected("no detected face matches the dataset's landmarks")
-        raise Rejected("no face found")

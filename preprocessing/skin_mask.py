@@ -16,8 +16,7 @@ import cv2
 import numpy as np
 
 from preprocessing.config import PreprocessConfig
-from preprocessing.landmarks import (JAW, LEFT_BROW, LEFT_EYE, MOUTH_OUTER, RIGHT_BROW,
-                                     RIGHT_EYE)
+from recon.landmarks import JAW, LEFT_BROW, LEFT_EYE, OUTER_LIPS, RIGHT_BROW, RIGHT_EYE
 
 
 def _poly(mask: np.ndarray, pts: np.ndarray, value: int) -> None:
@@ -28,20 +27,20 @@ def _poly(mask: np.ndarray, pts: np.ndarray, value: int) -> None:
 def polygon_mask(lmk: np.ndarray, size: int) -> np.ndarray:
     """(size, size) uint8 {0, 255} from (68, 2) landmarks in crop pixels."""
     mask = np.zeros((size, size), np.uint8)
-    brows = lmk[RIGHT_BROW + LEFT_BROW]
+    brows = lmk[list(RIGHT_BROW + LEFT_BROW)]
     # Lift the brow line by a fraction of the brow-to-chin height to include the forehead.
     lift = 0.2 * (lmk[JAW, 1].max() - brows[:, 1].mean())
     forehead = brows[::-1] - np.array([0.0, lift])
-    _poly(mask, np.concatenate([lmk[JAW], forehead]), 255)
+    _poly(mask, np.concatenate([lmk[list(JAW)], forehead]), 255)
     scale = max(np.ptp(lmk[:, 0]), 1.0)
-    for part, grow in ((RIGHT_EYE, 0.03), (LEFT_EYE, 0.03), (MOUTH_OUTER, 0.02)):
-        pts = lmk[part]
+    for part, grow in ((RIGHT_EYE, 0.03), (LEFT_EYE, 0.03), (OUTER_LIPS, 0.02)):
+        pts = lmk[list(part)]
         c = pts.mean(axis=0)
         d = pts - c
         _poly(mask, c + d * (1 + grow * scale / max(np.linalg.norm(d, axis=1).mean(), 1e-6)), 0)
     thick = max(1, int(round(0.04 * scale)))
     for part in (RIGHT_BROW, LEFT_BROW):
-        cv2.polylines(mask, [np.round(lmk[part]).astype(np.int32)], False, 0, thickness=thick)
+        cv2.polylines(mask, [np.round(lmk[list(part)]).astype(np.int32)], False, 0, thickness=thick)
     return mask
 
 

@@ -1,8 +1,11 @@
-"""Landmark conventions: the iBUG 68-point layout, NoW's 7 points, DECA's landmark losses.
+"""Landmark conventions: the iBUG 68-point layout, NoW's 7 points, DECA's landmark losses,
+and the box around a face's landmarks. The one home of the layout: the preprocessing (photo
+landmarks, skin masks) and the model (FLAME's landmarks, losses) index the same groups.
 
 Indices are 0-based iBUG indices into the 68 landmarks (``landmarks2d`` / ``landmarks3d`` of
 :class:`recon.flame.FLAME`: 17 jaw contour points first, then the 51 static ones). iBUG's
-"right" means the subject's right (image left, -x in FLAME's frame).
+"right" means the subject's right (image left, -x in FLAME's frame). Groups are tuples: index
+an array with ``lmk[list(GROUP)]`` (a bare tuple would index several axes).
 """
 from __future__ import annotations
 
@@ -51,6 +54,26 @@ NOW7 = tuple(i + N_CONTOUR for i in NOW7_STATIC)  # (36, 39, 42, 45, 33, 48, 54)
 EYE_LID_PAIRS = ((37, 41), (38, 40), (43, 47), (44, 46))
 # DECA's lip-closure loss: upper inner lip vs lower inner lip pairs.
 LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
+
+
+def landmark_box(landmarks):
+    """Bounding box of landmarks: (..., N, 2) numpy array or torch tensor -> (..., 4) of the
+    same kind, ``x0, y0, x1, y1`` in the landmarks' units (the extreme points themselves)."""
+    if isinstance(landmarks, np.ndarray):
+        return np.concatenate([landmarks.min(axis=-2), landmarks.max(axis=-2)], axis=-1)
+    import torch  # a tensor came in, so torch is loaded; numpy callers never import it
+
+    return torch.cat([landmarks.amin(dim=-2), landmarks.amax(dim=-2)], dim=-1)
+
+
+def landmark_square(landmarks):
+    """The square DECA's crops are built on: (..., N, 2) numpy or torch landmarks -> centre
+    (..., 2) of their :func:`landmark_box` and its size (...,) = max(width, height)."""
+    box = landmark_box(landmarks)
+    lo, hi = box[..., :2], box[..., 2:]
+    extent = hi - lo
+    size = extent.max(axis=-1) if isinstance(extent, np.ndarray) else extent.amax(dim=-1)
+    return (lo + hi) / 2, size
 
 
 def deca_landmark_weights() -> np.ndarray:

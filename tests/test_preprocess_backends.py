@@ -22,10 +22,11 @@ from flows.config import ConfigError, load_config
 from preprocess_assets import astronaut
 from preprocessing.config import PreprocessConfig
 from preprocessing.crop import apply_affine, to_normalised
-from preprocessing.landmarks import LEFT_EYE, MOUTH_OUTER, RIGHT_EYE, make_landmarker
+from preprocessing.landmarks import make_landmarker
 from preprocessing.sample import SampleMaker
 from preprocessing.skin_mask import make_masker
 from preprocessing.torchscript import network_device
+from recon.landmarks import LEFT_EYE, OUTER_LIPS, RIGHT_EYE
 
 # Building the test networks uses torch.jit.script, which recent torch marks deprecated;
 # the published FAN / face-parsing weights are TorchScript, so that is the format to test.
@@ -294,7 +295,7 @@ def test_sample_maker_uses_the_configured_backends(tmp_path):
     lmk = np.array(meta["landmarks_photo"])
     np.testing.assert_allclose(lmk, expected_photo(template, tuple(meta["faces"][0]["box"])),
                                atol=0.01)
-    assert lmk[RIGHT_EYE + LEFT_EYE, 1].mean() < lmk[MOUTH_OUTER, 1].mean()
+    assert lmk[RIGHT_EYE + LEFT_EYE, 1].mean() < lmk[OUTER_LIPS, 1].mean()
     # The stored crop landmarks are these, and the mask is the network's left half.
     stored = np.load(io.BytesIO(record["lmk"]))
     np.testing.assert_allclose(stored, to_normalised(apply_affine(np.array(meta["transform"]),

@@ -15,8 +15,9 @@ from preprocessing.crop import apply_affine, crop_transform, from_normalised, to
 from preprocessing.decode import Rejected, decode_image
 from preprocessing.detect import OptionalBackend, OptionalDetector, make_detector
 from preprocessing.identity import cluster, folder_identity, read_labels
-from preprocessing.landmarks import LEFT_EYE, MOUTH_OUTER, RIGHT_EYE, Landmarker, plausible
+from preprocessing.landmarks import Landmarker, plausible
 from preprocessing.split import split_identities
+from recon.landmarks import LEFT_EYE, OUTER_LIPS, RIGHT_EYE
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +38,7 @@ def _check_face(face, lmk):
     assert np.all(lmk[:, 0] > x0 - 0.3 * w) and np.all(lmk[:, 0] < x1 + 0.3 * w)
     assert np.all(lmk[:, 1] > y0 - 0.3 * h) and np.all(lmk[:, 1] < y1 + 0.35 * h)
     eyes_y = lmk[RIGHT_EYE + LEFT_EYE, 1].mean()
-    assert eyes_y < lmk[MOUTH_OUTER, 1].mean()
+    assert eyes_y < lmk[OUTER_LIPS, 1].mean()
     # Subject's right eye is on the image's left.
     assert lmk[RIGHT_EYE, 0].mean() < lmk[LEFT_EYE, 0].mean()
 
