@@ -1,10 +1,10 @@
 """``wildface reconstruct``: photos, folders, videos or a bucket -> per-face 3D outputs, in
 this process or as a Ray Data batch job (``--ray``).
 
-Faces are found as the preprocessing finds them (decode, ``<name>.pts`` annotations beside an
-image when ``preprocess.use_annotations``, else the configured detector and dlib's 68
-landmarks, the plausibility check) and cropped at the model's test-time scale
-(``data.eval_scale`` x the landmark box, as the training's evaluation crop).
+Faces are found and cropped by the preprocessing's own path (:mod:`preprocessing.faces`:
+decode, ``<name>.pts`` annotations beside an image when ``preprocess.use_annotations``, else the
+configured detector and 68 landmarks, the plausibility check), at the model's input size and
+test-time scale (``data.eval_scale`` x the landmark square, as the training's evaluation crop).
 
 Aligned inputs (``aligned=True``, ``wildface reconstruct --aligned``): each image (or video
 frame) is already a face crop; it is resized whole to the model's input size, with no
@@ -53,6 +53,7 @@ import numpy as np
 
 from flows.registry import ModelFiles, load_model, resolve_model
 from infra import storage
+from preprocessing.faces import FaceFinder, crop_face
 from recon.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -129,69 +130,6 @@ def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
                 (not storage.is_s3(uri) and Path(side).is_file()) else ""
         items.append(InputItem(uri=uri, name=name, kind=kind, pts=pts))
     return sorted(items, key=lambda it: it.uri)
-
-
-# -- finding faces -------------------------------------------------------------------------------
-@dataclass
-class FoundFace:
-    landmarks: np.ndarray  # (68, 2) photo pixels
-    box: tuple[float, float, float, float]
-    score: float | None
-    source: str
-
-
-class FaceFinder:
-    """Faces in a photo, as the preprocessing finds them (models loaded on first use)."""
-
-    def __init__(self, cfg) -> None:  # cfg: preprocessing.config.PreprocessConfig
-        self.cfg = cfg
-        self._detector = None
-        self._landmarker = None
-
-    def decode(self, data: bytes) -> np.ndarray:
-        from preprocessing.decode import decode_image
-
-        c = self.cfg
-        return decode_image(data, min_size=c.min_image_size, max_pixels=c.max_pixels,
-                            max_bytes=int(c.max_file_mb * 2**20)).rgb
-
-    def find(self, rgb: np.ndarray, pts: bytes | None = None) -> tuple[list[FoundFace], list[str]]:
-        """Every face, main first, and the reasons faces were dropped (implausible fits).
-        pts: an annotation (68 points) of the main face, used instead of the models."""
-        from preprocessing import annotations
-        from preprocessing.detect import make_detector
-        from preprocessing.landmarks import landmark_box, make_landmarker, plausible
-
-        h, w = rgb.shape[:2]
-        if pts is not None:
-            lmk = annotations.read_pts(pts)
-            candidates = [FoundFace(lmk, landmark_box(lmk), None, "annotation")]
-        else:
-            if self._detector is None:
-                self._detector = make_detector(self.cfg)
-                self._landmarker = make_landmarker(self.cfg)
-            candidates = [FoundFace(self._landmarker(rgb, f.box), f.box, float(f.score),
-                                    f"{self._landmarker.name} on {self.cfg.detector}")
-                          for f in self._detector(rgb)]
-        faces, dropped = [], []
-        for i, face in enumerate(candidates):
-            why = plausible(face.landmarks, w, h)
-            if why:
-                dropped.append(f"face {i}: {why}")
-            else:
-                faces.append(face)
-        return faces, dropped
-
-
-def crop_face(rgb: np.ndarray, lmk: np.ndarray, size: int, scale: float
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model's input crop: (S, S, 3) uint8, the photo->crop (2, 3) transform and the
-    landmarks in the crop's [-1, 1] image convention (68, 2)."""
-    from preprocessing.crop import apply_affine, crop_transform, to_normalised, warp
-
-    transform = crop_transform(lmk, size, scale)
-    crop = warp(rgb, lmk, size, scale)
-    return crop, transform, to_normalised(apply_affine(transform, lmk), size)
 
 
 # -- one input -----------------------------------------------------------------------------------
@@ -555,24 +493,20 @@ def _run_batch(inputs: Iterable[str], out: str, model: str, cfg, use_ray: bool,
 def _run_ray(todo: list[InputItem], out: str, files: ModelFiles, configured, cfg,
              report: Callable[[dict], None], aligned: bool = False) -> None:
     import ray
-    from ray.data import ActorPoolStrategy
 
     from flows.ray_cluster import check_gpus
     from infra.ray_connect import start_or_attach
+    from preprocessing.ray_data import map_actor_pool
 
     rc = cfg.reconstruct
     started = start_or_attach(rc.ray_start(), log_to_driver=False)
     face_json = configured.model_dump_json() if configured else ""
     try:
         check_gpus(rc.gpus_per_worker, "reconstruct.gpus_per_worker", rc.ray_address)
-        ds = ray.data.from_items([it.as_dict() for it in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(_RayReconstructor, fn_constructor_args=(files, face_json,
-                                                                    cfg.model_dump_json(),
-                                                                    str(out), aligned),
-                            batch_size=1, batch_format="numpy",
-                            compute=ActorPoolStrategy(size=min(rc.workers, len(todo))),
-                            num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker or None)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        args = (files, face_json, cfg.model_dump_json(), str(out), aligned)
+        for batch in map_actor_pool([it.as_dict() for it in todo], _RayReconstructor, args,
+                                    workers=rc.workers, cpus=rc.cpus_per_worker,
+                                    gpus=rc.gpus_per_worker, batch_size=1):
             for i in range(len(batch["name"])):
                 report({"name": str(batch["name"][i]), "status": str(batch["status"][i]),
                         "reason": str(batch["reason"][i])})
