@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recon.config import SourceSampling
+from recon.landmarks import landmark_square
 
 log = logging.getLogger("wildface.train")
 
@@ -40,14 +41,6 @@ DECA_SCALE_RANGE = (1.4, 1.8)
 
 
 # -- crops ---------------------------------------------------------------------------------
-def landmark_box(landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """landmarks (..., 68, 2) -> centre (..., 2) of their bounding box and size (...,) =
-    max(width, height), both in the landmarks' units."""
-    lo = landmarks.amin(dim=-2)
-    hi = landmarks.amax(dim=-2)
-    return (lo + hi) / 2, (hi - lo).amax(dim=-1)
-
-
 def crop_windows(
     landmarks: torch.Tensor,
     scale: torch.Tensor | float,
@@ -59,7 +52,7 @@ def crop_windows(
     the crop centre in units of the box size, or None. Returns centre (B, 2) and half side
     (B,), in the landmarks' units.
     """
-    centre, size = landmark_box(landmarks)
+    centre, size = landmark_square(landmarks)
     scale = torch.as_tensor(scale, dtype=landmarks.dtype).expand(landmarks.shape[0])
     if shift is not None:
         centre = centre + shift * size[:, None]
@@ -423,7 +416,7 @@ def iter_eval_batches(store: SampleStore, augment: CropAugment, batch_size: int 
 __all__ = [
     "CropAugment", "DECA_SCALE_RANGE", "IdentityBatchDataset", "IdentityBatchSampler",
     "Record", "SampleStore", "batch_generator", "capped_keys", "crop_windows", "decode_record",
-    "group_by_identity", "identity_source", "iter_eval_batches", "landmark_box",
+    "group_by_identity", "identity_source", "iter_eval_batches",
     "make_train_loader",
     "record_from_sample", "warp_crops",
 ]
