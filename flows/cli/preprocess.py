@@ -52,26 +52,23 @@ def detect(
     set_: list[str] = typer.Option([], "--set", help="override, e.g. preprocess.detector=dlib-cnn"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Every face in each photo: box, score and 68 landmarks in the photo's pixels (0-based,
-    x right, y down), with the configured detector and landmarker. Exit status 1 when no
-    photo could be read."""
-    from preprocessing.decode import Rejected, decode_image
-    from preprocessing.detect import make_detector
-    from preprocessing.landmarks import make_landmarker
+    """Every face in each photo as the preprocessing and reconstruction see it
+    (:mod:`preprocessing.faces`): box, score and 68 landmarks in the photo's pixels (0-based,
+    x right, y down), with the configured detector and landmarker; ``dropped``: why other
+    faces were left out. Exit status 1 when no photo could be read."""
+    from preprocessing.decode import Rejected
+    from preprocessing.faces import FaceFinder
 
-    cfg = load_config_or_exit(config, set_).preprocess
-    detector, landmarker = make_detector(cfg), make_landmarker(cfg)
+    finder = FaceFinder(load_config_or_exit(config, set_).preprocess)
     results = []
     for path in images:
         entry: dict = {"image": str(path)}
         try:
-            rgb = decode_image(path.read_bytes(), min_size=cfg.min_image_size,
-                               max_pixels=cfg.max_pixels,
-                               max_bytes=int(cfg.max_file_mb * 2**20)).rgb
-            entry["faces"] = [
-                face.to_dict() | {"landmarks": landmarker(rgb, face.box).round(2).tolist()}
-                for face in detector(rgb)
-            ]
+            faces, dropped = finder.find(finder.decode(path.read_bytes()))
+            entry["faces"] = [{"box": [round(float(v), 2) for v in face.box], "score": face.score,
+                               "landmarks": face.landmarks.round(2).tolist()} for face in faces]
+            if dropped:
+                entry["dropped"] = dropped
         except (Rejected, OSError) as err:
             entry["error"] = str(err)
         results.append(entry)
