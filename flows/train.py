@@ -243,15 +243,19 @@ def resolve_checkpoint(ref: str, directory: Path, tracking_uri: str | None,
     """A coarse-checkpoint reference -> a path or s3:// URI every worker can read.
 
     ``runs:/<id>`` and ``models:/...`` are downloaded from MLflow to ``directory``; with a
-    remote cluster (``ray.address``) and S3 storage a local file is uploaded next to the runs.
+    cluster beyond this machine (``ray.address``, else ``$RAY_ADDRESS``) and S3 storage a
+    local file is uploaded next to the runs: the other nodes do not see this disk.
     """
+    from infra.ray_connect import init_kwargs, is_loopback
+
     if ref.startswith(("runs:/", "models:/")):
         if not tracking_uri:
             raise ValueError(f"{ref}: an MLflow reference needs a tracking URI")
         ref = str(registry.download_coarse_checkpoint(ref, tracking_uri, directory))
     elif not storage.is_s3(ref) and not Path(ref).is_file():
         raise FileNotFoundError(f"coarse checkpoint not found: {ref}")
-    if rc.address and storage.is_s3(rc.storage_path) and not storage.is_s3(ref):
+    remote = not is_loopback(init_kwargs(rc)["address"])
+    if remote and storage.is_s3(rc.storage_path) and not storage.is_s3(ref):
         uri = storage.join(rc.storage_path, "inputs", Path(ref).name)
         storage.write_bytes(uri, Path(ref).read_bytes())
         return uri

@@ -14,8 +14,9 @@ Cleanup (``with`` block end, also on failure) kills every process of both namesp
 processes), deletes the namespaces (which removes the veth pair) and the root folder.
 
 Needs root (``ip netns add``). ``python tests/netns_cluster.py [--nodes 1|2] -- CMD...``
-brings a cluster up, runs CMD on the head and takes the cluster down (the benchmarks'
-``--address`` figures in docs/benchmarks.md were taken this way).
+brings a cluster up with a moto S3 server on the head, runs CMD on the head (with
+``$RAY_ADDRESS`` and the S3 settings) and takes the cluster down; the benchmarks'
+``--address`` figures in docs/benchmarks.md were taken this way.
 """
 from __future__ import annotations
 
@@ -127,8 +128,10 @@ class NetnsCluster:
                "TMPDIR": str(self.node_dir(node) / "tmp"),
                # Ray otherwise binds a node to loopback (the project's offline settings).
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-               "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-        env.pop("RAY_ADDRESS", None)
+               "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+               # Ray's helpers that attach by themselves would otherwise pick among every
+               # GCS running on this machine (other clusters included).
+               "RAY_ADDRESS": self.address}
         return env
 
     def _spawn(self, node: str, argv: Sequence[str], private_root: bool = False,
@@ -171,14 +174,16 @@ class NetnsCluster:
         """Start ``argv`` on the head (the driver's host), in the driver's folder."""
         popen.setdefault("cwd", self.driver_dir)
         env = {**self._env("head"), "TMPDIR": str(self.driver_dir), **popen.pop("env", {})}
+        # A user's process: the project applies its own Ray settings.
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
         return self._spawn("head", argv, env=env, **popen)
 
     def wait_for_nodes(self, n: int, timeout_s: float = 120.0) -> None:
         """Until the head lists ``n`` live nodes (``ray status`` run on the head)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            p = self.run([str(VENV_BIN / "ray"), "status", "--address", self.address],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            p = self._spawn("head", [str(VENV_BIN / "ray"), "status", "--address", self.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             out = p.communicate(timeout=timeout_s)[0]
             self.procs["head"].remove(p)
             if out.count("node_") >= n and "Pending" in out:
@@ -189,16 +194,36 @@ class NetnsCluster:
         raise TimeoutError(f"{n} Ray node(s) not up in {timeout_s:.0f} s; logs in {self.root}")
 
 
+S3_PORT = 9000
+
+
+def s3_env(cluster_ip: str) -> dict[str, str]:
+    """Every process's S3 settings for a moto server on ``cluster_ip`` (:func:`start_s3`);
+    moto takes any keys."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{cluster_ip}:{S3_PORT}"}
+
+
+def start_s3(cluster: NetnsCluster) -> subprocess.Popen:
+    """A moto S3 server on the head's address: the one store both nodes reach."""
+    return cluster.run([str(VENV_BIN / "moto_server"), "-H", cluster.ip["head"],
+                        "-p", str(S3_PORT)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, choices=(1, 2), default=2)
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD... run on the head")
+    ap.add_argument("command", nargs=argparse.REMAINDER,
+                    help="-- CMD...: run on the head with $RAY_ADDRESS and the S3 settings")
     args = ap.parse_args()
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    with NetnsCluster() as cluster:
+    with NetnsCluster(env=s3_env(f"{SUBNET}.1")) as cluster:
         cluster.start_node("head")
         if args.nodes == 2:
             cluster.start_node("worker")
+        start_s3(cluster)
         cluster.wait_for_nodes(args.nodes)
         p = cluster.run(cmd, cwd=Path.cwd(), env={"RAY_ADDRESS": cluster.address})
         return p.wait()

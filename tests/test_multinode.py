@@ -18,17 +18,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from netns_cluster import VENV_BIN, NetnsCluster
+from netns_cluster import SUBNET, NetnsCluster, s3_env, start_s3
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 TESTS = Path(__file__).resolve().parent
-S3_PORT = 9000
 RUN = "multinode-coarse"
 STEPS = 10
 
@@ -77,35 +77,41 @@ def test_cluster_nodes_are_separate_hosts_and_cleanup_survives_a_failure():
 
 # -- the driver's side (run on the head) -----------------------------------------------------------
 def _config(root: Path, address: str) -> Path:
-    from conftest import E2E_BASE
+    from reconstruct_fixtures import e2e_tree
 
-    tree = {k: dict(v) for k, v in E2E_BASE.items()}
+    tree = e2e_tree({})
     tree["train"].update(steps=STEPS, pretrain_steps=2, checkpoint_every=2)
     tree["ray"] = {"address": address, "num_workers": 2, "cpus_per_worker": 1,
                    "max_failures": 4, "storage_path": "s3://wfruns/ray"}
-    tree["synth"] = {"identities": 4, "images_per_identity": 2, "image_size": 64}
+    # Two actors of 0.75 CPU cannot share a node of one CPU: one per node.
+    tree["preprocess"] = {"ray": {"address": address, "workers": 2, "cpus_per_worker": 0.75,
+                                  "batch_size": 3},
+                          # all four identities train: both ranks need two each
+                          "val_fraction": 0.0}
+    # 128 pixels: dlib's detector finds the synthetic faces.
+    tree["synth"] = {"identities": 4, "images_per_identity": 3, "image_size": 128}
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
 
 
-def _upload_shards(cfg, root: Path, uri: str) -> None:
-    """A synthetic set as a preprocessing output (two train shards of two identities, one
-    per rank) on S3."""
+def _preprocess(cfg, root: Path, photos: str, out: str) -> dict:
+    """Synthetic photos (with their landmark and mask side files) uploaded to ``photos``,
+    then preprocessed (the per-image stages on Ray Data) into ``out``."""
     from infra import storage
-    from recon.synth import generate, iter_samples
-    from shard_fixtures import write_train_split
+    from preprocessing import pipeline as pp
+    from recon.synth import generate
 
     generate(root / "synth", cfg.synth, cfg.face_model)
-    local = write_train_split(root / "set", list(iter_samples(root / "synth")), per_shard=4,
-                              manifest=True)
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        storage.put_file(f, storage.join(uri, f.relative_to(local).as_posix()))
+    images = root / "synth" / "images"
+    for f in sorted(p for p in images.rglob("*") if p.is_file()):
+        storage.put_file(f, storage.join(photos, f.relative_to(images).as_posix()))
+    return pp.run(photos, out, cfg.preprocess, cfg.storage, use_ray=True)
 
 
-def drive_coarse(root: str, address: str) -> None:
-    """Coarse training on the cluster; ``root/checkpointed`` appears once Ray has
-    registered a checkpoint (the test kills the worker node then)."""
+def drive_run(root: str, address: str) -> None:
+    """Preprocess, then coarse training on the cluster; ``root/checkpointed`` appears once
+    Ray has registered a checkpoint (the test kills the worker node then)."""
     import threading
 
     from infra.offline import apply_offline_env
@@ -120,7 +126,12 @@ def drive_coarse(root: str, address: str) -> None:
     storage.configure(cfg.storage)
     for bucket in ("wfdata", "wfruns"):
         storage._client().create_bucket(Bucket=bucket)
-    _upload_shards(cfg, root, "s3://wfdata/set")
+    data = "s3://wfdata/set"
+    t0 = time.perf_counter()
+    pre = _preprocess(cfg, root, "s3://wfdata/photos", data)
+    (root / "preprocessed.json").write_text(json.dumps(
+        {**pre, "files": storage.list_files(data), "seconds": time.perf_counter() - t0},
+        default=str))
 
     done = threading.Event()
 
@@ -135,7 +146,7 @@ def drive_coarse(root: str, address: str) -> None:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        result = run_stage(cfg, "coarse", "s3://wfdata/set", root / "out", run_name=RUN)
+        result = run_stage(cfg, "coarse", data, root / "out", run_name=RUN)
     finally:
         done.set()
     files = storage.list_files(f"s3://wfruns/ray/{RUN}")
@@ -160,52 +171,74 @@ def _log_tail(cluster: NetnsCluster, name: str) -> str:
 @pytest.fixture(scope="module")
 def cluster():
     """Head and worker node up (one CPU each), moto on the head's address."""
-    endpoint = f"http://10.213.7.1:{S3_PORT}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+    env = {**s3_env(f"{SUBNET}.1"),
            # A lost node is declared dead after ~3 s instead of Ray's default ~30 s.
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3"}
     with NetnsCluster(env=env) as c:
         c.start_node("head")
         c.start_node("worker")
-        c.run([str(VENV_BIN / "moto_server"), "-H", c.ip["head"], "-p", str(S3_PORT)],
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start_s3(c)
         c.wait_for_nodes(2)
         yield c
 
 
-def _train_workers(cluster: NetnsCluster, node: str) -> list[int]:
-    return [pid for pid in cluster.pids(node) if "RayTrainWorker" in _cmdline(pid)]
+class Titles(threading.Thread):
+    """Samples, five times a second, the Ray process titles (``ray::...``) on each node:
+    {node: {title}}."""
+
+    def __init__(self, cluster: NetnsCluster) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.done = cluster, threading.Event()
+        self.seen: dict[str, set[str]] = {n: set() for n in cluster.NODES}
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            for node in self.cluster.NODES:
+                self.seen[node] |= {t.split()[0] for t in map(_cmdline, self.cluster.pids(node))
+                                    if t.startswith("ray::")}
+
+    def on(self, node: str, part: str) -> list[str]:
+        return [t for t in self.seen[node] if part in t]
 
 
 @needs_root
 @pytest.mark.slow
-def test_coarse_one_worker_per_node_resumes_after_losing_a_node(cluster):
+def test_preprocess_and_coarse_across_nodes_resume_after_losing_a_node(cluster):
     from recon.training.checkpoint import load_checkpoint
 
     root = cluster.driver_dir
-    driver = drive(cluster, "coarse", str(root), cluster.address)
-    deadline = time.monotonic() + 240
+    titles = Titles(cluster)
+    titles.start()
+    driver = drive(cluster, "run", str(root), cluster.address)
+    deadline = time.monotonic() + 300
     while not (root / "checkpointed").exists():
-        assert driver.poll() is None, _log_tail(cluster, "coarse")
-        assert time.monotonic() < deadline, _log_tail(cluster, "coarse")
+        assert driver.poll() is None, _log_tail(cluster, "run")
+        assert time.monotonic() < deadline, _log_tail(cluster, "run")
         time.sleep(0.2)
-    # one training worker on each node (each has one CPU)
-    workers = {n: _train_workers(cluster, n) for n in cluster.NODES}
     cluster.kill("worker")
     assert driver.poll() is None, "the run finished before the node was lost"
     time.sleep(2)
     cluster.start_node("worker")  # a node returns
-    assert driver.wait(timeout=300) == 0, _log_tail(cluster, "coarse")
-    assert [len(workers[n]) for n in cluster.NODES] == [1, 1], workers
+    assert driver.wait(timeout=300) == 0, _log_tail(cluster, "run")
+    titles.done.set()
+    titles.join()
+
+    # preprocessing: photos on S3 -> shards on S3, Ray Data actors on both nodes
+    pre = json.loads((root / "preprocessed.json").read_text())
+    assert pre["ok"] >= 8 and pre["shards_written"] >= 1, pre
+    assert {"s3://wfdata/set/manifest.parquet", "s3://wfdata/set/identities.json"} <= \
+        set(pre["files"])
+    assert all(titles.on(n, "BatchProcessor") for n in cluster.NODES), titles.seen
+    # training: one Ray Train worker on each node (each has one CPU)
+    assert all(titles.on(n, "RayTrainWorker") for n in cluster.NODES), titles.seen
 
     result = json.loads((root / "coarse.json").read_text())
     assert result["step"] == STEPS
     # the restarted worker group started from a checkpoint registered before the loss
-    registered = json.loads((root / "checkpointed").read_text())
+    assert (root / "checkpointed").read_text()
     assert result["resumed_from"] is not None and 2 <= result["resumed_from"] < STEPS, result
-    assert result["resumed_from"] % 2 == 0 and registered
+    assert result["resumed_from"] % 2 == 0
     assert result["checkpoint_uri"].startswith(f"wfruns/ray/{RUN}/checkpoint_")
     ckpts = [f for f in result["files"] if f.endswith(".pt")]
     assert ckpts and not [f for f in result["files"] if f.endswith(".tmp")]
@@ -224,3 +257,24 @@ def test_gloo_interface_is_the_one_holding_the_node_ip():
     for name, addr in pairs:
         assert interface_of(addr) == name.split("@")[0]
     assert interface_of("10.213.7.250") is None  # an address of no interface here
+
+
+def test_a_local_coarse_checkpoint_reaches_a_cluster_named_by_ray_address(moto_s3, tmp_path,
+                                                                          monkeypatch):
+    from flows.train import resolve_checkpoint
+    from infra import storage
+    from infra.config import RayConfig, StorageConfig
+
+    storage.configure(StorageConfig())
+    storage._client().create_bucket(Bucket="wfinputs")
+    ckpt = tmp_path / "coarse-000000004.pt"
+    ckpt.write_bytes(b"coarse weights")
+    rc = RayConfig(storage_path="s3://wfinputs/ray")
+    # the other nodes of a cluster do not see this disk: the file goes next to the runs
+    monkeypatch.setenv("RAY_ADDRESS", "10.213.7.1:6379")
+    uri = resolve_checkpoint(str(ckpt), tmp_path, None, rc)
+    assert uri == "s3://wfinputs/ray/inputs/coarse-000000004.pt"
+    assert storage.read_bytes(uri) == b"coarse weights"
+    # a Ray on this machine reads it where it is
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert resolve_checkpoint(str(ckpt), tmp_path, None, rc) == str(ckpt.resolve())
