@@ -15,13 +15,13 @@ from typing import Callable
 
 import torch
 
+from recon.render.backends.errors import BackendUnavailable
+
+__all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "get_backend"]
+
 FaceIdFn = Callable[..., torch.Tensor]
 
 BACKENDS = ("auto", "torch", "numba", "pytorch3d", "nvdiffrast")
-
-
-class BackendUnavailable(RuntimeError):
-    """The configured rasterizer backend is not installed or cannot run on this device."""
 
 
 def _auto(verts_pix: torch.Tensor, *args) -> torch.Tensor:

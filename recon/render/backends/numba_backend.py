@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recon.render.backends import BackendUnavailable
+from recon.render.backends.errors import BackendUnavailable
 from recon.render.numba_ops import ParallelLoop
 
 try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from recon.render.backends import BackendUnavailable
+from recon.render.backends.errors import BackendUnavailable
 
 try:
     import nvdiffrast.torch as dr

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from recon.render.backends import BackendUnavailable
+from recon.render.backends.errors import BackendUnavailable
 
 try:
     from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes
