@@ -40,74 +40,51 @@ import numpy as np
 import torch
 
 from flows.config import load_config, with_stage_weights
-from recon.evaluation.alignment import aligned_error
+from recon.config import RefineConfig
+from recon.deca import Codes
+from recon.evaluation.heldout import (HeldoutErrors, face_region, heldout_shape_errors,
+                                      neutral_errors, truth_shape_codes)
+from recon.fitting import refine_codes
 from recon.synth import generate, iter_samples, load_params
 from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 from recon.training.steps import CoarseStep
 from recon.training.trainer import Trainer, TrainerCallback
 
 
-def _face_vertices(face_model) -> np.ndarray:
-    """Vertex ids of the face region (all vertices if the model has no 'face' mask)."""
-    from recon.flame_io import load_face_model
-
-    assets = load_face_model(face_model)
-    return assets.masks["face"] if "face" in assets.masks else np.arange(assets.n_vertices)
-
-
-def truth_codes(params: dict, keys: list[str]) -> torch.Tensor:
-    """(B, n_shape) ground-truth shape codes of the images ``keys`` of a synthetic set."""
-    return torch.tensor([params["identities"][params["images"][k]["identity"]]["shape"]
-                         for k in keys], dtype=torch.float32)
-
-
-@torch.no_grad()
-def neutral_errors(model, shape: torch.Tensor, truth: torch.Tensor, region: np.ndarray
-                   ) -> list[float]:
-    """Per-image aligned error of the neutral meshes of ``shape`` against those of
-    ``truth`` (both (B, n_shape), any device), over the ``region`` vertices."""
-    device = model.device  # evaluate where it lives (the GPU in a --device cuda run)
-    pred = model.neutral(shape.to(device)).vertices.double().cpu().numpy()
-    true = model.neutral(truth.to(device)).vertices.double().cpu().numpy()
-    return [aligned_error(p[region], t[region]) for p, t in zip(pred, true)]
-
-
-@torch.no_grad()
 def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, region: np.ndarray,
-                 mean_shape: bool = False, code_pairs: list | None = None,
-                 landmark_px: list | None = None, keypoint_px: list | None = None,
-                 refine: bool = False) -> list[float]:
-    """Per-image aligned neutral-shape error of ``model`` (or of the mean shape).
+                 code_pairs: list | None = None, landmark_px: list | None = None,
+                 keypoint_px: list | None = None, refine: RefineConfig | None = None
+                 ) -> HeldoutErrors:
+    """Per-image aligned neutral-shape errors of ``model`` and of the mean shape, as the
+    pipeline's evaluation computes them (:func:`recon.evaluation.heldout.heldout_shape_errors`).
     ``code_pairs``: if given, gets ``(predicted code, true code)`` (n_shape,) per image appended.
     ``landmark_px``: if given, gets each image's mean 68-landmark distance (crop pixels)
     between the model's full reconstruction and the truth appended: how well the fit that
     identity must show through is done on unseen images. ``keypoint_px``: the same for the
-    keypoint head's located points (``model.head: keypoints``). ``refine``: with the
-    model's test-time fit to its keypoints and the photo (``model.refine``), as
-    reconstruction runs it."""
+    keypoint head's located points (``model.head: keypoints``). ``refine``: the encoder's
+    codes then the test-time fit to its keypoints and the photo
+    (:func:`recon.fitting.refine_codes`), as reconstruction runs it."""
     model.eval()
     n_shape = model.flame.n_shape
-    device = model.device
-    errors = []
-    for keys, batch in iter_eval_batches(store, augment, batch_size=16):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if mean_shape:
-            shape = torch.zeros(len(keys), n_shape)
-        else:
-            codes = model.encode(batch["images"], with_detail=False, refine=refine)
-            shape = codes.shape.cpu()
-            half = batch["images"].shape[-1] / 2  # [-1, 1] image units -> pixels
-            if landmark_px is not None:
-                lmk = model.decode(codes, with_detail=False, render=False).landmarks2d
-                landmark_px += ((lmk - batch["landmarks"]).norm(dim=-1).mean(1) * half).tolist()
-            if keypoint_px is not None and codes.keypoints is not None:
-                keypoint_px += ((codes.keypoints - batch["landmarks"]).norm(dim=-1).mean(1)
-                                * half).tolist()
-        truth = truth_codes(params, keys)
-        errors += neutral_errors(model, shape, truth, region)
+
+    def encode(images: torch.Tensor) -> Codes:
+        codes = model.encode(images, with_detail=False)
+        return codes if refine is None else refine_codes(model, codes, images, refine)
+
+    def diagnostics(keys: list[str], batch: dict[str, torch.Tensor], codes: Codes) -> None:
+        half = batch["images"].shape[-1] / 2  # [-1, 1] image units -> pixels
+        if landmark_px is not None:
+            lmk = model.decode(codes, with_detail=False, render=False).landmarks2d
+            landmark_px.extend(((lmk - batch["landmarks"]).norm(dim=-1).mean(1) * half).tolist())
+        if keypoint_px is not None and codes.keypoints is not None:
+            keypoint_px.extend(((codes.keypoints - batch["landmarks"]).norm(dim=-1).mean(1)
+                                * half).tolist())
         if code_pairs is not None:
-            code_pairs += zip(shape.numpy(), truth.numpy())
-    return errors
+            code_pairs.extend(zip(codes.shape.cpu().numpy(),
+                                  truth_shape_codes(params, keys, n_shape).numpy()))
+
+    return heldout_shape_errors(model, iter_eval_batches(store, augment, batch_size=16),
+                                params, region, encode, on_batch=diagnostics)
 
 
 @torch.no_grad()
@@ -122,12 +99,11 @@ def identity_signal(model, params: dict, keys: list[str], reg_shape: float,
     ground-truth codes (what predicting the truth costs the prior). Where the second is
     larger, the loss's optimum is pulled toward the mean shape whatever the training budget.
     """
-    from recon.deca import Codes
     from recon.losses.landmarks import weighted_landmark_loss
 
     imgs = [params["images"][k] for k in keys]
     device = model.device
-    shape = truth_codes(params, keys).to(device)
+    shape = truth_shape_codes(params, keys, model.flame.n_shape).to(device)
     exp = torch.tensor([p["expression"] for p in imgs], dtype=torch.float32, device=device)
     pose = torch.tensor([p["pose"] for p in imgs], dtype=torch.float32, device=device)
     n = len(imgs)
@@ -161,7 +137,6 @@ def landmark_ceiling(model, region: np.ndarray, image_size: int, noise_px: list[
     No regressor that sees only landmarks this precise can beat the ratio (on average);
     photometric cues can. Returns ``{"yaw_deg", "noise_px", "ratio"}`` per pair.
     """
-    from recon.deca import Codes
 
     ns, ne, nt = model.flame.n_shape, model.flame.n_exp, model.albedo.n_tex
     cam0 = torch.tensor(model.initial_camera(1 / 1.6))
@@ -211,7 +186,6 @@ def loss_optimum(model, store: SampleStore, params: dict, augment: CropAugment,
     and their ratio. An encoder trained on these losses amortises this fit image by image,
     so its ratio is not expected to beat this one.
     """
-    from recon.deca import Codes
     from recon.losses.total import coarse_code_terms, coarse_image_terms
     from recon.render.shading import SH_CONSTANTS
 
@@ -239,7 +213,7 @@ def loss_optimum(model, store: SampleStore, params: dict, augment: CropAugment,
         if i == 3 * steps // 4:  # the last quarter at a lower rate settles the fit
             for group in opt.param_groups:
                 group["lr"] = 2e-3
-    truth = truth_codes(params, keys)
+    truth = truth_shape_codes(params, keys, model.flame.n_shape)
     fit = float(np.mean(neutral_errors(model, codes.shape.detach(), truth, region)))
     base = float(np.mean(neutral_errors(model, torch.zeros_like(truth), truth, region)))
     return {"photometric": photometric, "images": n, "steps": steps, "error": fit,
@@ -286,7 +260,7 @@ def supervised_probe(cfg, out_dir: Path, train_store: SampleStore, test_store: S
     # The trainer's loader, schedule and checkpoints around another step function.
     trainer.step_fn = ShapeProbeStep(trainer.model, cfg.loss, cfg.train, truth)
     result = trainer.run()
-    probe = shape_errors(trainer.model, test_store, params, augment, region)
+    probe = shape_errors(trainer.model, test_store, params, augment, region).errors
     last = losses.values[-max(1, len(losses.values) // 10):]
     return {"steps": result.step, "train_mse_last_tenth": float(np.mean(last)),
             "ratio": float(np.mean(probe)) / mean_error}
@@ -298,7 +272,7 @@ class LossLog(TrainerCallback):
     def __init__(self) -> None:
         self.values: list[float] = []
 
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
+    def on_step(self, trainer: Trainer, step: int, terms: dict[str, float]) -> None:
         self.values.append(terms["loss"])
 
 
@@ -308,7 +282,7 @@ class Progress(TrainerCallback):
         self.reg_shape = reg_shape
         self.t0 = time.perf_counter()
 
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
+    def on_step(self, trainer: Trainer, step: int, terms: dict[str, float]) -> None:
         if step % self.every == 0:
             # reg_shape = weight x mean |code|^2 / 2: the RMS shape-code norm of the batch
             shape = terms.get("reg_shape", float("nan"))
@@ -423,12 +397,12 @@ def main() -> None:
         trainer = Trainer(cfg, "coarse", Path(tmp) / "run", train_store, device=args.device,
                           callbacks=[Progress(max(1, cfg.train.steps // 10), cfg.loss.reg_shape)])
         model = trainer.model
-        region = _face_vertices(cfg.face_model)
+        region = face_region(cfg.face_model)
         augment = CropAugment(out_size=cfg.model.image_size, eval_scale=cfg.data.eval_scale)
         signal = identity_signal(model, params, sorted(test_store.key_identity)[:64],
                                  cfg.loss.reg_shape, cfg.model.init_face_fraction)
-        untrained = shape_errors(model, test_store, params, augment, region)
-        mean = shape_errors(model, test_store, params, augment, region, mean_shape=True)
+        before = shape_errors(model, test_store, params, augment, region)
+        untrained, mean = before.errors, before.mean_shape_errors
         optimum = [loss_optimum(model, test_store, params, augment, region, cfg.loss,
                                 args.optimum_steps, photometric, args.optimum_images)
                    for photometric in (False, True) if args.optimum_steps > 0]
@@ -439,11 +413,11 @@ def main() -> None:
         lmk_px: list = []
         kpt_px: list = []
         trained = shape_errors(model, test_store, params, augment, region, code_pairs=pairs,
-                               landmark_px=lmk_px, keypoint_px=kpt_px)
+                               landmark_px=lmk_px, keypoint_px=kpt_px).errors
         refined_px: list = []
         t = time.perf_counter()
         refined = (shape_errors(model, test_store, params, augment, region,
-                                landmark_px=refined_px, refine=True)
+                                landmark_px=refined_px, refine=cfg.model.refine).errors
                    if cfg.model.refine.steps > 0 else None)
         refine_s = time.perf_counter() - t
         probe = (supervised_probe(cfg, Path(tmp) / "probe", train_store, test_store, params,

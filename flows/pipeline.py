@@ -4,10 +4,11 @@ and the demo that runs it on this machine (``wildface demo``).
 Evaluation: the NoW-protocol ``evaluate`` flow of the evaluation package when it is
 installed (``flows.evaluate.evaluate_model``, called with the logged model's URI); until
 then, and always for a ``wildface synth`` folder given as ``heldout``, the held-out
-neutral-shape error (:func:`heldout_shape_error`: the logged model's predicted neutral mesh
-vs the ground truth of identities it never saw, after a similarity alignment over the face
-region, in mm). The metrics go to the detail run (which holds the model) and the parent
-run, and become tags of the registered version.
+neutral-shape error (:func:`heldout_shape_error`, computed by
+:mod:`recon.evaluation.heldout`: the logged model's predicted neutral mesh vs the ground truth
+of identities it never saw, after a similarity alignment over the face region, in mm). The
+metrics go to the detail run (which holds the model) and the parent run, and become tags of
+the registered version.
 
 Demo decisions (``wildface demo``, :func:`run_demo`): the local services of ``wildface
 services`` are used when they run, else started (``--services``, the default: Prefect server +
@@ -45,74 +46,34 @@ REAL_PHOTOS = {"astronaut": ("skimage", "astronaut")}
 def heldout_shape_error(model_uri: str, heldout: str, cfg: WildfaceConfig,
                         mesh_dir: Path | None = None, n_meshes: int = 4,
                         tracking_uri: str | None = None) -> dict[str, float]:
-    """Neutral-shape error of a logged/registered model on a held-out synthetic set.
+    """Neutral-shape error of a logged/registered model on a held-out synthetic set
+    (:func:`recon.evaluation.heldout.heldout_shape_errors`: its metrics, in mm).
 
     The model loads through wildface's own loader (:func:`flows.registry.load_reconstructor`:
     files checked against their recorded sha256, weights only; the pyfunc's code file is never
     run). Every image of ``heldout`` (a ``wildface synth`` folder of identities not trained
-    on) is cropped at the evaluation scale and reconstructed as the pyfunc's ``predict`` does;
-    the identity's predicted neutral mesh is compared with its true one over the face region
-    after a similarity alignment. Also the error of the mean shape (the template) as the
-    baseline. Metres -> mm. ``mesh_dir``: the first ``n_meshes`` predictions are written there
-    as OBJ (posed coarse mesh and neutral mesh).
+    on) is cropped at the evaluation scale and encoded as reconstruction does it (with the
+    model's test-time refinement when ``model.refine.steps`` > 0). ``mesh_dir``: the first
+    ``n_meshes`` predictions are written there as OBJ (posed coarse mesh and neutral mesh).
     """
     import tempfile
 
-    import torch
-
     from flows.registry import load_reconstructor
-    from recon.evaluation.alignment import aligned_error
-    from recon.mesh_io import write_obj
+    from recon.evaluation.heldout import face_region, heldout_shape_errors
     from recon.synth import iter_samples, load_params
     from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
         recon = load_reconstructor(model_uri, directory=tmp, tracking_uri=tracking_uri,
                                    device=cfg.reconstruct.device)
-    deca = recon.model
-    device = deca.device
-    params = load_params(heldout)
     store = SampleStore.from_samples(iter_samples(heldout))
     d = cfg.data
     augment = CropAugment(out_size=cfg.model.image_size, scale_min=d.scale_min,
                           scale_max=d.scale_max, shift=d.shift, eval_scale=d.eval_scale)
-    faces = deca.flame.faces.cpu().numpy()
-    n_shape = deca.flame.n_shape
-    errors, baseline, written = [], [], 0
-    with torch.no_grad():
-        region = _face_region(cfg, deca.flame.v_template.shape[0])
-        mean_verts = deca.neutral(torch.zeros(1, n_shape, device=device)).vertices[0]
-        mean_verts = mean_verts.double().cpu().numpy()
-        for keys, batch in iter_eval_batches(store, augment, batch_size=8):
-            rec = recon.reconstruct(batch["images"], render=False)
-            out = {"vertices": rec.vertices.cpu().numpy(),
-                   "neutral_vertices": deca.neutral(rec.codes.shape).vertices.cpu().numpy()}
-            truth_codes = torch.zeros(len(keys), n_shape)
-            for i, k in enumerate(keys):
-                code = params["identities"][params["images"][k]["identity"]]["shape"][:n_shape]
-                truth_codes[i, :len(code)] = torch.tensor(code)
-            truth = deca.neutral(truth_codes.to(device)).vertices.double().cpu().numpy()
-            for i, k in enumerate(keys):
-                errors.append(aligned_error(out["neutral_vertices"][i][region], truth[i][region]))
-                baseline.append(aligned_error(mean_verts[region], truth[i][region]))
-                if mesh_dir is not None and written < n_meshes:
-                    stem = k.replace("/", "_")
-                    write_obj(mesh_dir / f"{stem}_posed.obj", out["vertices"][i], faces)
-                    write_obj(mesh_dir / f"{stem}_neutral.obj", out["neutral_vertices"][i], faces)
-                    written += 1
-    mm = 1000.0  # the face model's unit is the metre (FLAME and demo-head)
-    return {"heldout_shape_error_median_mm": float(np.median(errors)) * mm,
-            "heldout_shape_error_mean_mm": float(np.mean(errors)) * mm,
-            "heldout_mean_shape_error_mm": float(np.mean(baseline)) * mm,
-            "heldout_images": float(len(errors))}
-
-
-def _face_region(cfg: WildfaceConfig, n_vertices: int) -> np.ndarray:
-    """Vertex ids of the face model's face region (all vertices when it has none)."""
-    from recon.flame_io import load_face_model
-
-    assets = load_face_model(cfg.face_model)
-    return assets.masks["face"] if "face" in assets.masks else np.arange(n_vertices)
+    errors = heldout_shape_errors(recon.model, iter_eval_batches(store, augment, batch_size=8),
+                                  load_params(heldout), face_region(cfg.face_model),
+                                  encode=recon.encode, mesh_dir=mesh_dir, n_meshes=n_meshes)
+    return errors.metrics()
 
 
 @task(name="evaluate")
