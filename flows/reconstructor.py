@@ -56,6 +56,7 @@ with warnings.catch_warnings():
             recon = load_model(files, device=config.get("device", "auto"))
             if recon.device.type == "cpu":
                 set_cpu_threads()
+            self.recon = recon  # reconstructs as `wildface reconstruct` does (model.refine)
             self.model = recon.model
 
         def _images(self, model_input):
@@ -82,8 +83,7 @@ with warnings.catch_warnings():
             import torch
 
             with torch.no_grad():
-                rec = self.model.reconstruct(self._images(model_input), with_detail=True,
-                                             render=False)
+                rec = self.recon.reconstruct(self._images(model_input), render=False)
                 neutral = self.model.neutral(rec.codes.shape).vertices
             out = {k: v.cpu().numpy() for k, v in rec.codes.as_dict().items() if v is not None}
             out.update(vertices=rec.vertices.cpu().numpy(),

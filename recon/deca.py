@@ -258,22 +258,17 @@ class DECA(nn.Module):
             raise ValueError(f"checkpoint does not fit this model ({details})")
 
     # -- encode / decode --------------------------------------------------------------
-    def encode(self, images: torch.Tensor, with_detail: bool = True,
-               refine: bool = False) -> Codes:
-        """images: (B, 3, S, S) in [0, 1] -> Codes (float32; detail None unless with_detail).
-        ``refine``: fit the codes to the located keypoints and the image as ``network.refine``
-        says (:func:`recon.fitting.refine_codes`; nothing when its steps are 0)."""
+    def encode(self, images: torch.Tensor, with_detail: bool = True) -> Codes:
+        """images: (B, 3, S, S) in [0, 1] -> Codes (float32; detail None unless with_detail):
+        the encoders' output. The test-time fit of ``network.refine`` is a step of
+        reconstruction (:func:`recon.fitting.refine_codes`, called by
+        ``recon.reconstruct.FaceReconstructor``), never run here."""
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"expected images (B, 3, {self.image_size}, {self.image_size}), "
                              f"got {tuple(images.shape)}")
         parts = {k: v.float() for k, v in self.coarse_encoder(images).items()}
         detail = self.detail_encoder(images).float() if with_detail else None
-        codes = Codes(detail=detail, **parts)
-        if refine and self.network_config.refine.steps > 0:
-            from recon.fitting import refine_codes
-
-            codes = refine_codes(self, codes, images, self.network_config.refine)
-        return codes
+        return Codes(detail=detail, **parts)
 
     def project(self, points: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) -> renderer NDC (B, N, 3) with the weak-perspective camera."""
@@ -328,10 +323,9 @@ class DECA(nn.Module):
             rec.images_detail, rec.detail_render = out.images, out
 
     def reconstruct(self, images: torch.Tensor, with_detail: bool = True,
-                    render: bool = True, refine: bool = True) -> Reconstruction:
-        """``decode(encode(images))``: images (B, 3, S, S) in [0, 1]. Inference: the
-        test-time fit of ``network.refine`` runs unless ``refine`` is False."""
-        return self.decode(self.encode(images, with_detail, refine), with_detail, render)
+                    render: bool = True) -> Reconstruction:
+        """``decode(encode(images))``: images (B, 3, S, S) in [0, 1]; no test-time fit."""
+        return self.decode(self.encode(images, with_detail), with_detail, render)
 
     def forward(self, images: torch.Tensor) -> Reconstruction:
         return self.reconstruct(images)

@@ -9,10 +9,14 @@ the face), then landmarks plus DECA's photometric L1 of the lit render, with alb
 light free too. Its targets are the image and the points the trained network located, no
 labels. Each image is fitted on its own (Adam's steps are per parameter, every code belongs
 to one image and every loss is a sum over images), so results do not depend on the batch.
+
+A step of reconstruction, not of the model: ``recon.reconstruct.FaceReconstructor`` calls it
+when ``model.refine.steps`` > 0; ``DECA.encode`` never does. The model and its codes are
+duck-typed (:class:`CodeDecoder`) so that this module needs nothing from ``recon.deca``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -21,9 +25,6 @@ from recon.losses.landmarks import weighted_landmark_loss
 from recon.losses.photometric import photometric_loss
 from recon.losses.regularizers import code_l2, light_grey_loss
 
-if TYPE_CHECKING:
-    from recon.deca import DECA, Codes
-
 GEOMETRY = ("shape", "exp", "pose", "cam")
 APPEARANCE = ("tex", "light")
 _FINAL_LR_RATIO = 0.02
@@ -31,7 +32,29 @@ _FINAL_LR_RATIO = 0.02
 _LANDMARK_ONLY_FRACTION = 0.25
 
 
-def refine_codes(model: DECA, codes: Codes, images: torch.Tensor, cfg: RefineConfig) -> Codes:
+class FitCodes(Protocol):
+    """What the fit needs of the codes (``recon.deca.Codes``): the tensors it names in
+    :data:`GEOMETRY` and :data:`APPEARANCE` (shape (B, n_shape), exp (B, n_exp), pose (B, 6),
+    cam (B, 3), tex (B, n_tex), light (B, 9, 3)), ``keypoints`` (B, 68, 2) or None, and
+    ``replace(**tensors)``: a copy with those tensors swapped in."""
+
+    keypoints: torch.Tensor | None
+
+    def replace(self, **changes: torch.Tensor | None) -> Any: ...
+
+
+C = TypeVar("C", bound=FitCodes)
+
+
+class CodeDecoder(Protocol):
+    """What the fit needs of the model (``recon.deca.DECA``): ``decode(codes, with_detail,
+    render)`` giving ``landmarks2d`` (B, 68, 2) and, when rendering, ``images``
+    (B, 3, S, S) and ``face_mask`` (B, 1, S, S)."""
+
+    def decode(self, codes: Any, with_detail: bool = ..., render: bool = ...) -> Any: ...
+
+
+def refine_codes(model: CodeDecoder, codes: C, images: torch.Tensor, cfg: RefineConfig) -> C:
     """codes (batch of B, with ``keypoints`` (B, 68, 2)) of ``images`` (B, 3, S, S) in [0, 1]
     -> the same codes after ``cfg.steps`` Adam steps on DECA's weighted 68-landmark L1 to the
     keypoints and the shape / expression priors; after the first quarter, if

@@ -56,6 +56,7 @@ from recon.config import FaceModelConfig, NetworkConfig, RefineConfig
 from recon.deca import DECA, Codes, Reconstruction
 from recon.devices import pick_device
 from recon.face_assets import FaceModelAssets
+from recon.fitting import refine_codes
 from recon.mesh_io import atomic_write_bytes, npy_bytes, write_obj
 from recon.render import draw_landmarks, image_to_pixel, vertex_normals
 from recon.training.checkpoint import assert_finite_state, load_checkpoint
@@ -186,8 +187,14 @@ class FaceReconstructor:
 
     @torch.no_grad()
     def encode(self, crops: np.ndarray | torch.Tensor) -> Codes:
-        """Codes of crops, with the model's test-time refinement (``model.refine``) if set."""
-        return self.model.encode(self.to_tensor(crops), with_detail=True, refine=True)
+        """Codes of crops: the encoders', then the test-time refinement
+        (:func:`recon.fitting.refine_codes`) when the model's ``model.refine.steps`` > 0."""
+        images = self.to_tensor(crops)
+        codes = self.model.encode(images, with_detail=True)
+        refine = self.model.network_config.refine
+        if refine.steps > 0:
+            codes = refine_codes(self.model, codes, images, refine)
+        return codes
 
     @torch.no_grad()
     def decode(self, codes: Codes, render: bool = True) -> Reconstruction:

@@ -1,18 +1,22 @@
 """Test-time refinement (model.refine): the fit of the codes to the keypoints and the photo."""
 from __future__ import annotations
 
+import ast
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
+from recon import fitting, reconstruct
 from recon.config import FaceModelConfig, NetworkConfig, RefineConfig
 from recon.deca import DECA, Codes
 from recon.evaluation.alignment import aligned_error
 from recon.fitting import refine_codes
 from recon.flame_io import load_face_model
+from recon.reconstruct import FaceReconstructor, ModelInfo
 
 NET = NetworkConfig(backbone="resnet18", head="keypoints", hidden=16, n_detail=8,
                     image_size=32, uv_size=16)
@@ -131,22 +135,69 @@ def test_the_prior_pulls_the_fitted_shape_towards_the_mean():
     assert strong.shape.norm() < 0.5 * weak.shape.norm()
 
 
-def test_encode_refines_only_when_asked_and_configured():
+def _reconstructor(model: DECA) -> FaceReconstructor:
+    info = ModelInfo(checkpoint="-", stage="coarse", step=0, face_model=model.face_model_name,
+                     face_model_fingerprint="-", backbone=NET.backbone)
+    return FaceReconstructor(model, 1.6, info)
+
+
+def test_the_model_never_refines(monkeypatch):
+    """Encoding is the networks alone, whatever ``model.refine`` says: training steps and
+    training figures (which call encode / reconstruct / forward) never run the fit."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the model ran the test-time refinement")
+
+    monkeypatch.setattr(fitting, "refine_codes", fail)
+    monkeypatch.setattr(reconstruct, "refine_codes", fail)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    off = _model(steps=0)
+    model = _model(steps=20)
     with torch.no_grad():
-        assert torch.equal(off.encode(images, refine=True).shape,
-                           off.encode(images, refine=False).shape)
-    on = _model(steps=20)
+        codes = model.encode(images, with_detail=False)
+        rec = model(images)  # = reconstruct(images): what the training figures draw
+    assert torch.equal(rec.codes.shape, codes.shape)
+
+
+def test_fitting_needs_nothing_from_the_model_module():
+    """recon.deca's model is handed in (duck-typed): no import of recon.deca, lazy or for
+    type checking, so the two modules form no import circle."""
+    tree = ast.parse(Path(fitting.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert "recon.deca" not in imported and "recon" in {m.split(".")[0] for m in imported}
+
+
+@pytest.mark.parametrize("steps", [0, 20])
+def test_reconstruction_refines_when_configured(monkeypatch, steps):
+    """The reconstructor (``wildface reconstruct``, the registered model, evaluation) calls
+    the fit when ``model.refine.steps`` > 0, with the model's own refinement config, and
+    the refined codes are closer to the keypoints than the encoder's."""
+    calls = []
+
+    def spy(model, codes, images, cfg):
+        calls.append(cfg)
+        return refine_codes(model, codes, images, cfg)
+
+    monkeypatch.setattr(reconstruct, "refine_codes", spy)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    model = _model(steps=steps)
+    recon = _reconstructor(model)
     with torch.no_grad():
-        plain = on.encode(images, with_detail=False)
-        refined = on.encode(images, with_detail=False, refine=True)
-        rec = on.reconstruct(images, render=False)
+        plain = model.encode(images)
+        refined = recon.encode(images)
+        rec = recon.reconstruct(images, render=False)
+    if steps == 0:
+        assert calls == []
+        assert torch.equal(refined.shape, plain.shape)
+        return
+    assert calls == [model.network_config.refine] * 2
     assert not torch.allclose(refined.shape, plain.shape)
     assert not torch.allclose(refined.light, plain.light)  # the photometric phase ran
     assert torch.equal(refined.keypoints, plain.keypoints)
+    assert torch.equal(refined.detail, plain.detail)  # the detail code is the encoder's
     assert torch.allclose(rec.codes.shape, refined.shape)
-    lmk = [on.decode(c, with_detail=False, render=False).landmarks2d for c in (plain, refined)]
+    lmk = [model.decode(c, with_detail=False, render=False).landmarks2d for c in (plain, refined)]
     assert ((lmk[1] - plain.keypoints).abs().mean() < (lmk[0] - plain.keypoints).abs().mean())
 
 
