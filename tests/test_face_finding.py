@@ -13,7 +13,7 @@ from PIL import Image
 from preprocessing.config import PreprocessConfig
 from preprocessing.faces import FaceFinder
 from recon import landmarks as L
-from tests.preprocess_assets import astronaut
+from preprocess_assets import astronaut
 
 # The iBUG 300-W mark-up as published (Sagonas et al., "300 Faces in-the-Wild Challenge",
 # ICCV-W 2013, Fig. 1; ibug.doc.ic.ac.uk "Facial point annotations"), 1-based and inclusive.
@@ -85,7 +85,7 @@ def test_reconstruct_and_preprocess_crop_a_photo_alike(main_face, tmp_path):
     from flows.reconstruct import InputItem, InputReconstructor
     from preprocessing.sample import SampleMaker
     from recon.reconstruct import load_model
-    from tests.reconstruct_fixtures import tiny_config, untrained_checkpoint
+    from reconstruct_fixtures import tiny_config, untrained_checkpoint
 
     rgb, face = main_face
     photo = tmp_path / "astronaut.png"
