@@ -15,7 +15,6 @@ from unittest import mock
 import numpy as np
 import torch
 
-from reconstruct_fixtures import checkpoint  # noqa: F401 (fixture)
 from reconstruct_fixtures import tiny_config
 
 
@@ -77,7 +76,7 @@ def _check_face(face: Path, recon, size: int, half_pixel: float) -> dict:
     return params
 
 
-def test_aligned_crops_give_codes_pixels_and_displacement(checkpoint, tmp_path):  # noqa: F811
+def test_aligned_crops_give_codes_pixels_and_displacement(checkpoint, tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli.main import app
@@ -103,7 +102,7 @@ def test_aligned_crops_give_codes_pixels_and_displacement(checkpoint, tmp_path):
     torch.testing.assert_close(torch.tensor(same["codes"]["shape"]), direct.shape[0])
 
 
-def test_imported_deca_models_report_decas_pixels(checkpoint, tmp_path):  # noqa: F811
+def test_imported_deca_models_report_decas_pixels(checkpoint, tmp_path):
     """A model of ``model.architecture: deca`` writes DECA's own mapping (no half pixel)."""
     from flows.reconstruct import FaceFinder, InputItem, InputReconstructor
     from recon.reconstruct import load_model
@@ -120,16 +119,15 @@ def test_imported_deca_models_report_decas_pixels(checkpoint, tmp_path):  # noqa
     assert params["landmarks2d_pixels"].startswith("deca")
 
 
-def test_ray_actor_takes_the_aligned_mode(checkpoint, tmp_path):  # noqa: F811
+def test_ray_actor_takes_the_aligned_mode(checkpoint, tmp_path):
     """The Ray job's actor (run here in-process) reconstructs aligned inputs too."""
     from flows.reconstruct import _RayReconstructor
+    from flows.registry import ModelFiles
 
     crops = _crops(tmp_path / "crops")
-    model = {"checkpoint": str(checkpoint), "face_model": "", "config_json": "",
-             "source": "{}", "face_model_config": ""}
     with mock.patch.dict(os.environ):  # the actor sets the offline variables of its process
-        actor = _RayReconstructor(model, tiny_config().model_dump_json(), str(tmp_path / "out"),
-                                  True)
+        actor = _RayReconstructor(ModelFiles(checkpoint=Path(checkpoint)), "",
+                                  tiny_config().model_dump_json(), str(tmp_path / "out"), True)
         got = actor({"uri": np.array([str(crops / "wide.png"), str(crops / "larger.png")]),
                      "name": np.array(["wide", "larger"]), "kind": np.array(["image"] * 2)})
     assert list(got["status"]) == ["rejected", "ok"]
@@ -137,7 +135,7 @@ def test_ray_actor_takes_the_aligned_mode(checkpoint, tmp_path):  # noqa: F811
     assert (tmp_path / "out" / "larger" / "face_00" / "displacement.npy").is_file()
 
 
-def test_aligned_video_frames_are_crops(checkpoint, tmp_path):  # noqa: F811
+def test_aligned_video_frames_are_crops(checkpoint, tmp_path):
     """A video of square face crops: every frame is reconstructed without detection."""
     import pandas as pd
 
@@ -158,7 +156,7 @@ def test_aligned_video_frames_are_crops(checkpoint, tmp_path):  # noqa: F811
 
 
 def test_a_non_finite_aligned_face_is_rejected_with_nothing_written(
-        checkpoint, tmp_path, monkeypatch):  # noqa: F811
+        checkpoint, tmp_path, monkeypatch):
     from flows.reconstruct import FaceFinder, InputItem, InputReconstructor
     from recon.reconstruct import FaceReconstructor, load_model
 
