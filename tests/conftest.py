@@ -1,6 +1,13 @@
-"""Fixtures shared by the end-to-end tests on Ray, Prefect and MLflow (test_pipeline.py,
-test_train_ray.py): one tiny run's config, synthetic data and MLflow store, Ray shut down
-after the module, a temporary Prefect server, and a moto S3 server (also test_storage.py)."""
+"""Fixtures shared by the test modules (never imported by name: pytest hands them to the tests
+that name them). The tiny run they start from is ``reconstruct_fixtures.TINY``.
+
+- session: torch's CPU threads, set once from the cores this process may use;
+- ``synth``, ``checkpoint`` (session): a tiny synthetic set and an untrained detail checkpoint,
+  made once and read-only to the tests (a test that writes copies them into ``tmp_path``);
+- ``e2e`` (module): a tiny run's config file with the module's ``E2E_CONFIG`` sections merged
+  in, its synthetic data and an sqlite MLflow store; Ray shut down after the module;
+- ``prefect_server``: a temporary Prefect server; ``moto_s3`` (module): a moto S3 server.
+"""
 from __future__ import annotations
 
 import os
@@ -13,21 +20,33 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
+from reconstruct_fixtures import e2e_tree, make_synth, untrained_checkpoint
+
 if TYPE_CHECKING:
     from flows.config import WildfaceConfig
 
-# A tiny DECA run: seconds per step on 2 cores. A test module adds or changes sections with a
-# module-level ``E2E_CONFIG`` (merged per section: its keys replace these).
-E2E_BASE: dict[str, dict] = {
-    "face_model": {"n_shape": 20, "n_exp": 10, "n_tex": 10},
-    "model": {"backbone": "mobilenet_v3_small", "hidden": 32, "image_size": 64, "uv_size": 32,
-              "n_detail": 8},
-    "loss": {"identity": 0.0, "mrf": 0.0},
-    "train": {"identities_per_batch": 2, "images_per_identity": 2,
-              "detail_identities_per_batch": 2, "detail_images_per_identity": 2,
-              "checkpoint_every": 2, "amp": False, "lr": 1.0e-3},
-    "tracking": {"log_every": 1, "figure_every": 2, "figure_images": 2},
-}
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_threads() -> None:
+    """One intra-op thread count for the whole session, whatever the test order: the cores
+    this process may run on, shared among pytest-xdist's workers (a test that needs another
+    count sets and restores it itself)."""
+    from recon.devices import set_cpu_threads
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    set_cpu_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``wildface synth`` folder: 2 identities of 2 images of 96 pixels."""
+    return make_synth(tmp_path_factory.mktemp("synth"), identities=2, images=2, size=96)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A detail-stage checkpoint of a freshly initialised ``TINY`` model."""
+    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "detail-000000000.pt")
 
 
 @dataclass(frozen=True)
@@ -46,34 +65,31 @@ class E2ERun:
 @pytest.fixture(scope="module")
 def e2e(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[E2ERun]:
-    """The test module's tiny run (``E2E_BASE`` + its ``E2E_CONFIG``), its synthetic data
+    """The test module's tiny run (``e2e_tree`` of its ``E2E_CONFIG``), its synthetic data
     generated; Ray, which the flows start in this process, is shut down afterwards."""
     import ray
-    import torch
 
     from flows.config import load_config
     from recon.synth import generate
 
     root = tmp_path_factory.mktemp("e2e")
-    tree = {k: dict(v) for k, v in E2E_BASE.items()}
-    for section, values in getattr(request.module, "E2E_CONFIG", {}).items():
-        tree.setdefault(section, {}).update(values)
     config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tree))
+    config.write_text(yaml.safe_dump(e2e_tree(getattr(request.module, "E2E_CONFIG", {}))))
     cfg = load_config(config)
-    torch.set_num_threads(2)
     generate(root / "synth", cfg.synth, cfg.face_model)
     yield E2ERun(root=root, config=config, cfg=cfg, data=root / "synth",
                  tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
-    """A temporary Prefect server and database for the flows run in the test."""
+    """A temporary Prefect server and database for the flows run in the tests, started once
+    per session (its start-up costs tens of seconds on 2 cores): tests that name it find
+    their flow runs by what they return, never by counting the server's runs."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=300):
+    with prefect_test_harness(server_startup_timeout=300):  # slow on a busy 2-core box
         yield
 
 

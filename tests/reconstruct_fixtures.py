@@ -1,26 +1,54 @@
-"""Small models for the reconstruct / animate / evaluate tests, made with the project's own
-code: a synthetic set from ``recon.synth``, checkpoints from ``recon.training`` (the trainer,
-or ``save_checkpoint`` of a freshly initialised model). Imported by test modules."""
+"""The tiny run every training, reconstruct, evaluate and end-to-end test starts from, and
+helpers made with the project's own code: a synthetic set from ``recon.synth``, checkpoints
+from ``recon.training`` (the trainer, or ``save_checkpoint`` of a freshly initialised model).
+The shared fixtures built from them (``synth``, ``checkpoint``, ``e2e``) are in conftest.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from flows.config import WildfaceConfig, load_config
 from recon.config import SynthConfig
 
-# The demo head with few components, a small backbone and small images: seconds per step.
+# The demo head with few components, a small backbone and small images: seconds per step on
+# 2 cores. Tests change what their assertion needs with overrides (``tiny_config(**extra)``).
 TINY = {
     "face_model.n_shape": 10, "face_model.n_exp": 10, "face_model.n_tex": 5,
-    "model.backbone": "resnet18", "model.hidden": 32, "model.image_size": 64,
+    "model.backbone": "mobilenet_v3_small", "model.hidden": 32, "model.image_size": 64,
     "model.uv_size": 32, "model.n_detail": 8,
     "loss.identity": 0.0, "loss.mrf": 0.0,
     "train.identities_per_batch": 2, "train.images_per_identity": 2,
     "train.detail_identities_per_batch": 2, "train.detail_images_per_identity": 2,
-    "train.lr": 2e-3, "train.pretrain_steps": 0, "train.amp": False,
+    "train.lr": 1e-3, "train.pretrain_steps": 0, "train.amp": False,
 }
+
+
+def tiny_tree() -> dict[str, dict]:
+    """``TINY`` as a config file's tree: ``{section: {key: value}}``."""
+    tree: dict[str, dict] = {}
+    for key, value in TINY.items():
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+# What an end-to-end run adds to ``TINY``: checkpoints, metrics and figures every step or two. A
+# test module adds or changes sections with a module-level ``E2E_CONFIG`` (merged per section:
+# its keys replace these).
+E2E_EXTRA: dict[str, dict] = {
+    "train": {"checkpoint_every": 2},
+    "tracking": {"log_every": 1, "figure_every": 2, "figure_images": 2},
+}
+
+
+def e2e_tree(extra: dict[str, dict]) -> dict[str, dict]:
+    """``TINY`` as a config file's tree, with ``E2E_EXTRA`` then ``extra`` merged per section."""
+    tree = tiny_tree()
+    for more in (E2E_EXTRA, extra):
+        for section, values in more.items():
+            tree.setdefault(section, {}).update(values)
+    return tree
 
 
 def tiny_config(**extra) -> WildfaceConfig:
@@ -69,13 +97,3 @@ def train_tiny(out: Path, synth: Path, coarse_steps: int, detail_steps: int = 2,
                      coarse_checkpoint=coarse.checkpoint).run()
     return Path(detail.checkpoint)
 
-
-# Shared module-scoped fixtures: a tiny synthetic set and an untrained checkpoint.
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return make_synth(tmp_path_factory.mktemp("synth"), identities=2, images=2, size=96)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "detail-000000000.pt")

@@ -16,7 +16,6 @@ from reconstruct_fixtures import make_synth, untrained_checkpoint
 def recon(tmp_path_factory):
     from recon.reconstruct import load_model
 
-    torch.set_num_threads(2)
     # Random networks: the detail decoder's output still depends on (jaw, exp, detail),
     # which is what these tests check.
     return load_model(untrained_checkpoint(tmp_path_factory.mktemp("m") / "detail-000000000.pt"))

@@ -47,8 +47,6 @@ from recon.render import (DecaRenderer, image_to_pixel, ndc_to_image, sh_shading
                           sh_shading_packed, vertex_normals, weak_perspective_project)
 from tiny_face_model import tiny_face_assets
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -31,7 +31,6 @@ from recon.safe_pickle import UnsafePickleError
 from test_deca_conventions import deca_dense_faces, deca_vertex_normals
 from tiny_face_model import tiny_face_assets
 
-torch.set_num_threads(2)
 runner = CliRunner()
 S = 32  # the maps' side here (DECA's: 256)
 K = 3   # albedo components

@@ -14,8 +14,6 @@ from recon.flame import FLAME
 from recon.flame_io import load_face_model
 from recon.landmarks import EYE_LID_PAIRS, LIP_PAIRS, MOUTH_LEFT, MOUTH_RIGHT
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def assets():

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconstruct_fixtures import checkpoint, synth  # noqa: F401 (fixtures)
-from reconstruct_fixtures import make_synth, tiny_config, untrained_checkpoint
+from reconstruct_fixtures import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_NOW = ["evaluation.workers=1", "evaluation.refine_iters=3"]
@@ -64,7 +63,8 @@ def test_deployments_and_schedule_match_the_config():
 
 
 @pytest.mark.slow
-def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, tmp_path):
+def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, prefect_server,
+                                                       tmp_path):
     """Register the model in a sqlite MLflow store, run the flow on it by alias, find the
     NoW metrics and the curve on the version's run; promote then makes it champion."""
     from mlflow.tracking import MlflowClient
@@ -84,13 +84,9 @@ def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, tmp_pat
                                            coarse_checkpoint=str(checkpoint))
     version = registry.register_model(uri, cfg, model_uri, run_id=run_id, data=str(synth))
 
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=300):  # slow on a busy 2-core box
-        result = evaluate(model="models:/wildface-deca@challenger",
-                          dataset=str(synth / "now"), out=str(tmp_path / "eval"), cfg=cfg,
-                          tracking_uri=uri)
-        decision = promote(cfg=cfg)
+    result = evaluate(model="models:/wildface-deca@challenger", dataset=str(synth / "now"),
+                      out=str(tmp_path / "eval"), cfg=cfg, tracking_uri=uri)
+    decision = promote(cfg=cfg)
     metrics = client.get_run(run_id).data.metrics
     assert metrics["now_median"] == pytest.approx(result["metrics"]["now_median"])
     assert {"now_mean", "now_std", "now_n_images"} <= set(metrics)
@@ -109,9 +105,8 @@ def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, tmp_pat
     assert decision["promoted"] == (metrics["now_median"] < metrics["now_mean_face_median"])
     if not decision["promoted"]:
         assert "mean face" in decision["reason"]
-        with prefect_test_harness(server_startup_timeout=300):
-            decision = promote(cfg=cfg.model_copy(update={"promotion": cfg.promotion.model_copy(
-                update={"baseline_metric": None})}))
+        decision = promote(cfg=cfg.model_copy(update={"promotion": cfg.promotion.model_copy(
+            update={"baseline_metric": None})}))
         assert decision["promoted"]
     champion = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert str(champion.version) == version["version"]
@@ -131,14 +126,11 @@ def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, tmp_pat
 
 
 @pytest.mark.slow
-def test_retrain_without_new_photos_does_not_train(tmp_path):
+def test_retrain_without_new_photos_does_not_train(prefect_server, tmp_path):
     from flows.retrain import retrain
 
-    from prefect.testing.utilities import prefect_test_harness
-
     (tmp_path / "photos").mkdir()
-    with prefect_test_harness(server_startup_timeout=300):
-        result = retrain(input=str(tmp_path / "photos"), out=str(tmp_path / "out"),
-                         use_ray_preprocess=False)
-        assert result["skipped"] == "0 new photo(s)"
-        assert retrain(out=str(tmp_path / "out"))["skipped"] == "no input location"
+    result = retrain(input=str(tmp_path / "photos"), out=str(tmp_path / "out"),
+                     use_ray_preprocess=False)
+    assert result["skipped"] == "0 new photo(s)"
+    assert retrain(out=str(tmp_path / "out"))["skipped"] == "no input location"

@@ -11,8 +11,6 @@ from recon.config import FaceModelConfig
 from recon.flame import FLAME, build_flame
 from recon.flame_io import load_face_model
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def assets():

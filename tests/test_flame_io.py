@@ -27,8 +27,6 @@ from recon.flame_io import (
 )
 from recon.safe_pickle import UnsafePickleError, safe_loads
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def demo():

@@ -63,7 +63,6 @@ def facenet_store() -> ModelStore:
 
 @pytest.fixture(scope="session")
 def facenet(facenet_store: ModelStore) -> FaceNetIdentity:
-    torch.set_num_threads(2)
     cfg = resolve_identity_weights(IdentityConfig(backend="facenet", store=facenet_store.root))
     net = build_identity_network(cfg)
     assert isinstance(net, FaceNetIdentity)

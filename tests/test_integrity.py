@@ -14,7 +14,6 @@ import torch
 from flows.config import ConfigError, load_config
 from recon.training.checkpoint import (NonFiniteState, assert_finite_state, checkpoint_path,
                                        load_checkpoint, save_checkpoint)
-from reconstruct_fixtures import checkpoint, synth  # noqa: F401 (fixtures)
 from reconstruct_fixtures import tiny_config
 
 
@@ -105,7 +104,7 @@ def test_save_refuses_a_non_finite_state_and_writes_nothing(tmp_path, where):
 
 
 # -- training ------------------------------------------------------------------------------
-def _trainer(tmp_path, synth, **overrides):  # noqa: F811 (fixture name)
+def _trainer(tmp_path, synth, **overrides):
     from recon.synth import iter_samples
     from recon.training.data import SampleStore
     from recon.training.trainer import Trainer
@@ -113,7 +112,6 @@ def _trainer(tmp_path, synth, **overrides):  # noqa: F811 (fixture name)
     samples = list(iter_samples(synth))
     cfg = tiny_config(**{"model.backbone": "mobilenet_v3_small", "model.image_size": 32,
                          "model.uv_size": 16, "train.checkpoint_every": 1, **overrides})
-    torch.set_num_threads(1)
     return Trainer(cfg, "coarse", tmp_path, SampleStore.from_samples(samples), device="cpu")
 
 
@@ -134,7 +132,7 @@ def _assert_every_written_checkpoint_finite(root: Path) -> int:
     return len(files)
 
 
-def test_training_stops_after_consecutive_skipped_steps(tmp_path, synth,  # noqa: F811
+def test_training_stops_after_consecutive_skipped_steps(tmp_path, synth,
                                                         monkeypatch):
     from recon.training.steps import CoarseStep
     from recon.training.trainer import NonFiniteTraining
@@ -157,7 +155,7 @@ def test_training_stops_after_consecutive_skipped_steps(tmp_path, synth,  # noqa
 
 
 def test_a_huge_learning_rate_stops_training_with_finite_checkpoints_only(tmp_path,  # noqa
-                                                                         synth):  # noqa: F811
+                                                                         synth):
     from recon.training.trainer import NonFiniteTraining
 
     # Finite, so the config takes it: step 1 throws the weights to ~1e30, later forward
@@ -170,7 +168,7 @@ def test_a_huge_learning_rate_stops_training_with_finite_checkpoints_only(tmp_pa
 
 
 # -- reconstruction ------------------------------------------------------------------------
-def test_load_model_refuses_non_finite_weights(checkpoint, tmp_path):  # noqa: F811
+def test_load_model_refuses_non_finite_weights(checkpoint, tmp_path):
     from recon.reconstruct import load_model
 
     payload = torch.load(checkpoint, weights_only=True)
@@ -208,7 +206,7 @@ def test_write_face_refuses_a_non_finite_face_and_writes_nothing(checkpoint, syn
     assert not (tmp_path / "face_01").exists()
 
 
-def test_batch_reports_the_non_finite_face_failed_and_goes_on(synth, checkpoint,  # noqa: F811
+def test_batch_reports_the_non_finite_face_failed_and_goes_on(synth, checkpoint,
                                                               tmp_path, monkeypatch):
     from flows.reconstruct import MARKER, run_batch
     from recon.reconstruct import FaceReconstructor

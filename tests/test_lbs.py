@@ -17,8 +17,6 @@ from recon.lbs import (
     yaw_to_contour_bin,
 )
 
-torch.set_num_threads(2)
-
 
 def test_rodrigues_matches_scipy():
     rng = np.random.default_rng(0)

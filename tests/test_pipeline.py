@@ -8,7 +8,7 @@ import pytest
 
 from flows.config import ConfigError
 
-# Added to conftest.E2E_BASE (the `e2e` fixture): one Ray worker, a bigger synthetic set.
+# Merged into the `e2e` fixture's tiny run (conftest.py): one Ray worker, a bigger synthetic set.
 E2E_CONFIG = {
     "train": {"steps": 2, "pretrain_steps": 1},
     "ray": {"num_cpus": 2, "num_workers": 1, "cpus_per_worker": 1},

@@ -175,9 +175,7 @@ def test_unmeasured_challenger_is_never_promoted(registry):
 
 
 @pytest.mark.slow
-def test_promote_flow_runs_in_prefect(registry, tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_promote_flow_runs_in_prefect(registry, prefect_server, tmp_path, monkeypatch):
     from flows.config import load_config
     from flows.promote import promote
 
@@ -187,8 +185,7 @@ def test_promote_flow_runs_in_prefect(registry, tmp_path, monkeypatch):
     client.set_registered_model_alias(MODEL, "champion", "1")
     cfg = load_config(overrides={"tracking.uri": uri, "tracking.registered_model": MODEL,
                                  "promotion.margin": 0.1})
-    with prefect_test_harness(server_startup_timeout=300):  # slow on a busy 2-core box
-        result = promote(cfg=cfg)
+    result = promote(cfg=cfg)
     assert result["promoted"] and result["challenger_version"] == v2
     assert result["champion_value"] == pytest.approx(1.4)
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2

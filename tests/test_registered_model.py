@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from reconstruct_fixtures import checkpoint  # noqa: F401 (fixture)
 from reconstruct_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")
-def logged(checkpoint, tmp_path_factory):  # noqa: F811 (fixture)
+def logged(checkpoint, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     from flows import registry, tracking
@@ -31,7 +30,7 @@ def _crops(n=2, size=64):
     return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def test_pyfunc_predicts_what_the_reconstruct_loader_does(logged, checkpoint):  # noqa: F811
+def test_pyfunc_predicts_what_the_reconstruct_loader_does(logged, checkpoint):
     import mlflow
 
     from recon.reconstruct import load_model

@@ -14,8 +14,6 @@ from recon.render import numba_ops
 from recon.render.interpolate import interpolate_corners_packed
 from render_reference import demo_head, rotation_y, t64, uv_sphere
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
 
 def _both(fn, *inputs):
     """fn's outputs and the gradients of a random projection of them w.r.t. ``inputs``,

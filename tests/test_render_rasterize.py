@@ -17,7 +17,6 @@ from recon.render import rasterize as _rasterize
 from render_reference import (check_against_reference, grid_mesh, reference_zbuffer,
                               rotation_y, soup, t64, to_pixels, uv_sphere)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
 rasterize = _rasterize
 
 

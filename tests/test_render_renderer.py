@@ -14,8 +14,6 @@ from recon.render import (DecaRenderer, PerspectiveCamera, draw_landmarks, inter
                           weak_perspective_project)
 from render_reference import demo_head, grid_mesh, rotation_y, t64, uv_sphere
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
 
 def _quad(z: float = 0.0, flip: bool = False):
     """A quad covering the whole NDC square, uv = ((x+1)/2, (y+1)/2)."""

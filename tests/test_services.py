@@ -393,11 +393,10 @@ def test_services_run_deployments(running):
     # services' MLflow (a synth folder: two photos are too few identities to train on).
     from mlflow.tracking import MlflowClient
 
-    from conftest import E2E_BASE
-    from reconstruct_fixtures import make_synth
+    from reconstruct_fixtures import e2e_tree, make_synth
 
     data = make_synth(tmp_path / "synth", identities=4, images=2, size=64)
-    tiny = {k: dict(v) for k, v in E2E_BASE.items()}
+    tiny = e2e_tree({})
     tiny["train"].update(steps=2, pretrain_steps=1)
     tiny["ray"] = {"num_cpus": 2, "num_workers": 1, "cpus_per_worker": 1}
     config = tmp_path / "tiny.yaml"

@@ -17,7 +17,6 @@ CFG = SynthConfig(identities=3, images_per_identity=4, image_size=96, seed=5,
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("synth")
     generate(root, CFG)
     return root

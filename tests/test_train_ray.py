@@ -29,7 +29,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-# Added to conftest.E2E_BASE (the `e2e` fixture): two Ray workers, checkpoints on S3.
+# Merged into the `e2e` fixture's tiny run (conftest.py): two Ray workers, checkpoints on S3.
 E2E_CONFIG = {
     "train": {"steps": 4, "pretrain_steps": 2},
     "ray": {"num_cpus": 2, "num_workers": 2, "cpus_per_worker": 1, "max_failures": 2,

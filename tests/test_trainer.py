@@ -7,32 +7,20 @@ import pickle
 import pytest
 import torch
 
-from flows.config import load_config
 from recon.config import SynthConfig
 from recon.training.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
 from recon.training.data import SampleStore
 from recon.training.trainer import Trainer, TrainerCallback
+from reconstruct_fixtures import tiny_config
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "face_model.n_shape": 10, "face_model.n_exp": 10, "face_model.n_tex": 5,
-    "model.backbone": "mobilenet_v3_small", "model.hidden": 32, "model.image_size": 64,
-    "model.uv_size": 32, "model.n_detail": 8,
-    "loss.identity": 0.0, "loss.mrf": 0.0,
-    "train.identities_per_batch": 2, "train.images_per_identity": 2,
-    "train.detail_identities_per_batch": 2, "train.detail_images_per_identity": 2,
-    "train.lr": 1e-3, "train.pretrain_steps": 0, "train.amp": False,
-}
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
     from recon.synth import generate
 
-    # one intra-op thread: on a busy 2-core machine two threads spin and run 10x slower
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("synth")
     generate(root, SynthConfig(identities=4, images_per_identity=3, image_size=96, seed=3,
                                occluder_probability=0.0, selfie_probability=0.0))
@@ -47,7 +35,7 @@ def store(synth_root):
 
 
 def _cfg(**extra):
-    return load_config(None, {**TINY, **extra})
+    return tiny_config(**extra)
 
 
 class Record(TrainerCallback):
