@@ -47,9 +47,9 @@ class ServicesConfig(StrictModel):
         "<state_dir>/mlflow/artifacts")
     s3: bool = Field(False, description="also start a moto S3 server")
     s3_port: int = Field(5555, ge=1, le=65535)
-    ray: bool = Field(False, description="also start a Ray head (jobs attach to it through "
-                      "$RAY_ADDRESS from `services env`) with its dashboard; off by default: "
-                      "the head has no login, so any local user could run jobs on it")
+    ray: bool = Field(True, description="also start a Ray head with its dashboard, token "
+                      "authentication on (jobs attach to it through $RAY_ADDRESS and the "
+                      "token file's $RAY_AUTH_TOKEN_PATH from `services env`)")
     ray_port: int = Field(6379, ge=1, le=65535, description="the Ray head's GCS port")
     ray_dashboard_port: int = Field(8265, ge=1, le=65535)
     ray_client_port: int = Field(10001, ge=1, le=65535,

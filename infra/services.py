@@ -1,12 +1,15 @@
 """Local services on loopback: a Prefect server + a process work-pool worker, an MLflow
 server (sqlite files, or PostgreSQL with ``services.database``; artifacts in the state dir or
 on S3), a Ray head with its dashboard (jobs attach to it through
-``$RAY_ADDRESS``: :mod:`infra.ray_connect`) and optionally a moto S3 server.
+``$RAY_ADDRESS``: :mod:`infra.ray_connect`; Ray's token authentication) and optionally a moto
+S3 server.
 
 Locked down for a machine shared with other local users and with web browsers: the Prefect
 API asks for an auth string generated at the first ``up`` (kept, owner-only, in the state
 dir; clients get it from ``wildface services env``), answers cross-origin requests only from
-its own UI and wants a CSRF token on every state-changing request; the work pool's job
+its own UI and wants a CSRF token on every state-changing request; the Ray head (GCS, client
+server, dashboard) refuses drivers and requests without its token (owner-only file in the
+state dir, named to clients by ``RAY_AUTH_TOKEN_PATH``); the work pool's job
 template takes no command, environment or working directory from a caller; the MLflow server
 answers only requests addressed to its own host:port and refuses state changes from foreign
 web origins.
@@ -83,14 +86,23 @@ def auth_file(cfg: ServicesConfig) -> Path:
     return cfg.state_path() / "secrets" / "prefect-auth-string"
 
 
-def _new_auth_string(cfg: ServicesConfig) -> None:
-    """A fresh random auth string in :func:`auth_file` (folder 0700, file 0600: the atomic
-    writer's temporary file is created 0600 and renamed)."""
-    path = auth_file(cfg)
+def ray_token_file(cfg: ServicesConfig) -> Path:
+    """The Ray head's authentication token, readable by its owner only."""
+    return cfg.state_path() / "secrets" / "ray-auth-token"
+
+
+def _new_secret(path: Path, value: str) -> None:
+    """``value`` in ``path`` (folder 0700, file 0600: the atomic writer's temporary file is
+    created 0600 and renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.parent.chmod(0o700)
-    atomic_write_bytes(path, f"wildface:{secrets.token_urlsafe(32)}".encode())
+    atomic_write_bytes(path, value.encode())
     path.chmod(0o600)
+
+
+def _new_auth_string(cfg: ServicesConfig) -> None:
+    """A fresh random auth string in :func:`auth_file`."""
+    _new_secret(auth_file(cfg), f"wildface:{secrets.token_urlsafe(32)}")
 
 
 def auth_string(cfg: ServicesConfig) -> str | None:
@@ -178,7 +190,9 @@ def client_env(cfg: ServicesConfig) -> dict[str, str]:
     u = urls(cfg)
     env = {"PREFECT_API_URL": u["prefect"], "MLFLOW_TRACKING_URI": u["mlflow"]}
     if cfg.ray or "ray" in _read_state(cfg):  # configured, or started with `up --ray`
-        env["RAY_ADDRESS"] = ray_address(cfg)
+        # Ray reads the token from the file: its value stays out of every environment.
+        env.update(RAY_ADDRESS=ray_address(cfg), RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH=str(ray_token_file(cfg)))
     if (auth := auth_string(cfg)) is not None:
         env["PREFECT_API_AUTH_STRING"] = auth
     if cfg.s3:
@@ -315,8 +329,12 @@ def _healthy(name: str, cfg: ServicesConfig) -> bool:
     url = _health_url(name, cfg)
     if url is None:
         return True
+    headers = {}
+    if name == "ray" and ray_token_file(cfg).exists():  # the dashboard wants the token too
+        headers["Authorization"] = f"Bearer {ray_token_file(cfg).read_text().strip()}"
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=2) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -354,6 +372,8 @@ def up(cfg: ServicesConfig) -> dict:
     if auth_string(cfg) is None or not any(
             name in state and _alive(state[name]) for name in PREFECT_SERVICES):
         _new_auth_string(cfg)
+    if "ray" in cmds and not ("ray" in state and _alive(state["ray"])):
+        _new_secret(ray_token_file(cfg), secrets.token_hex(32))
     if cfg.database is not None:
         _create_databases(cfg)
     for wave in (["prefect"], [n for n in cmds if n != "prefect"]):

@@ -12,7 +12,7 @@ from flows.cli.options import load_config_or_exit
 
 app = typer.Typer(help="Local services on 127.0.0.1: Prefect server + process worker, "
                   "MLflow server (sqlite, or PostgreSQL with --database), Ray head with its "
-                  "dashboard (services.ray), optional moto S3.", no_args_is_help=True)
+                  "dashboard and token login, optional moto S3.", no_args_is_help=True)
 
 
 def _cfg(config: Optional[str], set_: list[str]):
@@ -27,8 +27,8 @@ SetOpt = typer.Option([], "--set", help="override, e.g. services.prefect_port=43
 @app.command()
 def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
        s3: bool = typer.Option(False, "--s3", help="also start a moto S3 server"),
-       ray: bool = typer.Option(False, "--ray", help="also start a Ray head with its "
-                                "dashboard (no login: for single-user machines)"),
+       ray: Optional[bool] = typer.Option(None, "--ray/--no-ray", help="start a Ray head "
+                                          "with its dashboard (default: services.ray, on)"),
        database: Optional[str] = typer.Option(
            None, "--database", help="PostgreSQL server for the Prefect server and MLflow: "
            "postgresql://USER@HOST:PORT (services.database; password from ~/.pgpass or "
@@ -41,8 +41,8 @@ def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
     cfg = _cfg(config, set_)
     if s3:
         cfg.s3 = True
-    if ray:
-        cfg.ray = True
+    if ray is not None:
+        cfg.ray = ray
     if database is not None:
         from pydantic import ValidationError
 
