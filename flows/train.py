@@ -104,7 +104,10 @@ def _worker_env(cfg: WildfaceConfig) -> dict[str, str]:
     from infra.offline import OFFLINE_ENV
 
     threads = str(max(1, int(cfg.ray.cpus_per_worker)))
-    env = {**OFFLINE_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+    # A worker's auth mode is its raylet's: told "disabled", the workers of a head with
+    # token authentication (`wildface services`) cannot reach its GCS and never start.
+    offline = {k: v for k, v in OFFLINE_ENV.items() if k != "RAY_AUTH_MODE"}
+    env = {**offline, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            # Ray Train's workers otherwise send each print both to their logger and to
            # stdout, and the driver shows every progress line twice.
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

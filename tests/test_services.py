@@ -80,6 +80,11 @@ def _listening(pids: set[int]) -> set[tuple[str, int]]:
     return found
 
 
+def _ray_auth(cfg: ServicesConfig) -> dict[str, str]:
+    """The header the Ray head's dashboard wants (Ray's token authentication)."""
+    return {"Authorization": f"Bearer {services.ray_token_file(cfg).read_text().strip()}"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,7 +116,7 @@ def test_ray_head_command_and_env_export(tmp_path):
 
     cfg = ServicesConfig(state_dir=str(tmp_path), ray=True, ray_port=6390,
                          ray_dashboard_port=8300, ray_client_port=10050)
-    assert not ServicesConfig().ray  # the head has no login: only when asked for
+    assert ServicesConfig().ray  # on by default: it has a login (Ray's token auth)
     cmd = services._commands(cfg)["ray"]
     assert cmd[0] == str(BIN / "ray") and cmd[1:3] == ["start", "--head"]
     opts = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
@@ -122,6 +127,10 @@ def test_ray_head_command_and_env_export(tmp_path):
     assert {"--disable-usage-stats", "--block"} <= set(cmd)
     assert services._health_url("ray", cfg) == "http://127.0.0.1:8300/api/version"
     assert services.client_env(cfg)["RAY_ADDRESS"] == "127.0.0.1:6390"
+    # Clients and the head read the token from the owner-only file, never from a variable.
+    for env in (services.client_env(cfg), services.child_env(cfg, "ray")):
+        assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env
+        assert env["RAY_AUTH_TOKEN_PATH"] == str(services.ray_token_file(cfg))
     assert services.child_env(cfg, "worker")["RAY_ADDRESS"] == "127.0.0.1:6390"
     assert "RAY_ADDRESS" not in services.child_env(cfg, "ray")  # a head joins nothing
     sets = [f"--set=services.state_dir={tmp_path}", "--set=services.ray_port=6390",
@@ -299,13 +308,19 @@ def test_prefect_refuses_anonymous_foreign_and_command_overrides(running):
 
 @pytest.mark.slow
 def test_ray_head_dashboard_attach_loopback(running):
-    """The services' Ray head: its dashboard answers, a job run with RAY_ADDRESS from
-    `services env` attaches to it (no private Ray) and its task is listed by the dashboard's
-    state API, and every socket the head's processes listen on is on 127.0.0.1."""
+    """The services' Ray head: its dashboard answers with the token only, a job run with
+    RAY_ADDRESS and the token file from `services env` attaches to it (no private Ray) and its
+    task is listed by the dashboard's state API, a driver without the token is refused, and
+    every socket the head's processes listen on is on 127.0.0.1."""
     cfg, env = running["cfg"], running["env"]
     dashboard = services.urls(cfg)["ray"]
     assert dashboard == f"http://127.0.0.1:{running['ports']['ray_dashboard_port']}"
-    code, _, body = _http("GET", f"{dashboard}/api/version")
+    token = services.ray_token_file(cfg)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+    assert _http("GET", f"{dashboard}/api/version")[0] == 401
+    assert _http("GET", f"{dashboard}/api/jobs/")[0] == 401
+    assert _http("POST", f"{dashboard}/api/jobs/", {"entrypoint": "true"})[0] == 401
+    code, _, body = _http("GET", f"{dashboard}/api/version", headers=_ray_auth(cfg))
     assert code == 200 and json.loads(body)["ray_version"]
     assert env["RAY_ADDRESS"] == f"127.0.0.1:{running['ports']['ray_port']}"
     job = ("import json, ray\n"
@@ -318,21 +333,30 @@ def test_ray_head_dashboard_attach_loopback(running):
            "ctx = ray.get_runtime_context()\n"
            "print(json.dumps({'job': ctx.get_job_id(), 'gcs': ctx.gcs_address,\n"
            "                  'value': ray.get(wildface_probe.remote())}))\n")
+    # Another local user's driver: the address, but not the token (Ray's own default mode).
+    stranger_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+    stranger = subprocess.Popen([sys.executable, "-c", job], env=stranger_env,
+                                cwd=services.PROJECT_ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     done = subprocess.run([sys.executable, "-c", job], env=env, cwd=services.PROJECT_ROOT,
                           check=True, capture_output=True, text=True, timeout=120)
+    out, err = stranger.communicate(timeout=120)  # Ray retries for ~20 s, then gives up
+    assert stranger.returncode != 0 and '"value": 42' not in out, out
+    assert "Failed to connect to Ray cluster" in err, err[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["gcs"] == env["RAY_ADDRESS"] and result["value"] == 42
     tasks: list = []
     deadline = time.monotonic() + 30  # task events reach the GCS about once a second
     while not tasks and time.monotonic() < deadline:
         code, _, body = _http("GET", f"{dashboard}/api/v0/tasks?filter_keys=name&"
-                              "filter_predicates=%3D&filter_values=wildface_probe")
+                              "filter_predicates=%3D&filter_values=wildface_probe",
+                              headers=_ray_auth(cfg))
         assert code == 200, body
         tasks = [t for t in json.loads(body)["data"]["result"]["result"]
                  if t["job_id"] == result["job"] and t["state"] == "FINISHED"]
         time.sleep(0.5)
     assert tasks
-    code, _, body = _http("GET", f"{dashboard}/api/jobs/")
+    code, _, body = _http("GET", f"{dashboard}/api/jobs/", headers=_ray_auth(cfg))
     assert code == 200 and result["job"] in [j["job_id"] for j in json.loads(body)]
 
     head = running["status"]["ray"]
@@ -380,7 +404,7 @@ def test_services_run_deployments(running):
         Image.fromarray(img).save(photos / ident / "x.jpg")
     out = tmp_path / "out"
     jobs_api = services.urls(cfg)["ray"] + "/api/jobs/"
-    before = {j["job_id"] for j in json.loads(_http("GET", jobs_api)[2])}
+    before = {j["job_id"] for j in json.loads(_http("GET", jobs_api, headers=_ray_auth(cfg))[2])}
     subprocess.run([str(BIN / "prefect"), "deployment", "run", "preprocess/default",
                     "-p", f"input={photos}", "-p", f"output={out}",
                     "--watch", "--watch-timeout", "400"], check=True, env=env, timeout=500)
@@ -417,7 +441,8 @@ def test_services_run_deployments(running):
     # environment): its dashboard lists their driver jobs.
     deadline = time.monotonic() + 30  # a flow run's process may still be exiting
     while True:
-        jobs = [j for j in json.loads(_http("GET", jobs_api)[2]) if j["job_id"] not in before]
+        jobs = [j for j in json.loads(_http("GET", jobs_api, headers=_ray_auth(cfg))[2])
+                if j["job_id"] not in before]
         if {j["status"] for j in jobs} == {"SUCCEEDED"} or time.monotonic() > deadline:
             break
         time.sleep(1)
