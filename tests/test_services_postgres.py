@@ -142,13 +142,13 @@ def test_services_up_on_postgresql(tmp_path):
     with _cluster() as pg_port:
         state = tmp_path / "svc"
         ports = {k: _free_port() for k in ("prefect_port", "mlflow_port", "s3_port")}
-        cfg = ServicesConfig(state_dir=str(state), s3=True,
+        cfg = ServicesConfig(state_dir=str(state), s3=True, ray=False,
                              artifacts="s3://wildface-artifacts/mlflow", **ports)
         sets = [f"--set=services.state_dir={state}", f"--set=services.artifacts={cfg.artifacts}",
                 *(f"--set=services.{k}={v}" for k, v in ports.items())]
         database = f"postgresql://wildface:{URL_PASSWORD}@127.0.0.1:{pg_port}"
         try:
-            up = subprocess.run([str(BIN / "wildface"), "services", "up", "--s3", "--no-deploy",
+            up = subprocess.run([str(BIN / "wildface"), "services", "up", "--s3", "--no-ray", "--no-deploy",
                                  "--database", database, *sets], capture_output=True,
                                 text=True, timeout=600)
             assert up.returncode == 0, up.stdout + up.stderr
