@@ -16,8 +16,8 @@ def demo(
                                "configs/"),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="key.sub=value override"),
     services: bool = typer.Option(True, "--services/--no-services", help="start the local "
-                                  "services (Prefect server + worker, MLflow server) unless "
-                                  "they run; if they cannot start, or with --no-services: an "
+                                  "services (Prefect server + worker, MLflow server, Ray head) "
+                                  "unless they run; if they cannot start, or with --no-services: an "
                                   "ephemeral Prefect API and a sqlite MLflow store in OUT"),
     # Sized for the < 15 min target on 2 cores (see docs/training-at-scale.md, Figures).
     coarse_steps: Optional[int] = typer.Option(150, "--coarse-steps", min=0,
@@ -60,7 +60,7 @@ def _use_services(cfg, start: bool) -> None:
         typer.echo("[demo] using the running local services (wildface services)")
     elif start:
         typer.echo("[demo] starting the local services (Prefect server + worker, MLflow "
-                   "server) ...")
+                   "server, Ray head with its dashboard) ...")
         try:
             services.up(cfg.services)
         except (RuntimeError, OSError) as err:
