@@ -17,6 +17,15 @@ own start-up is not counted. Two views of the pipeline:
 Raw runs before and after the pipeline; the faster is the baseline (conservative).
 Overhead = raw time per image vs the pipeline's (1 worker); scaling = 2-worker rate /
 (2 x 1-worker rate). Goals: overhead <= 15 %, scaling >= 0.9. Figures: docs/preprocessing.md.
+
+On a cluster (``--address host:port``, nodes without a shared disk): the inputs are uploaded
+to ``--s3`` and the pipeline reads them and writes its records there, with one actor per
+node (each asks for 3/4 of a node's CPUs, so two never share one); reported: images/s per
+node, S3 round trips included. Run it with 1 and 2 nodes to compare (goal: the 2-node
+figure >= 0.9 x the 1-node one), e.g. on the test cluster (docs/benchmarks.md):
+
+    python tests/netns_cluster.py --nodes 2 -- .venv/bin/python benchmarks/preprocess.py \\
+        --address 10.213.7.1:6379 --images 32
 """
 from __future__ import annotations
 
@@ -55,6 +64,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--side", type=int, default=640)
+    ap.add_argument("--address", default=None,
+                    help="a Ray cluster (host:port): inputs and outputs on --s3, images/s per node")
+    ap.add_argument("--s3", default="s3://wildface-bench/preprocess",
+                    help="with --address: where the inputs and the outputs go")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="images per actor call (default: preprocess.ray.batch_size)")
     args = ap.parse_args()
@@ -65,6 +78,7 @@ def main() -> None:
     import ray
 
     from infra.config import StorageConfig
+    from infra.ray_connect import start_or_attach
     from preprocessing import pipeline
     from preprocessing.config import PreprocessConfig
     from preprocessing.sample import SampleMaker
@@ -92,14 +106,36 @@ def main() -> None:
     raw_runs = [raw_seconds()]
     stages = {k: round(v / len(items) * 1000, 2) for k, v in maker.stage_seconds.items()}
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if args.address:
+        from infra import storage
+
+        storage.configure(StorageConfig())
+        bucket = storage.split_s3(args.s3)[0]
+        if bucket not in {b["Name"] for b in storage._client().list_buckets()["Buckets"]}:
+            storage._client().create_bucket(Bucket=bucket)
+        for f in sorted(p for p in (tmp / "in").rglob("*") if p.is_file()):
+            storage.put_file(f, storage.join(args.s3, "in", f.relative_to(tmp / "in").as_posix()))
+        run_items = pipeline.todo_items(pipeline.scan_inputs(storage.join(args.s3, "in"), cfg),
+                                        set())
+        start_or_attach(cfg.ray.model_copy(update={"address": args.address}),
+                        log_to_driver=False)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        node_cpus = min(n["Resources"].get("CPU", 1.0) for n in nodes)
+        widths = {len(nodes): 0.75 * node_cpus}
+        out_root = storage.join(args.s3, f"out-{time.time_ns()}")
+    else:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        widths = {1: cfg.ray.cpus_per_worker, 2: cfg.ray.cpus_per_worker}
+        out_root = str(tmp / "out")
+        run_items = items
     results, steady = {}, {}
-    for workers in (1, 2):
-        wcfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"workers": workers})})
-        out = tmp / f"out{workers}"
+    for workers, cpus in widths.items():
+        wcfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(
+            update={"workers": workers, "cpus_per_worker": cpus})})
+        out = f"{out_root}{workers}"
         marks: list[tuple[float, int]] = []
         t = time.perf_counter()
-        pipeline.process_images(items, pipeline.work_dir(str(out), wcfg), wcfg,
+        pipeline.process_images(run_items, pipeline.work_dir(out, wcfg), wcfg,
                                 StorageConfig(),
                                 on_progress=lambda done, _: marks.append((time.perf_counter(), done)))
         results[workers] = time.perf_counter() - t
@@ -112,6 +148,15 @@ def main() -> None:
     raw_s = min(raw_runs)
 
     n = len(items)
+    if args.address:
+        (nodes_n, seconds), = results.items()
+        print(json.dumps({
+            "nodes": nodes_n, "images": n, "side": args.side, "batch_size": cfg.ray.batch_size,
+            "load_average_1m": round(os.getloadavg()[0], 1),
+            "raw_images_per_s": round(n / raw_s, 2),
+            "images_per_s_per_node": round(n / seconds / nodes_n, 2),
+            "steady_images_per_s_per_node": round(steady[nodes_n] / nodes_n, 2)}, indent=1))
+        return
     report = {
         "images": n, "side": args.side, "batch_size": cfg.ray.batch_size, "load_average_1m": round(os.getloadavg()[0], 1),
         "model_load_s": round(load_s, 2),
