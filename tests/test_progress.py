@@ -83,7 +83,7 @@ def test_training_line_every_n_steps():
     log = ProgressLog("coarse", 6, every_steps=2, emit=lines.append, clock=lambda: t[0])
     for step in range(1, 7):
         t[0] += 0.5  # each step 0.5 s, reported after it ran
-        log.on_step(step, {"loss": 0.5 / step, "step_time_s": 0.5})
+        log.on_step(None, step, {"loss": 0.5 / step, "step_time_s": 0.5})  # reads no trainer
     assert lines == ["coarse: 2/6 steps, 2.0/s, ETA 2s, loss 0.2500",
                      "coarse: 4/6 steps, 2.0/s, ETA 1s, loss 0.1250",
                      "coarse: 6/6 steps, 2.0/s, done in 3s, loss 0.0833"]

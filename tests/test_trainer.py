@@ -1,4 +1,4 @@
-"""The single-process trainer: learning, checkpoints, bit-identical resume (CPU)."""
+"""The single-process trainer: learning, checkpoints, bit-identical resume (CPU), callbacks."""
 from __future__ import annotations
 
 import math
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from recon.config import SynthConfig
-from recon.training.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint,
-                                       save_checkpoint)
+from recon.training.checkpoint import (checkpoint_due, checkpoint_path, list_checkpoints,
+                                       load_checkpoint, save_checkpoint)
 from recon.training.data import SampleStore
 from recon.training.trainer import Trainer, TrainerCallback
 from reconstruct_fixtures import tiny_config
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the tests that train; the rest are plain functions
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +39,27 @@ def _cfg(**extra):
 
 
 class Record(TrainerCallback):
+    """Every step's terms; at each checkpoint, the trainer's model weights as the callback
+    reads them (``trainer.model``)."""
+
     def __init__(self, stop_at: int | None = None) -> None:
         self.terms: dict[int, dict[str, float]] = {}
-        self.checkpoints = []
+        self.checkpoints: list = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.trainers: set[int] = set()
         self.stop_at = stop_at
 
-    def on_step(self, step, terms):
+    def on_step(self, trainer, step, terms):
+        assert trainer.step == step
+        self.trainers.add(id(trainer))
         self.terms[step] = terms
         if step == self.stop_at:
             raise KeyboardInterrupt  # a killed run
 
-    def on_checkpoint(self, path):
+    def on_checkpoint(self, trainer, path):
+        self.trainers.add(id(trainer))
         self.checkpoints.append(path)
+        self.weights.append(_params(trainer))
 
 
 def _losses(rec: Record) -> dict[int, dict[str, float]]:
@@ -63,6 +72,7 @@ def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor)}
 
 
+@slow
 def test_coarse_training_decreases_the_loss(synth_root, tmp_path):
     from recon.synth import iter_samples
 
@@ -84,6 +94,7 @@ def test_coarse_training_decreases_the_loss(synth_root, tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints", "coarse")] == [30]
 
 
+@slow
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resume_is_bit_identical(store, tmp_path, schedule):
     # resumes inside the landmark-only phase and crosses into the full losses
@@ -108,6 +119,7 @@ def test_resume_is_bit_identical(store, tmp_path, schedule):
     assert '"train"' in ckpt["config"]
 
 
+@slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_precision_run_on_cuda_resumes_with_its_grad_scaler(store, tmp_path):
     cfg = _cfg(**{"train.steps": 4, "train.checkpoint_every": 2, "train.amp": True})
@@ -134,15 +146,36 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_interrupted_run_resumes_at_the_last_checkpoint(store, tmp_path):
+@pytest.mark.parametrize("total, every, saved", [
+    (6, 2, [2, 4, 6]),
+    (7, 3, [3, 6, 7]),      # the end is saved although it is off the period
+    (3, 5, [3]),            # a run shorter than the period: the end only
+    (5, 1, [1, 2, 3, 4, 5]),
+    (10, 10, [10]),         # the end on the period is saved once
+])
+def test_checkpoint_rule_every_n_steps_and_at_the_end(total, every, saved):
+    assert [s for s in range(1, total + 1) if checkpoint_due(s, total, every)] == saved
+
+
+@slow
+def test_interrupted_run_resumes_at_the_last_checkpoint_and_callbacks_see_the_trainer(
+        store, tmp_path):
     cfg = _cfg(**{"train.steps": 6, "train.checkpoint_every": 2})
     straight = Trainer(cfg, "coarse", tmp_path / "a", store, device="cpu")
     straight.run()
     killed = Record(stop_at=5)
+    trainer = Trainer(cfg, "coarse", tmp_path / "b", store, device="cpu", callbacks=[killed])
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, "coarse", tmp_path / "b", store, device="cpu", callbacks=[killed]).run()
+        trainer.run()
     ckpt_dir = tmp_path / "b" / "checkpoints"
     assert [s for s, _ in list_checkpoints(ckpt_dir, "coarse")] == [2, 4]
+    # the callbacks got this trainer, and its model at each checkpoint is what was saved
+    assert killed.trainers == {id(trainer)} and sorted(killed.terms) == [1, 2, 3, 4, 5]
+    for path, seen in zip(killed.checkpoints, killed.weights, strict=True):
+        saved = load_checkpoint(path)["model"]
+        assert seen and all(torch.equal(saved[k], seen[k]) for k in seen)
+    assert [p.name for p in killed.checkpoints] == [p.name for _, p in
+                                                    list_checkpoints(ckpt_dir, "coarse")]
     assert not [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
     again = Trainer(cfg, "coarse", tmp_path / "b", store, device="cpu")
     assert again.resumed_from == 4
@@ -151,6 +184,7 @@ def test_interrupted_run_resumes_at_the_last_checkpoint(store, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@slow
 def test_detail_stage_starts_from_coarse_and_keeps_it_frozen(store, tmp_path):
     cfg = _cfg(**{"train.steps": 2, "train.checkpoint_every": 2})
     coarse = Trainer(cfg, "coarse", tmp_path / "c", store, device="cpu").run()

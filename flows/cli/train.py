@@ -95,7 +95,7 @@ def train(
         typer.echo(f"{len(store)} training images of {len(store.identities)} identities")
 
         class Printer(TrainerCallback):
-            def on_checkpoint(self, path: Path) -> None:
+            def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
                 typer.echo(f"checkpoint {path}")
 
         trainer = Trainer(cfg, stage, out, store, device=dev,

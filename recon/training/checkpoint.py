@@ -10,8 +10,9 @@ checkpoint), ``rng`` (torch CPU / CUDA and Python ``random`` states); the traine
 ``step_state`` (the step object's counters and generator) and ``coarse_checkpoint`` (the path
 a detail stage started from, or None).
 
-Files: ``<dir>/<stage>-<step:09d>.pt``; the latest is the highest step. Temporary files of an
-interrupted save (``.<name>.*.tmp``) are never mistaken for checkpoints.
+Files: ``<dir>/<stage>-<step:09d>.pt``, saved when :func:`checkpoint_due`; the latest is the
+highest step. Temporary files of an interrupted save (``.<name>.*.tmp``) are never mistaken
+for checkpoints.
 
 Numerical integrity: :func:`save_checkpoint` refuses (before writing anything) a payload
 holding a non-finite floating-point value, and :func:`assert_finite_state` is the one check
@@ -77,6 +78,13 @@ def assert_finite_state(state: Any, what: str) -> None:
         key, bad = found
         raise NonFiniteState(f"{what}: non-finite values (inf or nan) in {key or 'the value'} "
                              f"({bad} entries): a diverged model, refused")
+
+
+def checkpoint_due(step: int, total: int, every: int) -> bool:
+    """Whether a run of ``total`` steps saves a checkpoint after its ``step``-th step: every
+    ``every`` steps and at the last one. The one rule: ranks that do not save report to
+    Ray Train at exactly these steps."""
+    return step % every == 0 or step == total
 
 
 def checkpoint_path(directory: str | os.PathLike, stage: str, step: int) -> Path:
