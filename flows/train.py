@@ -1,8 +1,8 @@
 """DECA's coarse and detail stages as Ray Train jobs, and the Prefect flow ``train``.
 
 Each stage is one ``TorchTrainer`` run whose workers run the single-process trainer
-(:class:`recon.training.trainer.Trainer`) unchanged (:func:`flows.train_worker.train_loop`),
-with:
+(:class:`recon.training.trainer.Trainer`) unchanged (:func:`flows.train_worker.train_loop`,
+all given one typed job, :class:`flows.stage_job.StageJob`), with:
 
 - data parallelism: Ray Train starts the process group (gloo on CPU, NCCL on GPU) with its
   store listening on rank 0's node IP only (:mod:`flows.ray_process_group`); the
@@ -50,7 +50,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from infra.offline import apply_offline_env
 
@@ -68,11 +68,11 @@ from flows.ray_cluster import (  # noqa: E402
 )
 from flows.config import WildfaceConfig, load_config, with_absolute_paths  # noqa: E402
 from flows.samples import is_synth_folder, synth_digest  # noqa: E402
+from flows.stage_job import Stage, StageJob, StageRun  # noqa: E402
 from flows.train_worker import FAULT_ENV, train_loop  # noqa: E402
 from infra import storage  # noqa: E402
 from infra.config import RayConfig  # noqa: E402
 
-Stage = Literal["coarse", "detail"]
 STAGES: tuple[Stage, ...] = ("coarse", "detail")
 
 
@@ -188,15 +188,14 @@ def run_stage(
 
     storage_path, storage_fs = run_storage(rc, cfg.storage.endpoint_url, cfg.storage.region)
     backend = "nccl" if rc.use_gpu else "gloo"
-    loop_config = {"config_json": cfg.model_dump_json(), "stage": stage, "data": str(data),
-                   "steps": cfg.train.steps, "coarse": coarse, "tracking_uri": tracking_uri,
-                   "mlflow_run_id": run_id}
+    job = StageJob(stage=stage, config=cfg, data=str(data), coarse=coarse,
+                   mlflow=StageRun(tracking_uri=tracking_uri, run_id=run_id) if run_id else None)
     started = time.perf_counter()
     try:
         with tracking.system_metrics(run_id, bool(run_id) and cfg.tracking.system_metrics), \
                 credentials_file() as credentials:
             trainer = TorchTrainer(
-                train_loop, train_loop_config=loop_config,
+                train_loop, train_loop_config=job.loop_config(),
                 # The process group's store listens on rank 0's node IP only.
                 torch_config=NodeStoreTorchConfig(backend=backend),
                 scaling_config=scaling_config(rc),

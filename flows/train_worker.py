@@ -1,7 +1,7 @@
 """What runs inside each Ray Train worker of a DECA stage (:func:`train_loop`, started by
-:func:`flows.train.run_stage`): the single-process trainer for this rank, with Ray's
-checkpoint reports, the gradient all-reduce, MLflow logging on rank 0 and the test-only
-fault injection (:data:`FAULT_ENV`).
+:func:`flows.train.run_stage` with a :class:`flows.stage_job.StageJob`): the single-process
+trainer for this rank, with Ray's checkpoint reports, the gradient all-reduce, MLflow logging
+on rank 0 and the test-only fault injection (:data:`FAULT_ENV`).
 
 A module of its own so that Ray pickles ``train_loop`` by an importable name
 (``flows.train_worker``): a Prefect worker loads a flow file such as ``flows/train.py`` as a
@@ -21,8 +21,10 @@ import torch
 from flows import tracking
 from flows.config import WildfaceConfig, with_stage_weights
 from flows.samples import is_synth_folder, rank_store
+from flows.stage_job import StageJob
 from infra import storage
-from recon.training.trainer import ProgressLog, TrainerCallback
+from recon.training.checkpoint import checkpoint_due
+from recon.training.trainer import ProgressLog, Trainer, TrainerCallback
 
 FAULT_ENV = "WILDFACE_FAULT"
 
@@ -78,12 +80,6 @@ def allreduce_mean(params: list) -> None:
         g.copy_(synced)
 
 
-def checkpoint_due(step: int, total: int, every: int) -> bool:
-    """Whether the trainer saves at ``step`` (mirrors ``Trainer.run``): ranks that do not save
-    must still call ``ray.train.report`` at exactly those steps."""
-    return step % every == 0 or step == total
-
-
 def _parse_fault(spec: str | None) -> dict[str, str] | None:
     if not spec:
         return None
@@ -107,27 +103,26 @@ def _wait_for_registered_checkpoint(timeout_s: float = 120.0) -> None:
 
 class RayReport(TrainerCallback):
     """Hands each checkpoint to Ray Train (rank 0) and keeps every rank's ``report`` calls in
-    step; optional one-shot fault injection (:data:`FAULT_ENV`)."""
+    step (the trainer's rule, :func:`recon.training.checkpoint.checkpoint_due`); optional
+    one-shot fault injection (:data:`FAULT_ENV`)."""
 
     def __init__(self, rank: int, total: int, every: int) -> None:
         self.rank, self.total, self.every = rank, total, every
-        self.resumed_from: int | None = None
-        self.step = 0
         self.terms: dict[str, float] = {}
         self.fault = _parse_fault(os.environ.get(FAULT_ENV))
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
         out = {k: float(v) for k, v in self.terms.items()}
-        out["step"] = float(self.step)
-        out["resumed_from"] = float(-1 if self.resumed_from is None else self.resumed_from)
+        out["step"] = float(trainer.step)
+        out["resumed_from"] = float(-1 if trainer.resumed_from is None else trainer.resumed_from)
         return out
 
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
+    def on_step(self, trainer: Trainer, step: int, terms: dict[str, float]) -> None:
         import ray.train
 
-        self.step, self.terms = step, terms
+        self.terms = terms
         if self.rank != 0 and checkpoint_due(step, self.total, self.every):
-            ray.train.report(self.metrics())
+            ray.train.report(self.metrics(trainer))
         f = self.fault
         if f and int(f.get("rank", -1)) == self.rank and int(f.get("step", -1)) == step:
             marker = Path(f["marker"])
@@ -136,43 +131,40 @@ class RayReport(TrainerCallback):
                 _wait_for_registered_checkpoint()
                 os._exit(1)  # an abrupt worker death, as a lost node would be
 
-    def on_checkpoint(self, path: Path) -> None:
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         import ray.train
 
         # Ray uploads a whole folder: give it one holding just this (complete) file.
         with tempfile.TemporaryDirectory(prefix="wildface-report-", dir=path.parent) as tmp:
             os.link(path, Path(tmp) / path.name)
-            ray.train.report(self.metrics(),
+            ray.train.report(self.metrics(trainer),
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 class MlflowLog(TrainerCallback):
     """Rank 0: loss terms, step time and figures into the stage's MLflow run."""
 
-    def __init__(self, logger: tracking.StepLogger, trainer_ref: list, figure_images: dict,
-                 total: int) -> None:
-        self.logger, self.trainer_ref, self.total = logger, trainer_ref, total
-        self.figure_images = figure_images
+    def __init__(self, logger: tracking.StepLogger, figure_images: dict, total: int) -> None:
+        self.logger, self.figure_images, self.total = logger, figure_images, total
 
-    def on_step(self, step: int, terms: dict[str, float]) -> None:
+    def on_step(self, trainer: Trainer, step: int, terms: dict[str, float]) -> None:
         self.logger.on_step(step, terms)
         if self.logger.wants_figure(step) or step == self.total:
             self.logger.flush(step)
-            model = self.trainer_ref[0].model
+            model = trainer.model
             grid = tracking.deca_figure(model, self.figure_images["images"].to(model.device),
                                         self.figure_images["landmarks"].to(model.device))
             self.logger.log_figure(step, grid)
 
 
-def train_loop(lc: dict[str, Any]) -> None:
-    """One Ray Train worker: build the trainer for this rank and run it (see module doc)."""
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the trainer for this rank and run it (see module doc).
+    ``loop_config``: a :class:`flows.stage_job.StageJob` as Ray hands it over."""
     import ray.train
     import ray.train.torch
 
-    from recon.training.trainer import Trainer
-
-    stage = lc["stage"]
-    cfg = WildfaceConfig.model_validate_json(lc["config_json"])
+    job = StageJob.from_loop_config(loop_config)
+    stage, cfg = job.stage, job.config
     storage.configure(cfg.storage)  # before the weights: the model store may be on s3://
     cfg = with_stage_weights(cfg, stage)
     ctx = ray.train.get_context()
@@ -189,30 +181,25 @@ def train_loop(lc: dict[str, Any]) -> None:
                 (work / "checkpoints").mkdir()
                 for f in Path(d).glob(f"{stage}-*.pt"):
                     shutil.copy2(f, work / "checkpoints" / f.name)
-        coarse = fetch_file(lc["coarse"], work / "inputs") if lc.get("coarse") else None
+        coarse = fetch_file(job.coarse, work / "inputs") if job.coarse else None
 
         n_ids, _ = cfg.train.batch_shape(stage)
-        store, own = rank_store(lc["data"], rank, world, n_ids, cfg.data.cache_dir)
-        total, every = lc["steps"], cfg.train.checkpoint_every
-        reporter = RayReport(rank, total, every)
-        callbacks: list[TrainerCallback] = [reporter]
-        trainer_ref: list = []
+        store, own = rank_store(job.data, rank, world, n_ids, cfg.data.cache_dir)
+        total = cfg.train.steps
+        callbacks: list[TrainerCallback] = [RayReport(rank, total, cfg.train.checkpoint_every)]
         if rank == 0:  # Ray hands a worker's stdout to the driver's terminal
             callbacks.insert(0, ProgressLog(stage, total))
-        if rank == 0 and lc.get("tracking_uri") and lc.get("mlflow_run_id"):
+        if rank == 0 and job.mlflow is not None:
             n, k = cfg.train.batch_shape(stage)
-            logger = tracking.StepLogger(lc["tracking_uri"], lc["mlflow_run_id"], cfg.tracking,
-                                         batch_size=n * k, world_size=world)
-            images = figure_batch(lc["data"], store, cfg, cfg.tracking.figure_images)
-            callbacks.insert(0, MlflowLog(logger, trainer_ref, images, total))
+            logger = tracking.StepLogger(job.mlflow.tracking_uri, job.mlflow.run_id,
+                                         cfg.tracking, batch_size=n * k, world_size=world)
+            images = figure_batch(job.data, store, cfg, cfg.tracking.figure_images)
+            callbacks.insert(0, MlflowLog(logger, images, total))
         trainer = Trainer(
             cfg, stage, work, store, device=device, coarse_checkpoint=coarse,
             callbacks=callbacks, rank=0 if own else rank, world_size=1 if own else world,
             sync_grads=allreduce_mean if world > 1 else None, save_checkpoints=rank == 0,
             keep_checkpoints=2)
-        trainer_ref.append(trainer)
-        reporter.resumed_from = trainer.resumed_from
-        reporter.step = trainer.step
         trainer.run(total)
     finally:
         shutil.rmtree(work, ignore_errors=True)

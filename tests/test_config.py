@@ -60,3 +60,27 @@ def test_learning_rate_schedules():
     assert two.lr_at(100) == pytest.approx(0.001)
     with pytest.raises(ConfigError, match=r"train\.lr_schedule"):
         load_config(None, ["train.lr_schedule=linear"])
+
+
+def test_stage_job_travels_as_json_and_a_bad_one_names_its_field():
+    import json
+
+    from flows.stage_job import StageJob, StageRun
+
+    cfg = load_config(None, ["train.steps=7"])
+    job = StageJob(stage="detail", config=cfg, data="/data/synth", coarse="/ckpt/coarse.pt",
+                   mlflow=StageRun(tracking_uri="sqlite:////tmp/m.db", run_id="abc"))
+    raw = json.loads(json.dumps(job.loop_config()))  # what Ray hands a worker: plain JSON
+    back = StageJob.from_loop_config(raw)
+    assert back == job and back.config.train.steps == 7
+    bad = [({**raw, "stage": "fine"}, r"stage: Input should be 'coarse' or 'detail'"),
+           ({**raw, "coarse": None}, r"coarse: .*the detail stage needs a coarse checkpoint"),
+           ({**raw, "mlflow": {"tracking_uri": "sqlite:////tmp/m.db"}}, r"mlflow\.run_id: "),
+           ({**raw, "steps": 7}, r"steps: Extra inputs"),  # the old untyped key
+           ({**raw, "config": {**raw["config"], "train": {"lr": -1}}}, r"config\.train\.lr: ")]
+    for job_dict, field in bad:
+        with pytest.raises(ConfigError, match=r"invalid configuration \(stage job\):\n  " + field):
+            StageJob.from_loop_config(job_dict)
+    # a coarse stage needs no coarse checkpoint, and tracking is optional
+    assert StageJob.from_loop_config({**raw, "stage": "coarse", "coarse": None,
+                                      "mlflow": None}).mlflow is None
