@@ -10,8 +10,20 @@ from recon.config import RefineConfig, StrictModel
 from recon.devices import DEVICE_PATTERN
 
 
+class ReconstructRayConfig(RayStartConfig):
+    """``reconstruct --ray``: where (address, num_cpus, ...:
+    :class:`infra.config.RayStartConfig`) and how wide its Ray Data actor pool runs."""
+
+    workers: int = Field(2, ge=1, description="actors in the pool")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="fractional, so actors and tasks don't deadlock on 2 cores")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per actor (fractions share one); Ray hides the GPUs from "
+        "actors that ask for none, so device auto needs this > 0 to use them")
+
+
 class ReconstructConfig(StrictModel):
-    """``wildface reconstruct`` / ``animate`` and the Ray Data batch job."""
+    """``wildface reconstruct`` / ``animate`` and the Ray Data batch job (``ray``)."""
 
     batch_size: int = Field(8, ge=1, description="faces (or video frames) per network call")
     device: str = Field("auto", pattern=DEVICE_PATTERN.pattern,
@@ -19,15 +31,7 @@ class ReconstructConfig(StrictModel):
                         "sees one, else the CPU), cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process; "
                                 "None: the cores the process may use")
-    workers: int = Field(2, ge=1, description="--ray: actors in the pool")
-    cpus_per_worker: float = Field(
-        0.5, gt=0, description="--ray: fractional, so actors and tasks don't deadlock on 2 cores")
-    gpus_per_worker: float = Field(
-        0.0, ge=0, description="--ray: GPUs per actor (fractions share one); Ray hides the GPUs "
-        "from actors that ask for none, so device auto needs this > 0 to use them")
-    ray_address: str | None = Field(
-        None, description="--ray: an existing cluster ('auto', 'ray://host:10001'); None = "
-        "$RAY_ADDRESS, else a private local Ray")
+    ray: ReconstructRayConfig = Field(default_factory=ReconstructRayConfig)
     video_every: int = Field(1, ge=1, description="videos: reconstruct every n-th frame")
     video_max_frames: int | None = Field(None, ge=1, description="videos: at most this many frames")
     animation_fps: float = Field(25.0, gt=0, description="frame rate of rendered animations")
@@ -37,10 +41,6 @@ class ReconstructConfig(StrictModel):
         None, description="test-time refinement instead of the model's own (its checkpoint's "
         "model.refine), e.g. --set reconstruct.refine.steps=1000; keypoint-head models only; "
         "None = the model's own")
-
-    def ray_start(self) -> RayStartConfig:
-        """Where ``--ray`` runs, in the vocabulary of every Ray section."""
-        return RayStartConfig(address=self.ray_address)
 
 
 class EvaluateFlowConfig(StrictModel):

@@ -407,7 +407,7 @@ class _RayReconstructor:
         apply_offline_env()
         cfg = WildfaceConfig.model_validate_json(cfg_json)
         storage.configure(cfg.storage)
-        torch.set_num_threads(max(1, int(cfg.reconstruct.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(cfg.reconstruct.ray.cpus_per_worker)))
         face = FaceModelConfig.model_validate_json(face_json) if face_json else None
         recon = load_model(files, face_model=face, device=cfg.reconstruct.device,
                            refine=cfg.reconstruct.refine)
@@ -499,14 +499,14 @@ def _run_ray(todo: list[InputItem], out: str, files: ModelFiles, configured, cfg
     from preprocessing.ray_data import map_actor_pool
 
     rc = cfg.reconstruct
-    started = start_or_attach(rc.ray_start(), log_to_driver=False)
+    started = start_or_attach(rc.ray, log_to_driver=False)
     face_json = configured.model_dump_json() if configured else ""
     try:
-        check_gpus(rc.gpus_per_worker, "reconstruct.gpus_per_worker", rc.ray_address)
+        check_gpus(rc.ray.gpus_per_worker, "reconstruct.ray.gpus_per_worker", rc.ray.address)
         args = (files, face_json, cfg.model_dump_json(), str(out), aligned)
         for batch in map_actor_pool([it.as_dict() for it in todo], _RayReconstructor, args,
-                                    workers=rc.workers, cpus=rc.cpus_per_worker,
-                                    gpus=rc.gpus_per_worker, batch_size=1):
+                                    workers=rc.ray.workers, cpus=rc.ray.cpus_per_worker,
+                                    gpus=rc.ray.gpus_per_worker, batch_size=1):
             for i in range(len(batch["name"])):
                 report({"name": str(batch["name"][i]), "status": str(batch["status"][i]),
                         "reason": str(batch["reason"][i])})

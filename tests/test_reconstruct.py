@@ -172,14 +172,14 @@ def test_batch_on_ray(synth, checkpoint, tmp_path):
     from flows.reconstruct import run_batch
 
     photos = _inputs(synth, tmp_path)
-    cfg = tiny_config(**{"reconstruct.workers": 2, "reconstruct.cpus_per_worker": 0.5})
+    cfg = tiny_config(**{"reconstruct.ray.workers": 2, "reconstruct.ray.cpus_per_worker": 0.5})
     summary = run_batch([str(photos)], str(tmp_path / "out"), str(checkpoint), cfg,
                         use_ray=True)
     assert summary["counts"] == {"ok": 2, "rejected": 2}
     assert (tmp_path / "out" / "id0001_img001" / "face_00" / "detail.obj").is_file()
     # Asking for more GPUs than the cluster has fails at once instead of waiting forever.
-    greedy = tiny_config(**{"reconstruct.gpus_per_worker": torch.cuda.device_count() + 1})
-    with pytest.raises(ValueError, match=r"reconstruct.gpus_per_worker: \d+ GPU\(s\) asked "
+    greedy = tiny_config(**{"reconstruct.ray.gpus_per_worker": torch.cuda.device_count() + 1})
+    with pytest.raises(ValueError, match=r"reconstruct.ray.gpus_per_worker: \d+ GPU\(s\) asked "
                                          r"for, but the local Ray has \d+"):
         run_batch([str(photos)], str(tmp_path / "out2"), str(checkpoint), greedy, use_ray=True)
 

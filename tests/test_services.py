@@ -149,7 +149,7 @@ def test_one_way_to_start_or_attach_to_ray(monkeypatch):
     import ray
     from ray._private import ray_constants
 
-    from flows.jobs_config import ReconstructConfig
+    from flows.jobs_config import ReconstructRayConfig
     from infra.config import RayConfig, RayStartConfig
     from infra.ray_connect import init_kwargs, start_or_attach
     from preprocessing.config import PreprocessRayConfig
@@ -163,7 +163,7 @@ def test_one_way_to_start_or_attach_to_ray(monkeypatch):
     assert init_kwargs(RayStartConfig(address="ray://head:10001"),
                        {"RAY_ADDRESS": "127.0.0.1:6390"}) == {"address": "ray://head:10001"}
     for section in (RayConfig(address="auto"), PreprocessRayConfig(address="auto"),
-                    ReconstructConfig(ray_address="auto").ray_start()):
+                    ReconstructRayConfig(address="auto")):
         assert isinstance(section, RayStartConfig)
         assert init_kwargs(section, {}) == {"address": "auto"}
 
