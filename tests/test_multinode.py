@@ -8,9 +8,13 @@ there by :func:`drive` in a process of their own, write what they saw to a JSON 
 the test reads.
 
 1. cluster helper (fast): namespaces, the private view of the worker, cleanup on failure;
-2. coarse training with one Ray Train worker per node (each node has one CPU), the worker
-   node killed (every process of it at once) once a checkpoint is registered, a node
-   started again: the run resumes from the last checkpoint and finishes.
+2. one run (slow): photos on S3 preprocessed on Ray Data with an actor on each node into
+   shards on S3, then coarse training with one Ray Train worker per node (each node has one
+   CPU); the worker node is killed (every process of it at once) once a checkpoint is
+   registered and a node started again: the run resumes from the last checkpoint and
+   finishes;
+3. what the run needed (fast): gloo's interface is the one holding the node IP; a local
+   coarse checkpoint is uploaded to S3 for a cluster named by ``$RAY_ADDRESS``.
 """
 from __future__ import annotations
 
@@ -172,7 +176,7 @@ def _log_tail(cluster: NetnsCluster, name: str) -> str:
 def cluster():
     """Head and worker node up (one CPU each), moto on the head's address."""
     env = {**s3_env(f"{SUBNET}.1"),
-           # A lost node is declared dead after ~3 s instead of Ray's default ~30 s.
+           # A lost node is declared dead after ~3 s instead of tens of seconds.
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3"}
     with NetnsCluster(env=env) as c:
