@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from reconstruct_fixtures import make_synth, untrained_checkpoint
-
 
 @pytest.fixture(scope="module")
-def recon(tmp_path_factory):
+def recon(checkpoint):
     from recon.reconstruct import load_model
 
     # Random networks: the detail decoder's output still depends on (jaw, exp, detail),
     # which is what these tests check.
-    return load_model(untrained_checkpoint(tmp_path_factory.mktemp("m") / "detail-000000000.pt"))
+    return load_model(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +104,18 @@ def test_named_controls_and_tables(recon, tmp_path):
     assert read_table(tmp_path / "t.csv", n_exp).exp[0, 0] == 1.0
 
 
-def test_animate_command(tmp_path):
+def test_animate_command(synth, checkpoint, tmp_path):
     """`wildface animate SOURCE --expression ...` and `--driver TABLE` end to end."""
     from typer.testing import CliRunner
 
     from flows.cli.main import app
     from recon.video import count_frames
 
-    synth = make_synth(tmp_path / "synth", identities=1, images=1, size=96)
     src = tmp_path / "face.jpg"
     shutil.copy(synth / "images" / "id0000" / "img000.jpg", src)
     shutil.copy(synth / "images" / "id0000" / "img000.pts", src.with_suffix(".pts"))
-    ckpt = untrained_checkpoint(tmp_path / "m" / "detail-000000000.pt")
     runner = CliRunner()
-    res = runner.invoke(app, ["animate", str(src), "--model", str(ckpt), "--out",
+    res = runner.invoke(app, ["animate", str(src), "--model", str(checkpoint), "--out",
                               str(tmp_path / "a"), "--expression", "smile=1.5,jaw_open=0.3",
                               "--frames", "6", "--no-gif"])
     assert res.exit_code == 0, res.output
@@ -128,16 +124,16 @@ def test_animate_command(tmp_path):
 
     pd.DataFrame({"exp": [[0.0] * 10, [1.0] * 10, [2.0] * 10],
                   "jaw": [[0, 0, 0], [0.1, 0, 0], [0.2, 0, 0]]}).to_parquet(tmp_path / "d.parquet")
-    res = runner.invoke(app, ["animate", str(src), "--model", str(ckpt), "--out",
+    res = runner.invoke(app, ["animate", str(src), "--model", str(checkpoint), "--out",
                               str(tmp_path / "b"), "--driver", str(tmp_path / "d.parquet"),
                               "--obj-sequence"])
     assert res.exit_code == 0, res.output
     assert count_frames(tmp_path / "b" / "animation.mp4") == 3
-    res = runner.invoke(app, ["animate", str(src), "--model", str(ckpt), "--out",
+    res = runner.invoke(app, ["animate", str(src), "--model", str(checkpoint), "--out",
                               str(tmp_path / "c"), "--expression", "grin=1"])
     assert res.exit_code == 1 and "unknown expression control" in res.output
     # reconstruct.refine reaches the loader: DECA's head has no keypoints to refine on
-    res = runner.invoke(app, ["animate", str(src), "--model", str(ckpt), "--out",
+    res = runner.invoke(app, ["animate", str(src), "--model", str(checkpoint), "--out",
                               str(tmp_path / "d"), "--expression", "smile=1",
                               "--set", "reconstruct.refine.steps=5"])
     assert res.exit_code == 1 and "needs head 'keypoints'" in res.output
