@@ -18,16 +18,22 @@ install: $(STAMP)
 demo: install
 	$(BIN)/wildface demo
 
-## Set up and run the whole test suite: fast tests, then the slow end-to-end group.
+## Set up and run the whole test suite: fast tests, then the slow end-to-end group, each
+## listing its slowest tests. The slow group runs on two workers, a test module per worker
+## (its module-scoped servers and data stay in one process): its tests mostly wait on Ray,
+## Prefect and MLflow.
+PYTEST_FAST := -m "not slow" --durations=15
+PYTEST_SLOW := -m slow --durations=15 -n 2 --dist loadscope
+
 test: install
-	$(BIN)/python -m pytest -m "not slow"
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest $(PYTEST_FAST)
+	$(BIN)/python -m pytest $(PYTEST_SLOW)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_FAST)
 
 test-slow: install
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest $(PYTEST_SLOW)
 
 ## PostgreSQL (Debian's package) for services.database and its test, when initdb is missing.
 postgres:
