@@ -4,10 +4,13 @@ they are idempotent, so a retried task redoes only what is missing. No result ca
 the pipeline's own content hashes decide what to skip."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import load_config
+from flows.ray_cluster import ray_for_flow
 from infra import storage
 from preprocessing import pipeline
 from preprocessing.datasets import LayoutError
@@ -35,7 +38,11 @@ def process(inputs: list, output: str, cfg, storage_cfg, use_ray: bool) -> dict:
     work = pipeline.work_dir(output, cfg)
     items = pipeline.todo_items(inputs, set(pipeline.load_records(work)))
     get_run_logger().info("%d of %d images need processing", len(items), len(inputs))
-    return {"todo": len(items), **pipeline.process_images(items, work, cfg, storage_cfg, use_ray)}
+    # Connected here so the run's page links to its Ray job; the pipeline then reuses Ray.
+    on_ray = ray_for_flow(cfg.ray, log_to_driver=False) if use_ray and items else nullcontext()
+    with on_ray:
+        return {"todo": len(items),
+                **pipeline.process_images(items, work, cfg, storage_cfg, use_ray)}
 
 
 @task(cache_policy=NO_CACHE)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from infra import storage
-from infra.config import RayConfig
+from infra.config import RayConfig, RayStartConfig
 from infra.offline import apply_offline_env
 from infra.ray_connect import start_or_attach
 
@@ -85,9 +85,57 @@ def setup_worker() -> None:
 
 def init_ray(rc: RayConfig) -> None:
     """Start or attach to Ray (:func:`infra.ray_connect.start_or_attach`; no-op when already
-    connected) with :func:`setup_worker` as every worker's setup hook."""
+    connected) with :func:`setup_worker` as every worker's setup hook; a Prefect flow run is
+    linked to its Ray job (:func:`link_ray_job`)."""
     start_or_attach(rc, runtime_env={
         "worker_process_setup_hook": "flows.ray_cluster.setup_worker"})
+    link_ray_job()
+
+
+# The key of the link artifact from a Prefect flow run to its Ray job.
+RAY_JOB_ARTIFACT = "ray-job"
+
+
+def link_ray_job() -> str | None:
+    """Link the current Prefect flow run to this process's Ray job on the Ray dashboard: a
+    link artifact (key :data:`RAY_JOB_ARTIFACT`) on the run's page in the Prefect UI, one
+    click from the job's actors, tasks and logs. Returns the URL; None (nothing recorded)
+    outside a flow run, before Ray is connected, or when the cluster serves no dashboard."""
+    import ray
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None or not ray.is_initialized():
+        return None
+    # Ray's own record of the dashboard's address ("host:port"; no public API returns it
+    # to a driver that attached rather than started).
+    from ray._private.worker import get_dashboard_url
+
+    address = get_dashboard_url()
+    if not address:
+        return None
+    from prefect.artifacts import create_link_artifact
+
+    job = ray.get_runtime_context().get_job_id()
+    url = f"http://{address}/#/jobs/{job}"
+    create_link_artifact(url, link_text=f"Ray job {job}", key=RAY_JOB_ARTIFACT,
+                         description="this run's Ray job: its actors, tasks and logs")
+    return url
+
+
+@contextmanager
+def ray_for_flow(rc: RayStartConfig, **options: Any) -> Iterator[None]:
+    """Ray for a job run by a flow: started or attached (:func:`start_or_attach`, with
+    ``options``), the flow run linked to its Ray job, and shut down after the block when this
+    call started it (an attached cluster keeps running)."""
+    started = start_or_attach(rc, **options)
+    try:
+        link_ray_job()
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def check_gpus(needed: float, field: str, address: str | None) -> None:

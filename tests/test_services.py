@@ -447,3 +447,18 @@ def test_services_run_deployments(running):
             break
         time.sleep(1)
     assert len(jobs) >= 2 and {j["status"] for j in jobs} == {"SUCCEEDED"}, jobs
+    # Each flow run's page in the Prefect UI links to its Ray job on the dashboard.
+    api = services.urls(cfg)["prefect"]
+    basic = {"Authorization": "Basic " + base64.b64encode(
+        env["PREFECT_API_AUTH_STRING"].encode()).decode()}
+    code, _, body = _http("GET", f"{api}/csrf-token?client=test", headers=basic)
+    assert code == 200, body
+    csrf = {**basic, "Prefect-Csrf-Token": json.loads(body)["token"],
+            "Prefect-Csrf-Client": "test"}
+    code, _, body = _http("POST", f"{api}/artifacts/filter",
+                          {"artifacts": {"key": {"any_": ["ray-job"]}}}, csrf)
+    assert code == 200, body
+    links = {a["data"] for a in json.loads(body)}
+    dashboard = services.urls(cfg)["ray"]
+    assert {f"[Ray job {j['job_id']}]({dashboard}/#/jobs/{j['job_id']})" for j in jobs} <= links, \
+        (links, jobs)
