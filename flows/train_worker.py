@@ -183,8 +183,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     shutil.copy2(f, work / "checkpoints" / f.name)
         coarse = fetch_file(job.coarse, work / "inputs") if job.coarse else None
 
-        n_ids, _ = cfg.train.batch_shape(stage)
-        store, own = rank_store(job.data, rank, world, n_ids, cfg.data.cache_dir)
+        n_ids, k_images = cfg.train.batch_shape(stage)
+        store, own = rank_store(job.data, rank, world, n_ids, cfg.data.cache_dir, k_images)
         total = cfg.train.steps
         callbacks: list[TrainerCallback] = [RayReport(rank, total, cfg.train.checkpoint_every)]
         if rank == 0:  # Ray hands a worker's stdout to the driver's terminal
