@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
+from reconstruct_fixtures import TINY
+
 pytestmark = pytest.mark.slow
 
 # Merged into the `e2e` fixture's tiny run (conftest.py): two Ray workers, checkpoints on S3.
@@ -255,7 +257,8 @@ def test_train_flow_resumes_trains_detail_and_registers(env, faulty_coarse, pref
     image_path = sorted(Path(env["data"], "images").rglob("*.jpg"))[0]
     image = np.asarray(Image.open(image_path).convert("RGB"))
     pred = model.predict(image)
-    assert pred["shape"].shape == (1, 20) and pred["detail"].shape == (1, 8)
+    assert pred["shape"].shape == (1, TINY["face_model.n_shape"])
+    assert pred["detail"].shape == (1, TINY["model.n_detail"])
     V = pred["vertices"].shape[1]
     assert pred["vertices"].shape == pred["neutral_vertices"].shape == (1, V, 3)
     assert pred["faces"].max() == V - 1
