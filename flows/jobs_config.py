@@ -5,21 +5,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from infra.config import RayStartConfig
+from infra.config import RayPoolConfig
 from recon.config import RefineConfig, StrictModel
 from recon.devices import DEVICE_PATTERN
 
 
-class ReconstructRayConfig(RayStartConfig):
-    """``reconstruct --ray``: where (address, num_cpus, ...:
-    :class:`infra.config.RayStartConfig`) and how wide its Ray Data actor pool runs."""
-
-    workers: int = Field(2, ge=1, description="actors in the pool")
-    cpus_per_worker: float = Field(
-        0.5, gt=0, description="fractional, so actors and tasks don't deadlock on 2 cores")
-    gpus_per_worker: float = Field(
-        0.0, ge=0, description="GPUs per actor (fractions share one); Ray hides the GPUs from "
-        "actors that ask for none, so device auto needs this > 0 to use them")
+class ReconstructRayConfig(RayPoolConfig):
+    """``reconstruct --ray``: where (address, num_cpus, ...) and how wide its Ray Data actor
+    pool runs (:class:`infra.config.RayPoolConfig`)."""
 
 
 class ReconstructConfig(StrictModel):

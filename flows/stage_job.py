@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from flows.config import ConfigError, WildfaceConfig, _format_errors
+from flows.config import ConfigError, WildfaceConfig, format_errors
 from recon.config import StrictModel
 
 Stage = Literal["coarse", "detail"]
@@ -54,7 +54,7 @@ class StageJob(StrictModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            raise ConfigError(_format_errors(err, "stage job")) from None
+            raise ConfigError(format_errors(err, "stage job")) from None
 
 
 __all__ = ["Stage", "StageJob", "StageRun"]

@@ -92,6 +92,18 @@ class RayStartConfig(StrictModel):
     dashboard_port: int = Field(8265, ge=1, le=65535)
 
 
+class RayPoolConfig(RayStartConfig):
+    """A Ray Data actor pool (``preprocessing.ray_data.map_actor_pool``): where it runs
+    (:class:`RayStartConfig`) and how wide."""
+
+    workers: int = Field(2, ge=1, description="actors in the pool")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="fractional, so actors and tasks don't deadlock on 2 cores")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per actor (fractions share one); Ray hides the GPUs from "
+        "actors that ask for none, so device auto needs this > 0 to use them")
+
+
 class RayConfig(RayStartConfig):
     """Ray Train jobs (``flows/train.py``): the cluster, the workers and the run storage."""
 

@@ -7,19 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PositiveFloat, model_validator
 
-from infra.config import RayStartConfig
+from infra.config import RayPoolConfig
 from recon.config import StrictModel
 
 
-class PreprocessRayConfig(RayStartConfig):
-    """Where (address, num_cpus, ...: :class:`infra.config.RayStartConfig`) and how wide
-    the Ray Data pipeline runs."""
+class PreprocessRayConfig(RayPoolConfig):
+    """Where (address, num_cpus, ...) and how wide the Ray Data pipeline runs
+    (:class:`infra.config.RayPoolConfig`), and how many images each actor call takes."""
 
-    workers: int = Field(2, ge=1, description="actors in the image-processing pool")
-    cpus_per_worker: float = Field(
-        0.5, gt=0, description="fractional so actors and tasks don't deadlock on 2 cores"
-    )
-    gpus_per_worker: float = Field(0.0, ge=0, description="> 0 only when a GPU exists")
     batch_size: int = Field(8, ge=1, description="images per actor call and per record part")
 
 
