@@ -69,7 +69,7 @@ def add_synthetic_landmarks(dataset: str | Path, cfg: WildfaceConfig) -> Path:
 
     from recon.evaluation.now_io import image_list_path, read_image_list
     from recon.landmarks_io import write_pts
-    from recon.mesh_io import atomic_write_bytes
+    from recon.files import atomic_write_bytes
     from recon.synth import load_params
     from recon.synth.generate import NOW_DIR, PARAMS_FILE
 

@@ -30,7 +30,7 @@ ends with outputs or a recorded reason; a face that cannot be reconstructed is l
 other faces of its photo still complete. ``OUT/summary.json`` counts the statuses.
 
 Names from outside: an input whose name cannot be a folder below ``OUT``
-(:func:`recon.mesh_io.check_name`: ``..`` or empty parts, an absolute key, control or shell
+(:func:`recon.files.check_name`: ``..`` or empty parts, an absolute key, control or shell
 characters) is rejected with the reason in the summary and gets no folder; every folder is
 checked to lie inside ``OUT`` (symlinks followed) before anything in it is deleted or written.
 A local ``OUT`` is locked while the job runs (``infra.storage.output_lock``).
@@ -87,9 +87,9 @@ def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
                 use_annotations: bool = True) -> list[InputItem]:
     """Expand files, folders and s3:// prefixes into inputs (images and videos), sorted;
     output names are unique (a clash keeps the suffix in the name). A name that fails
-    :func:`recon.mesh_io.check_name` gives an item with ``unsafe`` set instead."""
+    :func:`recon.files.check_name` gives an item with ``unsafe`` set instead."""
     from preprocessing import annotations
-    from recon.mesh_io import UnsafeName, check_name
+    from recon.files import UnsafeName, check_name
     from recon.video import VIDEO_SUFFIXES, ANIMATION_SUFFIXES
 
     image_exts = {"." + e.lower().lstrip(".") for e in image_extensions} - set(ANIMATION_SUFFIXES)
@@ -134,7 +134,7 @@ def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
 
 # -- one input -----------------------------------------------------------------------------------
 def _atomic_json(path: Path, payload: dict) -> None:
-    from recon.mesh_io import atomic_write_bytes
+    from recon.files import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
@@ -188,7 +188,7 @@ class InputReconstructor:
         """Write the input's folder (marker last) and return its result. An input whose
         folder would not lie inside ``out`` is rejected before anything is deleted or
         written (no marker: the result is all there is)."""
-        from recon.mesh_io import UnsafeName, check_name, path_inside
+        from recon.files import UnsafeName, check_name, path_inside
 
         started = time.perf_counter()
         local_out = not storage.is_s3(self.out)
@@ -377,7 +377,7 @@ def _write_frames(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recon.mesh_io import atomic_write_bytes
+    from recon.files import atomic_write_bytes
 
     keys = ("shape", "tex", "exp", "pose", "cam", "light", "detail")
     columns: dict[str, list] = {"frame": [], "time_s": [], "status": [], "reason": []}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from infra import storage
 from recon.config import IdentityConfig, PerceptualConfig
-from recon.mesh_io import atomic_writer
+from recon.files import atomic_writer
 from recon.weights_file import ChecksumMismatchError, sha256_file, verify_file
 
 ENV_HOME = "WILDFACE_HOME"

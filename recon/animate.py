@@ -185,7 +185,8 @@ def write_animation(recon, codes: Codes, out: str | os.PathLike, fps: float = 25
     ``obj_sequence``, ``obj/frame_NNNN.obj`` (posed coarse mesh with UVs; ``obj/albedo.png``
     once). Returns a summary (frames, files, per-frame mean |displacement|).
     """
-    from recon.mesh_io import atomic_write_bytes, write_obj
+    from recon.files import atomic_write_bytes
+    from recon.mesh_io import write_obj
     from recon.reconstruct import png_bytes, to_uint8
     from recon.video import write_video
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.mesh_io import atomic_writer
+from recon.files import atomic_writer
 
 FORMAT_VERSION = 1
 

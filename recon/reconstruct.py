@@ -57,7 +57,8 @@ from recon.deca import DECA, Codes, Reconstruction
 from recon.devices import pick_device
 from recon.face_assets import FaceModelAssets
 from recon.fitting import refine_codes
-from recon.mesh_io import atomic_write_bytes, npy_bytes, write_obj
+from recon.files import atomic_write_bytes, npy_bytes
+from recon.mesh_io import write_obj
 from recon.render import draw_landmarks, image_to_pixel, vertex_normals
 from recon.training.checkpoint import assert_finite_state, load_checkpoint
 

@@ -89,7 +89,8 @@ def export(
     import torch
 
     from recon.flame import FLAME
-    from recon.mesh_io import atomic_write_bytes, write_obj, write_ply
+    from recon.files import atomic_write_bytes
+    from recon.mesh_io import write_obj, write_ply
 
     try:
         p = json.loads(params.read_text())

@@ -52,7 +52,9 @@ def render(
     import numpy as np
     import torch
 
-    from recon.mesh_io import atomic_writer, read_obj
+    from recon.files import atomic_writer
+
+    from recon.mesh_io import read_obj
     from recon.render import (BackendUnavailable, PerspectiveCamera, render_grey,
                               weak_perspective_project)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.mesh_io import UnsafeName, atomic_write_bytes, atomic_writer, check_name
+from recon.files import UnsafeName, atomic_write_bytes, atomic_writer, check_name
 
 #: NoW challenge folder -> short name used in metrics.
 CHALLENGES: dict[str, str] = {

@@ -31,7 +31,7 @@ from recon.render import DecaRenderer, PerspectiveCamera, ndc_to_image, weak_per
 from recon.render.cameras import image_to_pixel
 from recon.synth.backgrounds import background
 from recon.synth.occluders import Occluder, random_occluder
-from recon.mesh_io import atomic_write_bytes as _atomic_bytes
+from recon.files import atomic_write_bytes as _atomic_bytes
 
 IMAGES_DIR = "images"
 LABELS_FILE = "labels.csv"
