@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from flows.registry import ModelFiles, load_model, resolve_model
+from flows.registry import (ModelFiles, load_model, pack_model_files, resolve_model,
+                            unpack_model_files)
 from infra import storage
 from preprocessing.faces import FaceFinder, crop_face
 from recon.progress import Progress
@@ -396,8 +397,11 @@ def _write_frames(path: Path, rows: list[dict[str, Any]]) -> None:
 class _RayReconstructor:
     """Ray Data actor: loads the model and the face finder once, reconstructs items."""
 
-    def __init__(self, files: ModelFiles, face_json: str, cfg_json: str, out: str,
+    def __init__(self, model, face_json: str, cfg_json: str, out: str,
                  aligned: bool = False) -> None:
+        """model: :func:`flows.registry.pack_model_files`'s packed model, or a Ray object
+        reference to it (this actor's node may not see the driver's disk)."""
+        import ray
         import torch
 
         from flows.config import WildfaceConfig
@@ -405,6 +409,10 @@ class _RayReconstructor:
         from recon.config import FaceModelConfig
 
         apply_offline_env()
+        if isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
+        self._model_dir = tempfile.TemporaryDirectory(prefix="wildface-model-")
+        files = unpack_model_files(model, self._model_dir.name)
         cfg = WildfaceConfig.model_validate_json(cfg_json)
         storage.configure(cfg.storage)
         torch.set_num_threads(max(1, int(cfg.reconstruct.ray.cpus_per_worker)))
@@ -503,7 +511,9 @@ def _run_ray(todo: list[InputItem], out: str, files: ModelFiles, configured, cfg
     face_json = configured.model_dump_json() if configured else ""
     try:
         check_gpus(rc.ray.gpus_per_worker, "reconstruct.ray.gpus_per_worker", rc.ray.address)
-        args = (files, face_json, cfg.model_dump_json(), str(out), aligned)
+        # The model through the object store: actors may run on nodes without this disk.
+        model = ray.put(pack_model_files(files))
+        args = (model, face_json, cfg.model_dump_json(), str(out), aligned)
         for batch in map_actor_pool([it.as_dict() for it in todo], _RayReconstructor, args,
                                     workers=rc.ray.workers, cpus=rc.ray.cpus_per_worker,
                                     gpus=rc.ray.gpus_per_worker, batch_size=1):

@@ -77,6 +77,35 @@ class ModelFiles:
         return self.source.get("run_id")
 
 
+def pack_model_files(files: ModelFiles) -> dict[str, Any]:
+    """What :func:`load_model` reads of ``files`` (the checkpoint, the face model, the config
+    and the source), the files as bytes: for Ray actors on nodes that do not see this
+    machine's disk (the packed model travels through Ray's object store).
+    :func:`unpack_model_files` writes it back to files."""
+    def read(path: Path | None) -> tuple[str, bytes] | None:
+        return None if path is None else (Path(path).name, Path(path).read_bytes())
+
+    return {"checkpoint": read(files.checkpoint), "face_model": read(files.face_model),
+            "config_json": files.config_json, "source": dict(files.source)}
+
+
+def unpack_model_files(packed: Mapping[str, Any], folder: str | os.PathLike) -> ModelFiles:
+    """:func:`pack_model_files`'s model written to files in ``folder`` -> its ModelFiles."""
+    from recon.files import atomic_write_bytes
+
+    def write(entry: tuple[str, bytes] | None) -> Path | None:
+        if entry is None:
+            return None
+        name, data = entry
+        path = Path(folder) / Path(name).name  # a bare file name: nothing outside ``folder``
+        atomic_write_bytes(path, data)
+        return path
+
+    return ModelFiles(checkpoint=write(packed["checkpoint"]),
+                      face_model=write(packed["face_model"]),
+                      config_json=packed["config_json"], source=dict(packed["source"]))
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A ``models:/`` or ``runs:/`` URI, read once (:func:`parse_model_uri`). Exactly one of:

@@ -120,14 +120,21 @@ def test_imported_deca_models_report_decas_pixels(checkpoint, tmp_path):
 
 
 def test_ray_actor_takes_the_aligned_mode(checkpoint, tmp_path):
-    """The Ray job's actor (run here in-process) reconstructs aligned inputs too."""
+    """The Ray job's actor (run here in-process) reconstructs aligned inputs too, from the
+    model packed by the driver: it reads nothing of the driver's model files (a node of a
+    cluster may not see them)."""
     from flows.reconstruct import _RayReconstructor
-    from flows.registry import ModelFiles
+    from flows.registry import ModelFiles, pack_model_files
 
     crops = _crops(tmp_path / "crops")
+    driver_copy = tmp_path / "driver" / "model.pt"
+    driver_copy.parent.mkdir()
+    driver_copy.write_bytes(Path(checkpoint).read_bytes())
+    packed = pack_model_files(ModelFiles(checkpoint=driver_copy))
+    driver_copy.unlink()
     with mock.patch.dict(os.environ):  # the actor sets the offline variables of its process
-        actor = _RayReconstructor(ModelFiles(checkpoint=Path(checkpoint)), "",
-                                  tiny_config().model_dump_json(), str(tmp_path / "out"), True)
+        actor = _RayReconstructor(packed, "", tiny_config().model_dump_json(),
+                                  str(tmp_path / "out"), True)
         got = actor({"uri": np.array([str(crops / "wide.png"), str(crops / "larger.png")]),
                      "name": np.array(["wide", "larger"]), "kind": np.array(["image"] * 2)})
     assert list(got["status"]) == ["rejected", "ok"]
