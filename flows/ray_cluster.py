@@ -75,10 +75,16 @@ def load_credentials() -> None:
 
 
 def setup_worker() -> None:
-    """Ray ``worker_process_setup_hook``: offline settings, the driver's credentials, quiet
-    the noisy loggers."""
+    """Ray ``worker_process_setup_hook``: offline settings, the driver's credentials, this
+    worker's cluster as ``$RAY_ADDRESS``, quiet the noisy loggers."""
+    import ray
+
     apply_offline_env()
     load_credentials()
+    # Ray's own helpers in the job (Ray Train's placement-group cleaner) find their cluster
+    # through $RAY_ADDRESS and give up when several Rays run on the machine; workers started
+    # by a head (`wildface services`) do not inherit the driver's environment.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
