@@ -19,10 +19,11 @@ demo: install
 	$(BIN)/wildface demo
 
 ## Set up and run the whole test suite: fast tests, then the slow end-to-end group, each
-## listing its slowest tests. The slow group runs on two workers, a test module per worker
-## (its module-scoped servers and data stay in one process): its tests mostly wait on Ray,
-## Prefect and MLflow.
-PYTEST_FAST := -m "not slow" --durations=15
+## listing its slowest tests. A test module stays on one pytest-xdist worker (its
+## module-scoped servers and data stay in one process). The fast group takes a worker per
+## core; the slow group two workers, whatever the machine: its tests mostly wait on Ray,
+## Prefect and MLflow, and each worker runs its own servers.
+PYTEST_FAST := -m "not slow" --durations=15 -n auto --dist loadscope
 PYTEST_SLOW := -m slow --durations=15 -n 2 --dist loadscope
 
 test: install
