@@ -136,7 +136,7 @@ def load_config(
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: invalid YAML value at {_yaml_problem(err)}") from None
         _set_dotted(tree, key.strip(), value)
-        source += f" + {item}"
+        source += f" + {key.strip()}"  # the key only: a value may hold a password
     try:
         return WildfaceConfig.model_validate(tree)
     except ValidationError as err:

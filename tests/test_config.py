@@ -31,6 +31,16 @@ def test_ill_typed_field_named():
         load_config(None, ["face_model.n_shape=many"])
 
 
+def test_an_invalid_config_names_overrides_by_key_only():
+    """A refused config's message names its overrides without their values: one may carry a
+    password (``--set services.database=postgresql://user:secret@host``)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["services.database=postgresql://user:s3cret@db.example:5432",
+                           "face_model.n_shape=many"])
+    assert "services.database" in str(err.value) and "face_model.n_shape" in str(err.value)
+    assert "s3cret" not in str(err.value)
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["face_model.n_shape"])
