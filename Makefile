@@ -19,11 +19,12 @@ demo: install
 	$(BIN)/wildface demo
 
 ## Set up and run the whole test suite: fast tests, then the slow end-to-end group, each
-## listing its slowest tests. A test module stays on one pytest-xdist worker (its
-## module-scoped servers and data stay in one process). The fast group takes a worker per
-## core; the slow group two workers, whatever the machine: its tests mostly wait on Ray,
-## Prefect and MLflow, and each worker runs its own servers.
-PYTEST_FAST := -m "not slow" --durations=15 -n auto --dist loadscope
+## listing its slowest tests. The fast group runs in one process (on 2 cores, workers of one
+## thread each took longer: its longest module, test_fitting.py, then runs on one thread).
+## The slow group runs on two pytest-xdist workers whatever the machine, a test module per
+## worker (its module-scoped servers and data stay in one process): its tests mostly wait
+## on Ray, Prefect and MLflow, and each worker runs its own servers.
+PYTEST_FAST := -m "not slow" --durations=15
 PYTEST_SLOW := -m slow --durations=15 -n 2 --dist loadscope
 
 test: install
