@@ -103,7 +103,7 @@ def main() -> None:
                     continue
                 from skimage import data  # the photo case's only need for it
 
-                from flows.reconstruct import FaceFinder, crop_face
+                from preprocessing.faces import FaceFinder, crop_face
 
                 photo = np.asarray(data.astronaut())[..., :3]
                 finder = FaceFinder(cfg.preprocess)

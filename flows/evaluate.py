@@ -92,7 +92,7 @@ def neutral_predictor(recon, cfg: WildfaceConfig):
     model (:class:`recon.reconstruct.FaceReconstructor`): the main face, cropped as
     ``wildface reconstruct`` does (a ``.pts`` beside the image is used when
     ``preprocess.use_annotations``)."""
-    from flows.reconstruct import FaceFinder, crop_face
+    from preprocessing.faces import FaceFinder, crop_face
 
     finder = FaceFinder(cfg.preprocess)
 

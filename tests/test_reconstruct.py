@@ -203,7 +203,7 @@ def test_trained_model_recovers_known_parameters(tmp_path):
     the landmarks less than this fit's error (docs/training.md)."""
     from scipy.spatial.transform import Rotation
 
-    from flows.reconstruct import crop_face
+    from preprocessing.faces import crop_face
     from recon.reconstruct import load_model
     from recon.synth import load_params
 

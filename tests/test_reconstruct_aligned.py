@@ -104,7 +104,8 @@ def test_aligned_crops_give_codes_pixels_and_displacement(checkpoint, tmp_path):
 
 def test_imported_deca_models_report_decas_pixels(checkpoint, tmp_path):
     """A model of ``model.architecture: deca`` writes DECA's own mapping (no half pixel)."""
-    from flows.reconstruct import FaceFinder, InputItem, InputReconstructor
+    from flows.reconstruct import InputItem, InputReconstructor
+    from preprocessing.faces import FaceFinder
     from recon.reconstruct import load_model
 
     crops = _crops(tmp_path / "crops")
@@ -164,7 +165,8 @@ def test_aligned_video_frames_are_crops(checkpoint, tmp_path):
 
 def test_a_non_finite_aligned_face_is_rejected_with_nothing_written(
         checkpoint, tmp_path, monkeypatch):
-    from flows.reconstruct import FaceFinder, InputItem, InputReconstructor
+    from flows.reconstruct import InputItem, InputReconstructor
+    from preprocessing.faces import FaceFinder
     from recon.reconstruct import FaceReconstructor, load_model
 
     crops = _crops(tmp_path / "crops")

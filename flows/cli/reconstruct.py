@@ -131,7 +131,7 @@ def animate(
 
 def _main_face(recon, path: Path, cfg):
     """(crop (S, S, 3) uint8, crop landmarks) of the main face of a photo."""
-    from flows.reconstruct import FaceFinder, crop_face
+    from preprocessing.faces import FaceFinder, crop_face
 
     finder = FaceFinder(cfg.preprocess)
     rgb = finder.decode(path.read_bytes())
@@ -169,7 +169,7 @@ def _drive(recon, driver: Path, cfg, n_exp: int):
     if not is_video(driver):
         crop, _, _ = _main_face(recon, driver, cfg)
         return anim.drive_from_codes(recon.encode(crop[None])), None
-    from flows.reconstruct import FaceFinder, crop_face
+    from preprocessing.faces import FaceFinder, crop_face
 
     finder = FaceFinder(cfg.preprocess)
     rc = cfg.reconstruct
