@@ -188,15 +188,21 @@ def test_one_way_to_start_or_attach_to_ray(monkeypatch):
 
 def _http(method: str, url: str, body: dict | None = None,
           headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of one request, HTTP errors included."""
+    """(status, headers, body) of one request, HTTP errors included. A 503 is asked again,
+    as Prefect's own client does: the Prefect server's answer to an error a client may retry
+    (e.g. its sqlite database locked on a loaded machine)."""
     req = urllib.request.Request(url, method=method, headers={
         "Content-Type": "application/json", **(headers or {})},
         data=None if body is None else json.dumps(body).encode())
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or attempt == 5:
+                return err.code, dict(err.headers), err.read()
+        time.sleep(2)
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
