@@ -219,13 +219,19 @@ class IdentityBatchSampler:
     def weighted_batch(self, g: int) -> list[str]:
         """Global batch ``g`` (all ranks counted) of the source-weighted draw: N x K keys."""
         rng = np.random.default_rng([self.seed, 1, g])
-        left = {s: list(ix) for s, ix in self._by_source.items()}
+        pools = list(self._by_source.values())
+        taken: list[set[int]] = [set() for _ in pools]  # positions drawn from each pool
         chosen: list[int] = []
         for _ in range(self.n):
-            w = np.array([wt if left[s] else 0.0
-                          for s, wt in zip(self._by_source, self._weights)])
-            s = list(self._by_source)[rng.choice(len(w), p=w / w.sum())]
-            chosen.append(left[s].pop(rng.integers(len(left[s]))))
+            w = np.where([len(t) < len(ix) for t, ix in zip(taken, pools)], self._weights, 0.0)
+            s = rng.choice(len(w), p=w / w.sum())
+            # One of the source's identities not yet in the batch: N is small, so redrawing a
+            # repeat costs less than copying a pool of thousands at every batch.
+            j = int(rng.integers(len(pools[s])))
+            while j in taken[s]:
+                j = int(rng.integers(len(pools[s])))
+            taken[s].add(j)
+            chosen.append(int(pools[s][j]))
         return self._keys(rng, chosen)
 
     def epoch(self, epoch: int) -> list[list[str]]:
