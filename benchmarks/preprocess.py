@@ -113,8 +113,7 @@ def main() -> None:
         bucket = storage.split_s3(args.s3)[0]
         if bucket not in {b["Name"] for b in storage._client().list_buckets()["Buckets"]}:
             storage._client().create_bucket(Bucket=bucket)
-        for f in sorted(p for p in (tmp / "in").rglob("*") if p.is_file()):
-            storage.put_file(f, storage.join(args.s3, "in", f.relative_to(tmp / "in").as_posix()))
+        storage.put_tree(tmp / "in", storage.join(args.s3, "in"))
         run_items = pipeline.todo_items(pipeline.scan_inputs(storage.join(args.s3, "in"), cfg),
                                         set())
         start_or_attach(cfg.ray.model_copy(update={"address": args.address}),

@@ -93,9 +93,7 @@ def cluster_throughput(config: str, overrides: list[str], root: Path, address: s
     bucket = storage.split_s3(s3)[0]
     if bucket not in {b["Name"] for b in storage._client().list_buckets()["Buckets"]}:
         storage._client().create_bucket(Bucket=bucket)
-    images = Path(synth_set(root, cfg)) / "images"
-    for f in sorted(p for p in images.rglob("*") if p.is_file()):
-        storage.put_file(f, storage.join(s3, "photos", f.relative_to(images).as_posix()))
+    storage.put_tree(Path(synth_set(root, cfg)) / "images", storage.join(s3, "photos"))
     data = storage.join(s3, "data")
     start_or_attach(cfg.ray.model_copy(update={"address": address}))
     pipeline.run(storage.join(s3, "photos"), data,

@@ -127,6 +127,16 @@ def put_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
         shutil.copyfileobj(src, dst)
 
 
+def put_tree(local: str | os.PathLike, uri: str | os.PathLike) -> int:
+    """Copy every file below the local folder ``local`` to the same relative name under
+    ``uri`` (:func:`put_file`: each atomically). Returns the number of files."""
+    root = Path(local)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for f in files:
+        put_file(f, join(uri, f.relative_to(root).as_posix()))
+    return len(files)
+
+
 def exists(uri: str | os.PathLike) -> bool:
     if is_s3(uri):
         from botocore.exceptions import ClientError

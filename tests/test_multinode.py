@@ -107,9 +107,7 @@ def _preprocess(cfg, root: Path, photos: str, out: str) -> dict:
     from recon.synth import generate
 
     generate(root / "synth", cfg.synth, cfg.face_model)
-    images = root / "synth" / "images"
-    for f in sorted(p for p in images.rglob("*") if p.is_file()):
-        storage.put_file(f, storage.join(photos, f.relative_to(images).as_posix()))
+    storage.put_tree(root / "synth" / "images", photos)
     return pp.run(photos, out, cfg.preprocess, cfg.storage, use_ray=True)
 
 

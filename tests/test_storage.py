@@ -55,6 +55,19 @@ def test_s3_roundtrip(s3):
     assert not storage.exists("s3://wfb/x/one.bin")
 
 
+def test_put_tree_copies_a_folder_under_the_same_names(s3, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "alice" / "deep").mkdir(parents=True)
+    (tree / "alice" / "x.jpg").write_bytes(b"x")
+    (tree / "alice" / "deep" / "y.png").write_bytes(b"y")
+    (tree / "z.txt").write_bytes(b"z")
+    for dest in ("s3://wfb/tree", str(tmp_path / "copy")):
+        assert storage.put_tree(tree, dest) == 3
+        assert sorted(storage.relative(u, dest) for u in storage.list_files(dest)) == \
+            ["alice/deep/y.png", "alice/x.jpg", "z.txt"]
+        assert storage.read_bytes(storage.join(dest, "alice/deep/y.png")) == b"y"
+
+
 def test_pipeline_s3_in_and_out(s3, tmp_path):
     """Photos from s3://, shards to s3://, read back by the shard reader (boto3 in this
     process)."""
