@@ -39,7 +39,7 @@ def _model(name: str, device: str, tmp: Path, refine=None):
     """A randomly initialised model, saved and loaded as users load one; ``refine``: a
     ``RefineConfig`` for a keypoint-head copy that runs it."""
     from recon.deca import DECA
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
     from recon.training.checkpoint import save_checkpoint
 
     config, overrides = MODELS[name]
@@ -94,7 +94,7 @@ def main() -> None:
                     with torch.no_grad():
                         for case, render in (("crop", False), ("crop+render", True)):
                             reps = args.repeats if batch == 1 or case == "crop" else max(1, args.repeats // 2)
-                            s, c = _time(lambda: recon.reconstruct(crops, render=render), reps)
+                            s, c = _time(lambda: recon.inference.reconstruct(crops, render=render), reps)
                             print(f"{name:<6} {device:<6} {case:<12} {batch:>5} "
                                   f"{1000 * s / batch:>9.1f} {1000 * c / batch:>12.1f}", flush=True)
                 if "refine" in args.cases and args.refine_steps > 0:
@@ -111,7 +111,7 @@ def main() -> None:
                 def from_photo():
                     faces, _ = finder.find(photo)
                     crop, _, _ = crop_face(photo, faces[0].landmarks, S, recon.crop_scale)
-                    recon.reconstruct(crop[None], render=False)
+                    recon.inference.reconstruct(crop[None], render=False)
 
                 s, c = _time(from_photo, args.repeats)
                 print(f"{name:<6} {device:<6} {'photo':<12} {1:>5} {1000 * s:>9.1f} "

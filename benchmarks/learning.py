@@ -44,7 +44,7 @@ from recon.config import RefineConfig
 from recon.deca import Codes
 from recon.evaluation.heldout import (HeldoutErrors, face_region, heldout_shape_errors,
                                       neutral_errors, truth_shape_codes)
-from recon.fitting import refine_codes
+from recon.inference.fitting import refine_codes
 from recon.synth import generate, iter_samples, load_params
 from recon.training.data import CropAugment, SampleStore, iter_eval_batches
 from recon.training.steps import CoarseStep
@@ -63,7 +63,7 @@ def shape_errors(model, store: SampleStore, params: dict, augment: CropAugment, 
     identity must show through is done on unseen images. ``keypoint_px``: the same for the
     keypoint head's located points (``model.head: keypoints``). ``refine``: the encoder's
     codes then the test-time fit to its keypoints and the photo
-    (:func:`recon.fitting.refine_codes`), as reconstruction runs it."""
+    (:func:`recon.inference.fitting.refine_codes`), as reconstruction runs it."""
     model.eval()
     n_shape = model.flame.n_shape
 

@@ -75,8 +75,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     from recon.config import FaceModelConfig
-    from recon.flame import FLAME
-    from recon.flame_io import load_face_model
+    from recon.face_model.flame import FLAME
+    from recon.face_model.flame_io import load_face_model
     from recon.render import DecaRenderer, numba_ops, rasterize, weak_perspective_project
 
     pytorch_ops = numba_ops.reference_ops()

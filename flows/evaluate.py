@@ -68,8 +68,8 @@ def add_synthetic_landmarks(dataset: str | Path, cfg: WildfaceConfig) -> Path:
     import numpy as np
 
     from recon.evaluation.now_io import image_list_path, read_image_list
-    from recon.landmarks_io import write_pts
-    from recon.files import atomic_write_bytes
+    from recon.formats.landmarks_io import write_pts
+    from recon.formats.files import atomic_write_bytes
     from recon.synth import load_params
     from recon.synth.generate import NOW_DIR, PARAMS_FILE
 
@@ -89,7 +89,7 @@ def add_synthetic_landmarks(dataset: str | Path, cfg: WildfaceConfig) -> Path:
 # -- predictions --------------------------------------------------------------------------------
 def neutral_predictor(recon, cfg: WildfaceConfig):
     """``predict_neutral(image_path) -> (verts (V, 3), faces (F, 3), lmk7 (7, 3))`` of a loaded
-    model (:class:`recon.reconstruct.FaceReconstructor`): the main face, cropped as
+    model (:class:`recon.inference.reconstruct.FaceReconstructor`): the main face, cropped as
     ``wildface reconstruct`` does (a ``.pts`` beside the image is used when
     ``preprocess.use_annotations``)."""
     from preprocessing.faces import FaceFinder, crop_face

@@ -45,7 +45,7 @@ def credentials_file() -> Iterator[dict[str, str]]:
     that are set) to Ray workers: ``{CREDENTIALS_ENV: path}`` of a JSON file in a fresh
     folder only its owner can enter (mode 0700, the file 0600), deleted when the block
     ends; ``{}`` when there is none to hand."""
-    from recon.files import atomic_write_bytes
+    from recon.formats.files import atomic_write_bytes
 
     present = {k: os.environ[k] for k in CREDENTIAL_KEYS if os.environ.get(k)}
     if not present:

@@ -11,12 +11,12 @@ frame) is already a face crop; it is resized whole to the model's input size, wi
 detection. Only square inputs are taken (a resize of another shape would stretch the face; such
 an input is rejected with its size as the reason). Each face folder then also holds
 ``displacement.npy`` and ``landmarks2d`` in the input's pixels
-(:func:`recon.reconstruct.write_face` with ``input_size``).
+(:func:`recon.inference.reconstruct.write_face` with ``input_size``).
 
 Output: one folder per input, ``OUT/<input name>/`` (the input's path relative to the folder
 or prefix it was found in, without its suffix):
 
-- images: ``face_00/``, ``face_01/``, ... (main face first; :func:`recon.reconstruct.write_face`);
+- images: ``face_00/``, ``face_01/``, ... (main face first; :func:`recon.inference.reconstruct.write_face`);
 - videos: ``face_00/`` for the first frame with a face and ``frames.parquet``, one row per
   frame read: ``frame``, ``time_s``, ``status`` (ok | no face | failed: non-finite codes or
   mesh), ``reason`` and the codes (``shape``, ``tex``, ``exp``, ``pose``, ``cam``, ``light``
@@ -30,7 +30,7 @@ ends with outputs or a recorded reason; a face that cannot be reconstructed is l
 other faces of its photo still complete. ``OUT/summary.json`` counts the statuses.
 
 Names from outside: an input whose name cannot be a folder below ``OUT``
-(:func:`recon.files.check_name`: ``..`` or empty parts, an absolute key, control or shell
+(:func:`recon.formats.files.check_name`: ``..`` or empty parts, an absolute key, control or shell
 characters) is rejected with the reason in the summary and gets no folder; every folder is
 checked to lie inside ``OUT`` (symlinks followed) before anything in it is deleted or written.
 A local ``OUT`` is locked while the job runs (``infra.storage.output_lock``).
@@ -88,10 +88,10 @@ def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
                 use_annotations: bool = True) -> list[InputItem]:
     """Expand files, folders and s3:// prefixes into inputs (images and videos), sorted;
     output names are unique (a clash keeps the suffix in the name). A name that fails
-    :func:`recon.files.check_name` gives an item with ``unsafe`` set instead."""
+    :func:`recon.formats.files.check_name` gives an item with ``unsafe`` set instead."""
     from preprocessing import annotations
-    from recon.files import UnsafeName, check_name
-    from recon.video import VIDEO_SUFFIXES, ANIMATION_SUFFIXES
+    from recon.formats.files import UnsafeName, check_name
+    from recon.inference.video import VIDEO_SUFFIXES, ANIMATION_SUFFIXES
 
     image_exts = {"." + e.lower().lstrip(".") for e in image_extensions} - set(ANIMATION_SUFFIXES)
     video_exts = set(VIDEO_SUFFIXES) | set(ANIMATION_SUFFIXES)
@@ -135,7 +135,7 @@ def list_inputs(inputs: Iterable[str], image_extensions: Iterable[str],
 
 # -- one input -----------------------------------------------------------------------------------
 def _atomic_json(path: Path, payload: dict) -> None:
-    from recon.files import atomic_write_bytes
+    from recon.formats.files import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
@@ -189,7 +189,7 @@ class InputReconstructor:
         """Write the input's folder (marker last) and return its result. An input whose
         folder would not lie inside ``out`` is rejected before anything is deleted or
         written (no marker: the result is all there is)."""
-        from recon.files import UnsafeName, check_name, path_inside
+        from recon.formats.files import UnsafeName, check_name, path_inside
 
         started = time.perf_counter()
         local_out = not storage.is_s3(self.out)
@@ -232,7 +232,7 @@ class InputReconstructor:
     def _image(self, item: InputItem, stage: Path, result: dict) -> None:
         import torch
 
-        from recon.reconstruct import NonFiniteOutput, write_face
+        from recon.inference.reconstruct import NonFiniteOutput, write_face
 
         rgb = self.finder.decode(storage.read_bytes(item.uri))
         if self.aligned:
@@ -276,7 +276,7 @@ class InputReconstructor:
 
     def _aligned_image(self, item: InputItem, rgb: np.ndarray, stage: Path,
                        result: dict) -> None:
-        from recon.reconstruct import NonFiniteOutput, write_face
+        from recon.inference.reconstruct import NonFiniteOutput, write_face
 
         r = self.recon
         crop, transform = self.aligned_crop(rgb)
@@ -293,7 +293,7 @@ class InputReconstructor:
         result["faces"].append("face_00")
 
     def _video(self, item: InputItem, stage: Path, result: dict) -> None:
-        from recon.video import read_frames, video_fps
+        from recon.inference.video import read_frames, video_fps
 
         r = self.recon
         rows: list[dict[str, Any]] = []
@@ -339,7 +339,7 @@ class InputReconstructor:
     def _video_batch(self, pending, rows, stage, result, fps) -> None:
         import torch
 
-        from recon.reconstruct import NonFiniteOutput, check_face_finite, codes_dict, write_face
+        from recon.inference.reconstruct import NonFiniteOutput, check_face_finite, codes_dict, write_face
 
         r = self.recon
         batch = np.stack([p[1] for p in pending])
@@ -378,7 +378,7 @@ def _write_frames(path: Path, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recon.files import atomic_write_bytes
+    from recon.formats.files import atomic_write_bytes
 
     keys = ("shape", "tex", "exp", "pose", "cam", "light", "detail")
     columns: dict[str, list] = {"frame": [], "time_s": [], "status": [], "reason": []}

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from recon.config import FaceModelConfig, RefineConfig
-from recon.weights_file import ChecksumMismatchError, sha256_file, verify_file
+from recon.formats.weights_file import ChecksumMismatchError, sha256_file, verify_file
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 CHECKSUM_TAG = "sha256."  # + file name: the record of one model file (tag value: hex digest)
@@ -91,7 +91,7 @@ def pack_model_files(files: ModelFiles) -> dict[str, Any]:
 
 def unpack_model_files(packed: Mapping[str, Any], folder: str | os.PathLike) -> ModelFiles:
     """:func:`pack_model_files`'s model written to files in ``folder`` -> its ModelFiles."""
-    from recon.files import atomic_write_bytes
+    from recon.formats.files import atomic_write_bytes
 
     def write(entry: tuple[str, bytes] | None) -> Path | None:
         if entry is None:
@@ -299,7 +299,7 @@ def verify_model_dir(model_dir: Path, record: Mapping[str, str], label: str) -> 
 
 
 def _verify(path: Path, digest: str, label: str) -> None:
-    """:func:`recon.weights_file.verify_file` as a :class:`ModelIntegrityError` (a ValueError:
+    """:func:`recon.formats.weights_file.verify_file` as a :class:`ModelIntegrityError` (a ValueError:
     the CLI reports it as a clear error)."""
     if not path.is_file():
         raise ModelIntegrityError(f"{label}: missing from the downloaded model; refusing to "
@@ -423,11 +423,11 @@ def download_coarse_checkpoint(ref: str, uri: str, directory: Path) -> Path:
 def load_model(files: ModelFiles, *, face_model: FaceModelConfig | None = None,
                device: str = "cpu", refine: RefineConfig | None = None):
     """A model's local files (:func:`resolve_model`) ->
-    :class:`recon.reconstruct.FaceReconstructor` (weights only; nothing else is run).
+    :class:`recon.inference.reconstruct.FaceReconstructor` (weights only; nothing else is run).
 
     face_model: a configured face model that must be the one the model was trained with;
     None = the recorded one. refine: test-time refinement instead of the model's own."""
-    from recon import reconstruct
+    from recon.inference import reconstruct
 
     return reconstruct.load_model(files.checkpoint, face_model=face_model,
                                   recorded_face_model=files.face_model,
@@ -462,7 +462,7 @@ def log_reconstructor(uri: str, cfg, *, run_id: str, detail_checkpoint: str,
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from recon.flame_io import load_face_model
+    from recon.face_model.flame_io import load_face_model
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

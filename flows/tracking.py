@@ -336,7 +336,7 @@ def deca_figure(model, images, landmarks) -> np.ndarray:
     """
     import torch
 
-    from recon.reconstruct import to_uint8
+    from recon.inference.reconstruct import to_uint8
     from recon.render import draw_landmarks, ndc_to_image
 
     was_training = model.training

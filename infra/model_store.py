@@ -8,7 +8,7 @@ Layout of a store root (a folder, or an ``s3://`` prefix through :mod:`infra.sto
 The default root is ``$WILDFACE_HOME`` or ``~/.cache/wildface``. For an ``s3://`` root,
 files are downloaded on first use into a local cache (``<default root>/s3-cache/...``) and
 checked there. Every load checks the file's sha256 against the manifest and refuses a
-mismatch (:class:`ChecksumMismatchError`, the check of :mod:`recon.weights_file`); nothing
+mismatch (:class:`ChecksumMismatchError`, the check of :mod:`recon.formats.weights_file`); nothing
 is ever fetched from a model hub.
 
 The identity and perceptual networks of ``recon`` load local files only: before building
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from infra import storage
 from recon.config import IdentityConfig, PerceptualConfig
-from recon.files import atomic_writer
-from recon.weights_file import ChecksumMismatchError, sha256_file, verify_file
+from recon.formats.files import atomic_writer
+from recon.formats.weights_file import ChecksumMismatchError, sha256_file, verify_file
 
 ENV_HOME = "WILDFACE_HOME"
 MANIFEST = "manifest.json"

@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from infra.config import ServicesConfig
 from infra.offline import OFFLINE_ENV
-from recon.files import atomic_write_bytes
+from recon.formats.files import atomic_write_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # `down` stops them in reverse: the worker (and the flows it runs) before the Ray head.

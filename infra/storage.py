@@ -1,7 +1,7 @@
 """Local paths and ``s3://`` URIs behind one small API, with atomic writes.
 
 Local writes go to a temporary file in the target folder and are renamed into place
-(:func:`recon.files.atomic_writer`, fsynced for ``write_bytes``); S3
+(:func:`recon.formats.files.atomic_writer`, fsynced for ``write_bytes``); S3
 objects only become visible when a ``put_object`` or a multipart upload completes, so a
 reader never sees half an object in either case. The S3 endpoint comes from
 :class:`infra.config.StorageConfig` (``configure``) or ``$AWS_ENDPOINT_URL``.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from infra.config import StorageConfig
-from recon.files import atomic_write_bytes, atomic_writer
+from recon.formats.files import atomic_write_bytes, atomic_writer
 
 _config = StorageConfig()
 

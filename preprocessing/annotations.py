@@ -1,7 +1,7 @@
 """Annotations of an image, used instead of (or to guide) the models when present.
 
 ``dir/<identity>/<name>.<ext>`` may have ``<name>.pts`` (iBUG PTS, 68 points, 1-based
-pixel coordinates as in 300-W; the format lives in :mod:`recon.landmarks_io`) and
+pixel coordinates as in 300-W; the format lives in :mod:`recon.formats.landmarks_io`) and
 ``<name>.mask.png`` (8-bit skin mask of the photo's size, > 127 = skin).
 
 A dataset's own face box and landmarks (:mod:`preprocessing.datasets`) travel as a
@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from preprocessing.decode import Rejected
-from recon import landmarks_io
-from recon.landmarks_io import write_pts
-from recon.sidecars import MASK_SUFFIX, PTS_SUFFIX
+from recon.formats import landmarks_io
+from recon.formats.landmarks_io import write_pts
+from recon.formats.sidecars import MASK_SUFFIX, PTS_SUFFIX
 
 
 
@@ -116,6 +116,6 @@ def match_face(boxes: list[tuple[float, float, float, float]], guide: DatasetGui
     return best
 
 
-# write_pts (recon.landmarks_io) and the suffixes (recon.sidecars), re-exported for their users.
+# write_pts (recon.formats.landmarks_io) and the suffixes (recon.formats.sidecars), re-exported for their users.
 __all__ = ["DatasetGuide", "MASK_SUFFIX", "PTS_SUFFIX", "is_sidecar", "match_face", "read_mask",
            "read_pts", "sidecar_stem", "write_pts"]

@@ -18,7 +18,7 @@ as :class:`InputFile` entries that the rest of the pipeline consumes unchanged.
 
 A dataset's labels are namespaced by its source (``vggface2/n000002``) so two sources never
 merge an identity by accident. Names read from a dataset's files (csv, txt, sqlite) are
-checked with :func:`recon.files.check_name` before a path is built from them; a refused
+checked with :func:`recon.formats.files.check_name` before a path is built from them; a refused
 name, a listed file that is absent and an image without a label become rejected entries
 (``InputFile.reason``), accounted for in the manifest like any other bad input.
 
@@ -53,8 +53,8 @@ from infra import storage
 from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
 from preprocessing.decode import Rejected
-from recon.files import UnsafeName, check_name
-from recon.video import read_frames, video_fps
+from recon.formats.files import UnsafeName, check_name
+from recon.inference.video import read_frames, video_fps
 
 log = logging.getLogger("wildface.preprocess")
 

@@ -27,7 +27,7 @@ from preprocessing.datasets import VideoFrames
 from preprocessing.decode import Rejected, decode_image
 from preprocessing.faces import FaceFinder, crop_face
 from preprocessing.skin_mask import make_masker
-from recon.files import npy_bytes
+from recon.formats.files import npy_bytes
 
 log = logging.getLogger("wildface.preprocess")
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from recon.weights_file import checked_weights_file
+from recon.formats.weights_file import checked_weights_file
 
 
 def network_device(requested: Literal["cpu", "cuda"]) -> torch.device:

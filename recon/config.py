@@ -47,7 +47,7 @@ def cosine_decay(lr: float, final_ratio: float, t: float) -> float:
 
 
 class RefineConfig(StrictModel):
-    """Test-time fit of the codes to the photo (``recon.fitting``), started from the
+    """Test-time fit of the codes to the photo (``recon.inference.fitting``), started from the
     encoder's codes: Adam on shape, expression, pose and camera by the landmark L1 to the
     keypoint head's own 68 points; after the first quarter of the steps also on albedo and
     light, by the masked photometric L1 of the lit render. Used by reconstruction and
@@ -79,7 +79,7 @@ class NetworkConfig(StrictModel):
         "wildface", description="wildface (ImageNet-normalised input, scaled-down output init, "
         "detail decoder without DECA's leading batch norm) or deca (DECA's released networks "
         "as written: its key names, raw [0, 1] input, its generator; fixes backbone resnet50, "
-        "head pooled, hidden 1024, image_size 224, uv_size 256; recon.deca_import)"
+        "head pooled, hidden 1024, image_size 224, uv_size 256; recon.face_model.deca_import)"
     )
     backbone: Literal["resnet50", "resnet18", "mobilenet_v3_small"] = Field(
         "resnet50", description="encoder backbone: resnet50 (paper) or a small one for CPU demos"

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recon.albedo import AlbedoModel
+from recon.face_model.albedo import AlbedoModel
 from recon.config import FaceModelConfig, NetworkConfig
-from recon.deca_data import deca_uv_maps
-from recon.face_assets import FaceModelAssets
-from recon.flame import FLAME, FlameOutput
+from recon.face_model.deca_data import deca_uv_maps
+from recon.face_model.face_assets import FaceModelAssets
+from recon.face_model.flame import FLAME, FlameOutput
 from recon.networks import (CodeLayout, CoarseEncoder, DecaCoarseEncoder, DecaDetailDecoder,
                             DecaEncoder, DetailDecoder, Encoder, KeypointCoarseEncoder)
 from recon.render import (DecaRenderer, RenderOutput, ndc_to_image,
@@ -150,7 +150,7 @@ class DECA(nn.Module):
     state dict records which, and loading into the other refuses.
 
     ``assets``: the face model's arrays; None loads them from ``face_model``
-    (``recon.flame_io.load_face_model``). Component counts are ``face_model``'s, capped at
+    (``recon.face_model.flame_io.load_face_model``). Component counts are ``face_model``'s, capped at
     what the face model has.
     """
 
@@ -165,7 +165,7 @@ class DECA(nn.Module):
         face_model = face_model or FaceModelConfig()
         network = network or NetworkConfig()
         if assets is None:
-            from recon.flame_io import load_face_model
+            from recon.face_model.flame_io import load_face_model
 
             assets = load_face_model(face_model)
         self.network_config = network
@@ -198,7 +198,7 @@ class DECA(nn.Module):
                 # constant SH band = 1 / its basis constant: unit grey irradiance
                 "light_init": 1.0 / SH_CONSTANTS[0]}
         if network.architecture == "deca":
-            # DECA's released networks as written (recon.deca_import loads its weights).
+            # DECA's released networks as written (recon.face_model.deca_import loads its weights).
             self.coarse_encoder = DecaCoarseEncoder(self.layout, network.hidden, **init)
             self.detail_encoder = DecaEncoder(network.n_detail, network.hidden)
             self.detail_decoder = DecaDetailDecoder(self.flame.n_exp, network.n_detail,
@@ -261,8 +261,8 @@ class DECA(nn.Module):
     def encode(self, images: torch.Tensor, with_detail: bool = True) -> Codes:
         """images: (B, 3, S, S) in [0, 1] -> Codes (float32; detail None unless with_detail):
         the encoders' output. The test-time fit of ``network.refine`` is a step of
-        reconstruction (:func:`recon.fitting.refine_codes`, called by
-        ``recon.reconstruct.FaceReconstructor``), never run here."""
+        reconstruction (:func:`recon.inference.fitting.refine_codes`, called by
+        ``recon.inference.reconstruct.FaceReconstructor``), never run here."""
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"expected images (B, 3, {self.image_size}, {self.image_size}), "
                              f"got {tuple(images.shape)}")

@@ -3,7 +3,7 @@ and the box around a face's landmarks. The one home of the layout: the preproces
 landmarks, skin masks) and the model (FLAME's landmarks, losses) index the same groups.
 
 Indices are 0-based iBUG indices into the 68 landmarks (``landmarks2d`` / ``landmarks3d`` of
-:class:`recon.flame.FLAME`: 17 jaw contour points first, then the 51 static ones). iBUG's
+:class:`recon.face_model.flame.FLAME`: 17 jaw contour points first, then the 51 static ones). iBUG's
 "right" means the subject's right (image left, -x in FLAME's frame). Groups are tuples: index
 an array with ``lmk[list(GROUP)]`` (a bare tuple would index several axes).
 """

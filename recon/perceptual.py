@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from recon.config import PerceptualConfig
-from recon.weights_file import checked_weights_file
+from recon.formats.weights_file import checked_weights_file
 
 log = logging.getLogger(__name__)
 

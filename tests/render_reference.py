@@ -159,8 +159,8 @@ def demo_head(poses: list[tuple[float, float, float]] | None = None):
     """The demo head (FLAME format) posed by global axis-angle rotations ``poses`` (B, 3)
     with a little jaw opening: verts (B, V, 3) float32, faces (F, 3), vt (T, 2), ft (F, 3)."""
     from recon.config import FaceModelConfig
-    from recon.flame import FLAME
-    from recon.flame_io import load_face_model
+    from recon.face_model.flame import FLAME
+    from recon.face_model.flame_io import load_face_model
 
     assets = load_face_model(FaceModelConfig())
     faces = torch.as_tensor(np.asarray(assets.faces), dtype=torch.long)

@@ -12,7 +12,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def recon(checkpoint):
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
 
     # Random networks: the detail decoder's output still depends on (jaw, exp, detail),
     # which is what these tests check.
@@ -27,7 +27,7 @@ def source(recon):
 
 
 def _drive(n_exp: int, T: int = 4):
-    from recon.animate import Drive
+    from recon.inference.animate import Drive
 
     g = torch.Generator().manual_seed(1)
     exp = torch.randn(T, n_exp, generator=g)
@@ -39,7 +39,7 @@ def _drive(n_exp: int, T: int = 4):
 
 
 def test_identity_albedo_light_and_detail_are_bit_identical(recon, source):
-    from recon.animate import animate_codes
+    from recon.inference.animate import animate_codes
 
     drive = _drive(recon.model.flame.n_exp)
     codes = animate_codes(source, drive)
@@ -52,7 +52,7 @@ def test_identity_albedo_light_and_detail_are_bit_identical(recon, source):
 
 
 def test_displacement_follows_the_expression(recon, source):
-    from recon.animate import animate_codes, render_frames
+    from recon.inference.animate import animate_codes, render_frames
 
     codes = animate_codes(source, _drive(recon.model.flame.n_exp))
     (_, rec), = list(render_frames(recon.model, codes, batch_size=8))
@@ -64,8 +64,8 @@ def test_displacement_follows_the_expression(recon, source):
 
 
 def test_animation_files_and_playable_video(recon, source, tmp_path):
-    from recon.animate import animate_codes, write_animation
-    from recon.video import count_frames
+    from recon.inference.animate import animate_codes, write_animation
+    from recon.inference.video import count_frames
 
     drive = _drive(recon.model.flame.n_exp, T=5)
     result = write_animation(recon, animate_codes(source, drive), tmp_path, fps=10,
@@ -83,7 +83,7 @@ def test_animation_files_and_playable_video(recon, source, tmp_path):
 def test_named_controls_and_tables(recon, tmp_path):
     import pandas as pd
 
-    from recon.animate import controls_to_codes, parse_controls, ramp, read_table
+    from recon.inference.animate import controls_to_codes, parse_controls, ramp, read_table
 
     names, n_exp = recon.expression_names, recon.model.flame.n_exp
     exp, jaw = controls_to_codes(parse_controls("smile=1.5, jaw_open=0.3,exp_9=-1"), names, n_exp)
@@ -109,7 +109,7 @@ def test_animate_command(synth, checkpoint, tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli.main import app
-    from recon.video import count_frames
+    from recon.inference.video import count_frames
 
     src = tmp_path / "face.jpg"
     shutil.copy(synth / "images" / "id0000" / "img000.jpg", src)

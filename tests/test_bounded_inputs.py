@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from flows.cli.main import app
 from flows.config import ConfigError, load_config
-from recon.mesh_io import read_obj, read_ply, write_ply
+from recon.formats.mesh_io import read_obj, read_ply, write_ply
 
 # The mistake sits on line 3: a flow sequence that is never closed before the next key.
 BAD_YAML = "train:\n  steps: 10\n  lr: [1, 2\nmodel: {}\n"
@@ -145,8 +145,8 @@ def test_npz_that_inflates_far_beyond_its_size_is_refused_before_reading(tmp_pat
     """A zip bomb as an .npz (a few KB declaring megabytes of zeros) is refused from the
     members' declared sizes, naming the file, before numpy reads an array; an ordinary
     archive reads back as saved. The floor is lowered so the bomb can stay small here."""
-    import recon.face_assets as face_assets
-    from recon.face_assets import FaceModelFormatError, read_npz
+    import recon.face_model.face_assets as face_assets
+    from recon.face_model.face_assets import FaceModelFormatError, read_npz
 
     monkeypatch.setattr(face_assets, "NPZ_FLOOR", 1 << 20)
     bomb = tmp_path / "FLAME_texture.npz"

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli.main import app
-from recon.flame_io import load_face_model
-from recon.mesh_io import read_obj
+from recon.face_model.flame_io import load_face_model
+from recon.formats.mesh_io import read_obj
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_export_mesh_and_landmarks(tmp_path, demo):
     params.write_text("{}")
     r = runner.invoke(app, ["model", "export", "--params", str(params), "--out", str(tmp_path / "t.ply")])
     assert r.exit_code == 0, r.output
-    from recon.mesh_io import read_ply
+    from recon.formats.mesh_io import read_ply
 
     v0, _ = read_ply(tmp_path / "t.ply")
     np.testing.assert_allclose(v0, demo.v_template, atol=1e-6)

@@ -14,7 +14,7 @@ import torch
 
 from recon.config import FaceModelConfig, LossConfig, NetworkConfig, TrainConfig
 from recon.deca import DECA
-from recon.reconstruct import load_model
+from recon.inference.reconstruct import load_model
 from recon.render import rasterize
 from recon.training.steps import CoarseStep, DetailStep
 from reconstruct_fixtures import untrained_checkpoint

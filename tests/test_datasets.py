@@ -146,7 +146,7 @@ def bupt_tree(root: Path) -> Path:
 
 
 def voxceleb2_tree(root: Path) -> Path:
-    from recon.video import write_video
+    from recon.inference.video import write_video
 
     clip = root / "dev/mp4/id00012/21Uxsk56VDQ/00001.mp4"
     clip.parent.mkdir(parents=True)

@@ -32,10 +32,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recon.albedo import AlbedoModel
+from recon.face_model.albedo import AlbedoModel
 from recon.config import LossConfig
-from recon.flame import FLAME
-from recon.flame_io import _resize_texture_space
+from recon.face_model.flame import FLAME
+from recon.face_model.flame_io import _resize_texture_space
 from recon.losses.consistency import identity_partners
 from recon.losses.detail import displacement_l1, shading_smoothness, symmetry_loss
 from recon.losses.identity import identity_loss
@@ -184,7 +184,7 @@ def test_albedo_is_flametex(kind):
 
 
 def test_malformed_texture_space_is_refused_naming_the_file():
-    from recon.flame_io import FaceModelFormatError
+    from recon.face_model.flame_io import FaceModelFormatError
 
     bad = {"MU": np.zeros((1, 10 * 12 * 3), np.float32), "PC": np.zeros((10 * 12 * 3, 2), np.float32)}
     with pytest.raises(FaceModelFormatError, match="FLAME_albedo_from_BFM.npz.*square RGB image"):

@@ -24,10 +24,10 @@ from typer.testing import CliRunner
 from flows.cli.main import app
 from recon.config import FaceModelConfig, NetworkConfig
 from recon.deca import DECA, Codes
-from recon.deca_data import load_flame_with_deca_data
-from recon.face_assets import FaceModelAssets, FaceModelFormatError
+from recon.face_model.deca_data import load_flame_with_deca_data
+from recon.face_model.face_assets import FaceModelAssets, FaceModelFormatError
 from recon.render import vertex_normals
-from recon.safe_pickle import UnsafePickleError
+from recon.formats.safe_pickle import UnsafePickleError
 from test_deca_conventions import deca_dense_faces, deca_vertex_normals
 from tiny_face_model import tiny_face_assets
 
@@ -189,7 +189,7 @@ def test_missing_optional_files_fall_back_with_a_note(tmp_path, tiny, caplog):
             "mean_texture.jpg", "texture_data_256.npy"]
     for name in gone:
         (data / name).unlink()
-    with caplog.at_level(logging.WARNING, logger="recon.deca_data"):
+    with caplog.at_level(logging.WARNING, logger="recon.face_model.deca_data"):
         m = load_flame_with_deca_data(pkl, data)
     notes = " ".join(rec.getMessage() for rec in caplog.records)
     for name in gone + ["FLAME_texture.npz", "FLAME_albedo_from_BFM.npz"]:

@@ -15,8 +15,8 @@ import torchvision
 from typer.testing import CliRunner
 
 from flows.cli.main import app
-from recon.deca_import import DecaCheckpointError, load_deca_weights, read_deca_checkpoint
-from recon.reconstruct import load_model, write_face
+from recon.face_model.deca_import import DecaCheckpointError, load_deca_weights, read_deca_checkpoint
+from recon.inference.reconstruct import load_model, write_face
 from recon.training.checkpoint import load_checkpoint
 
 # DECA's decalib/models/resnet.py: ResNet(Bottleneck, [3, 4, 6, 3]); per stage (name, blocks,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from recon.demo_head import build_demo_head
-from recon.face_assets import FaceModelAssets
-from recon.flame import FLAME
-from recon.flame_io import load_face_model
+from recon.face_model.demo_head import build_demo_head
+from recon.face_model.face_assets import FaceModelAssets
+from recon.face_model.flame import FLAME
+from recon.face_model.flame_io import load_face_model
 from recon.landmarks import EYE_LID_PAIRS, LIP_PAIRS, MOUTH_LEFT, MOUTH_RIGHT
 
 

@@ -113,7 +113,7 @@ def test_evaluate_flow_logs_to_the_model_versions_run(synth, checkpoint, prefect
 
     # the registered model carries its face model: another one is refused
     from flows.registry import load_reconstructor
-    from recon.reconstruct import FaceModelMismatch
+    from recon.inference.reconstruct import FaceModelMismatch
     from tiny_face_model import tiny_face_assets
 
     other = tiny_face_assets().save_npz(tmp_path / "grid.npz")

@@ -84,7 +84,7 @@ def test_reconstruct_and_preprocess_crop_a_photo_alike(main_face, tmp_path):
     crop box (transform) at the same crop size and scale."""
     from flows.reconstruct import InputItem, InputReconstructor
     from preprocessing.sample import SampleMaker
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
     from reconstruct_fixtures import tiny_config, untrained_checkpoint
 
     rgb, face = main_face

@@ -10,13 +10,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from recon import fitting, reconstruct
+from recon.inference import fitting, reconstruct
 from recon.config import FaceModelConfig, NetworkConfig, RefineConfig
 from recon.deca import DECA, Codes
 from recon.evaluation.alignment import aligned_error
-from recon.fitting import refine_codes
-from recon.flame_io import load_face_model
-from recon.reconstruct import FaceReconstructor, ModelInfo
+from recon.inference.fitting import refine_codes
+from recon.face_model.flame_io import load_face_model
+from recon.inference.reconstruct import FaceReconstructor, ModelInfo
 
 NET = NetworkConfig(backbone="resnet18", head="keypoints", hidden=16, n_detail=8,
                     image_size=32, uv_size=16)

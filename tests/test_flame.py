@@ -6,10 +6,10 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from recon.albedo import AlbedoModel
+from recon.face_model.albedo import AlbedoModel
 from recon.config import FaceModelConfig
-from recon.flame import FLAME, build_flame
-from recon.flame_io import load_face_model
+from recon.face_model.flame import FLAME, build_flame
+from recon.face_model.flame_io import load_face_model
 
 
 @pytest.fixture(scope="module")

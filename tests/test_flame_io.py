@@ -16,16 +16,16 @@ import scipy.sparse as sp
 import torch
 
 from recon.config import FaceModelConfig
-from recon.face_assets import FaceModelAssets, FaceModelFormatError
-from recon.flame import FLAME
-from recon.flame_io import (
+from recon.face_model.face_assets import FaceModelAssets, FaceModelFormatError
+from recon.face_model.flame import FLAME
+from recon.face_model.flame_io import (
     convert,
     load_face_model,
     load_flame,
     load_flame_pickle,
     load_landmark_embedding,
 )
-from recon.safe_pickle import UnsafePickleError, safe_loads
+from recon.formats.safe_pickle import UnsafePickleError, safe_loads
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +251,8 @@ def _bombs() -> dict[str, bytes]:
 _LOAD_UNDER_LIMIT = r"""
 import json, resource, sys, time
 import torch
-from recon.flame_io import load_flame_pickle
-from recon.safe_pickle import UnsafePickleError
+from recon.face_model.flame_io import load_flame_pickle
+from recon.formats.safe_pickle import UnsafePickleError
 # 2 GiB of address space beyond what the interpreter and torch already map.
 vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), vm + (2 << 30)))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from recon.flame import FLAME
-from recon.flame_io import load_face_model
+from recon.face_model.flame import FLAME
+from recon.face_model.flame_io import load_face_model
 from recon.landmarks import (
     EYE_LID_PAIRS,
     FLIP_PERMUTATION,

@@ -21,7 +21,7 @@ from recon.identity.facenet import FaceNetIdentity, find_packaged_graph, prewhit
 from recon.identity.build import build_identity_network
 from recon.identity.protobuf_graph import parse_graph, read_graph, strip_control_inputs
 from recon.losses.identity import identity_loss
-from recon.weights_file import ChecksumMismatchError
+from recon.formats.weights_file import ChecksumMismatchError
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-identity"
 # Face boxes (left, top, right, bottom) from dlib's HOG detector on these fixed images.

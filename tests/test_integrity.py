@@ -169,7 +169,7 @@ def test_a_huge_learning_rate_stops_training_with_finite_checkpoints_only(tmp_pa
 
 # -- reconstruction ------------------------------------------------------------------------
 def test_load_model_refuses_non_finite_weights(checkpoint, tmp_path):
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
 
     payload = torch.load(checkpoint, weights_only=True)
     key = next(k for k in payload["model"] if k.startswith("coarse_encoder")
@@ -192,7 +192,7 @@ def test_write_face_refuses_a_non_finite_face_and_writes_nothing(checkpoint, syn
                                                                  tmp_path):
     from PIL import Image
 
-    from recon.reconstruct import NonFiniteOutput, load_model, write_face
+    from recon.inference.reconstruct import NonFiniteOutput, load_model, write_face
 
     r = load_model(checkpoint)
     crops = np.stack([np.asarray(Image.open(p).convert("RGB").resize((r.image_size,) * 2))
@@ -209,7 +209,7 @@ def test_write_face_refuses_a_non_finite_face_and_writes_nothing(checkpoint, syn
 def test_batch_reports_the_non_finite_face_failed_and_goes_on(synth, checkpoint,
                                                               tmp_path, monkeypatch):
     from flows.reconstruct import MARKER, run_batch
-    from recon.reconstruct import FaceReconstructor
+    from recon.inference.reconstruct import FaceReconstructor
 
     photos = tmp_path / "photos"
     for key in ("id0000/img000", "id0001/img001"):

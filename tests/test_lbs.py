@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from recon.lbs import (
+from recon.face_model.lbs import (
     batch_rigid_transform,
     batch_rodrigues,
     contour_bin_angle_deg,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recon.files import atomic_write_bytes, atomic_writer
-from recon.mesh_io import read_obj, read_ply, write_obj, write_ply
+from recon.formats.files import atomic_write_bytes, atomic_writer
+from recon.formats.mesh_io import read_obj, read_ply, write_obj, write_ply
 
 V = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0.5]], dtype=np.float32)
 F = np.array([[0, 1, 2], [0, 2, 3]])

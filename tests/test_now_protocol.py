@@ -259,7 +259,7 @@ def test_parallel_workers_match_serial(tmp_path):
 def _malformed_predictions(syn):
     """Break three predictions the ways found in the field: a PLY whose header promises more
     than it holds, a PLY with an unknown property type, an OBJ with NaN coordinates."""
-    from recon.mesh_io import read_obj, write_ply
+    from recon.formats.mesh_io import read_obj, write_ply
 
     broken = {}
     for image, kind in zip(syn.images, ("truncated_ply", "bad_type_ply", "nan_obj")):

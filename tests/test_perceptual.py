@@ -12,7 +12,7 @@ from flows.config import load_config, with_stage_weights
 from infra.model_store import ModelStore, ModelStoreError, resolve_perceptual_weights
 from recon.config import PerceptualConfig
 from recon.perceptual import LAYERS, VGG19Features, build_perceptual_network
-from recon.weights_file import ChecksumMismatchError
+from recon.formats.weights_file import ChecksumMismatchError
 
 
 @pytest.fixture(scope="module")

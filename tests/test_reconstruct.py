@@ -32,8 +32,8 @@ def _inputs(synth: Path, root: Path) -> Path:
 
 def test_face_model_must_match_the_trained_one(checkpoint, tmp_path):
     from recon.config import FaceModelConfig
-    from recon.flame_io import load_face_model
-    from recon.reconstruct import FaceModelMismatch, load_model
+    from recon.face_model.flame_io import load_face_model
+    from recon.inference.reconstruct import FaceModelMismatch, load_model
     from tiny_face_model import tiny_face_assets
 
     other = tiny_face_assets().save_npz(tmp_path / "grid.npz")
@@ -56,7 +56,7 @@ def test_refinement_can_replace_the_models_own(checkpoint, synth, tmp_path):
     """reconstruct.refine: test-time refinement for a model trained without it."""
     from flows.reconstruct import run_batch
     from recon.config import RefineConfig
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
 
     keypoint_model = untrained_checkpoint(tmp_path / "detail-000000000.pt", tiny_config(
         **{"model.head": "keypoints", "model.backbone": "resnet18"}))
@@ -78,7 +78,7 @@ def test_refinement_can_replace_the_models_own(checkpoint, synth, tmp_path):
 
 
 def test_grid_mesh_is_consistently_oriented():
-    from recon.reconstruct import grid_mesh
+    from recon.inference.reconstruct import grid_mesh
     from recon.render import face_normals, grid_normals
 
     S = 6
@@ -97,7 +97,7 @@ def test_grid_mesh_is_consistently_oriented():
 
 
 def test_displacement_png_round_trip(tmp_path):
-    from recon.reconstruct import displacement_png, read_displacement_png
+    from recon.inference.reconstruct import displacement_png, read_displacement_png
 
     z = torch.linspace(-0.01, 0.01, 64).reshape(1, 8, 8)
     (tmp_path / "d.png").write_bytes(displacement_png(z, 0.01))
@@ -107,7 +107,7 @@ def test_displacement_png_round_trip(tmp_path):
 
 def test_batch_writes_every_output_and_records_failures(synth, checkpoint, tmp_path):
     from flows.reconstruct import MARKER, run_batch
-    from recon.mesh_io import read_obj
+    from recon.formats.mesh_io import read_obj
 
     photos = _inputs(synth, tmp_path)
     out = tmp_path / "out"
@@ -204,7 +204,7 @@ def test_trained_model_recovers_known_parameters(tmp_path):
     from scipy.spatial.transform import Rotation
 
     from preprocessing.faces import crop_face
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
     from recon.synth import load_params
 
     synth = make_synth(tmp_path / "synth", identities=4, images=4, size=96, seed=11)
@@ -246,7 +246,7 @@ def test_video_gives_a_per_frame_table(checkpoint, tmp_path):
     from skimage import data
 
     from flows.reconstruct import run_batch
-    from recon.video import write_video
+    from recon.inference.video import write_video
 
     face = np.asarray(Image.fromarray(data.astronaut()).resize((256, 256)))
     write_video(tmp_path / "clip.mp4", [face, face[:, ::-1], face], fps=5)

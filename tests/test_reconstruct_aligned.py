@@ -80,7 +80,7 @@ def test_aligned_crops_give_codes_pixels_and_displacement(checkpoint, tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli.main import app
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
 
     crops = _crops(tmp_path / "crops")
     out = tmp_path / "out"
@@ -106,7 +106,7 @@ def test_imported_deca_models_report_decas_pixels(checkpoint, tmp_path):
     """A model of ``model.architecture: deca`` writes DECA's own mapping (no half pixel)."""
     from flows.reconstruct import InputItem, InputReconstructor
     from preprocessing.faces import FaceFinder
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
 
     crops = _crops(tmp_path / "crops")
     recon = load_model(checkpoint)
@@ -148,8 +148,8 @@ def test_aligned_video_frames_are_crops(checkpoint, tmp_path):
     import pandas as pd
 
     from flows.reconstruct import run_batch
-    from recon.reconstruct import load_model
-    from recon.video import write_video
+    from recon.inference.reconstruct import load_model
+    from recon.inference.video import write_video
 
     face = _face(96)
     write_video(tmp_path / "clip.mp4", [face, face[:, ::-1], face], fps=5)
@@ -167,7 +167,7 @@ def test_a_non_finite_aligned_face_is_rejected_with_nothing_written(
         checkpoint, tmp_path, monkeypatch):
     from flows.reconstruct import InputItem, InputReconstructor
     from preprocessing.faces import FaceFinder
-    from recon.reconstruct import FaceReconstructor, load_model
+    from recon.inference.reconstruct import FaceReconstructor, load_model
 
     crops = _crops(tmp_path / "crops")
     encode = FaceReconstructor.encode

@@ -33,7 +33,7 @@ def _crops(n=2, size=64):
 def test_pyfunc_predicts_what_the_reconstruct_loader_does(logged, checkpoint):
     import mlflow
 
-    from recon.reconstruct import load_model
+    from recon.inference.reconstruct import load_model
 
     default = mlflow.pyfunc.load_model(logged)  # device auto: the CPU here
     on_cpu = mlflow.pyfunc.load_model(logged, model_config={"device": "cpu"})

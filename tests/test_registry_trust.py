@@ -26,7 +26,7 @@ from flows.registry import ModelIntegrityError, load_reconstructor, resolve_mode
 from reconstruct_fixtures import tiny_config, untrained_checkpoint
 from recon.evaluation.config import PromotionConfig
 from recon.training.checkpoint import NonFiniteState
-from recon.weights_file import sha256_file
+from recon.formats.weights_file import sha256_file
 
 MODEL = "wildface-trust"
 # A small backbone: the store's copies of the model are hashed and downloaded several times.

@@ -15,7 +15,7 @@ import pytest
 
 from infra import storage
 from infra.config import StorageConfig
-from recon.files import UnsafeName, atomic_path, atomic_write_bytes, check_name, path_inside
+from recon.formats.files import UnsafeName, atomic_path, atomic_write_bytes, check_name, path_inside
 from shard_fixtures import random_sample, write_train_split
 
 SHELL_KEY = "train-000000;touch${IFS}PWNED;.tar"
@@ -122,7 +122,7 @@ def test_no_shell_or_subprocess_in_the_data_path():
 
     root = Path(__file__).resolve().parents[1]
     for rel in ("infra/storage.py", "preprocessing/shards.py", "preprocessing/pipeline.py",
-                "flows/reconstruct.py", "recon/files.py", "recon/mesh_io.py"):
+                "flows/reconstruct.py", "recon/formats/files.py", "recon/formats/mesh_io.py"):
         for node in ast.walk(ast.parse((root / rel).read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]

@@ -99,7 +99,7 @@ def test_landmarks_lie_on_the_rendered_face(synth_dir):
 
 def test_now_layout_holds_the_neutral_ground_truth(synth_dir):
     from recon.evaluation.now_io import find_scan, read_image_list, read_mesh, read_pp
-    from recon.flame import build_flame
+    from recon.face_model.flame import build_flame
 
     params = load_params(synth_dir)
     now = synth_dir / "now"

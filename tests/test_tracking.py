@@ -118,7 +118,7 @@ def test_step_logger_means_every_n_steps():
 @pytest.mark.slow
 def test_deca_figure_layout():
     from recon.deca import DECA
-    from recon.reconstruct import to_uint8
+    from recon.inference.reconstruct import to_uint8
 
     cfg = load_config(None, ["model.backbone=mobilenet_v3_small", "model.hidden=16",
                              "model.image_size=32", "model.uv_size=16", "model.n_detail=4",

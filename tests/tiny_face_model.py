@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recon.face_assets import FaceModelAssets
+from recon.face_model.face_assets import FaceModelAssets
 
 
 def tiny_face_assets(n: int = 12) -> FaceModelAssets:

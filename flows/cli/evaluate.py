@@ -83,7 +83,7 @@ def predict(
     jaw and head pose zeroed) and its 7 landmarks; score them with `evaluate now`."""
     cfg = _config(config, overrides, {"evaluation.split": split} if split else {})
     from flows.evaluate import add_synthetic_landmarks, predict_dataset
-    from recon.reconstruct import FaceModelMismatch
+    from recon.inference.reconstruct import FaceModelMismatch
 
     try:
         summary, info = predict_dataset(model, add_synthetic_landmarks(dataset, cfg), out, cfg,

@@ -19,9 +19,9 @@ def _fail(msg: str) -> None:
 
 def _load(model: str, landmarks: str | None = None):
     from recon.config import FaceModelConfig
-    from recon.face_assets import FaceModelFormatError
-    from recon.flame_io import load_face_model
-    from recon.safe_pickle import UnsafePickleError
+    from recon.face_model.face_assets import FaceModelFormatError
+    from recon.face_model.flame_io import load_face_model
+    from recon.formats.safe_pickle import UnsafePickleError
 
     try:
         return load_face_model(FaceModelConfig(path=model, landmarks=landmarks))
@@ -58,10 +58,10 @@ def convert(
         "dense template are read and stored with the model (missing ones are noted)"),
 ) -> None:
     """Convert FLAME files to the cached .npz, safely (refused pickles write nothing)."""
-    from recon.face_assets import FaceModelFormatError
-    from recon.deca_data import load_flame_with_deca_data
-    from recon.flame_io import convert as do_convert
-    from recon.safe_pickle import UnsafePickleError
+    from recon.face_model.face_assets import FaceModelFormatError
+    from recon.face_model.deca_data import load_flame_with_deca_data
+    from recon.face_model.flame_io import convert as do_convert
+    from recon.formats.safe_pickle import UnsafePickleError
 
     if dst.suffix != ".npz":
         _fail(f"{dst}: the output must end in .npz")
@@ -88,9 +88,9 @@ def export(
     """Pose the model with PARAMS.json; write the mesh and <stem>.landmarks.json."""
     import torch
 
-    from recon.flame import FLAME
-    from recon.files import atomic_write_bytes
-    from recon.mesh_io import write_obj, write_ply
+    from recon.face_model.flame import FLAME
+    from recon.formats.files import atomic_write_bytes
+    from recon.formats.mesh_io import write_obj, write_ply
 
     try:
         p = json.loads(params.read_text())
@@ -152,10 +152,10 @@ def import_deca(
     weights-only: one that needs arbitrary unpickling is refused and nothing is written."""
     from flows.config import load_config
     from recon.config import DEMO_HEAD, FaceModelConfig
-    from recon.deca_import import (DECA_FACE_COUNTS, DecaCheckpointError, import_deca,
+    from recon.face_model.deca_import import (DECA_FACE_COUNTS, DecaCheckpointError, import_deca,
                                    imported_from)
-    from recon.face_assets import FaceModelFormatError
-    from recon.safe_pickle import UnsafePickleError
+    from recon.face_model.face_assets import FaceModelFormatError
+    from recon.formats.safe_pickle import UnsafePickleError
     from recon.training.checkpoint import CheckpointError, save_checkpoint
 
     if out.suffix != ".pt":

@@ -43,7 +43,7 @@ def reconstruct(
     cfg = load_config_or_exit(config, overrides)
     from flows.reconstruct import run_batch
     from infra.storage import OutputLocked
-    from recon.reconstruct import FaceModelMismatch
+    from recon.inference.reconstruct import FaceModelMismatch
 
     def progress(done: int, total: int, result: dict) -> None:
         reason = f" ({result['reason']})" if result.get("reason") else ""
@@ -91,9 +91,9 @@ def animate(
     import tempfile
 
     from flows.registry import load_reconstructor
-    from recon import animate as anim
+    from recon.inference import animate as anim
     from recon.devices import set_cpu_threads
-    from recon.reconstruct import FaceModelMismatch
+    from recon.inference.reconstruct import FaceModelMismatch
 
     set_cpu_threads(cfg.reconstruct.threads)
     with tempfile.TemporaryDirectory(prefix="wildface-model-") as tmp:
@@ -145,7 +145,7 @@ def _main_face(recon, path: Path, cfg):
 
 def _source_codes(recon, source: Path, cfg):
     """The source's codes (batch of 1) and its crop as the background (None for params.json)."""
-    from recon.reconstruct import codes_from_params
+    from recon.inference.reconstruct import codes_from_params
 
     if not source.is_file():
         raise FileNotFoundError(f"source not found: {source}")
@@ -159,8 +159,8 @@ def _drive(recon, driver: Path, cfg, n_exp: int):
     """A driver file -> (Drive, frame rate or None)."""
     import numpy as np
 
-    from recon import animate as anim
-    from recon.video import is_video, read_frames, video_fps
+    from recon.inference import animate as anim
+    from recon.inference.video import is_video, read_frames, video_fps
 
     if not driver.is_file():
         raise FileNotFoundError(f"driver not found: {driver}")

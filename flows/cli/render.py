@@ -52,9 +52,9 @@ def render(
     import numpy as np
     import torch
 
-    from recon.files import atomic_writer
+    from recon.formats.files import atomic_writer
 
-    from recon.mesh_io import read_obj
+    from recon.formats.mesh_io import read_obj
     from recon.render import (BackendUnavailable, PerspectiveCamera, render_grey,
                               weak_perspective_project)
 

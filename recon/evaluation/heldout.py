@@ -21,7 +21,7 @@ import torch
 
 from recon.config import FaceModelConfig
 from recon.evaluation.alignment import aligned_error
-from recon.mesh_io import write_obj
+from recon.formats.mesh_io import write_obj
 
 #: metres (the face model's unit: FLAME and the demo head) -> mm
 MM = 1000.0
@@ -35,7 +35,7 @@ OnBatch = Callable[[list[str], dict[str, torch.Tensor], Any], None]
 
 def face_region(face_model: FaceModelConfig) -> np.ndarray:
     """Vertex ids of the face model's face region (all vertices when it has none)."""
-    from recon.flame_io import load_face_model
+    from recon.face_model.flame_io import load_face_model
 
     assets = load_face_model(face_model)
     return assets.masks["face"] if "face" in assets.masks else np.arange(assets.n_vertices)

@@ -32,7 +32,7 @@ from recon.evaluation.now_io import (
     read_pp,
 )
 from recon.evaluation.point_to_mesh import MeshDistance
-from recon.files import atomic_write_bytes as _atomic_bytes
+from recon.formats.files import atomic_write_bytes as _atomic_bytes
 
 CURVE_STEP_MM = 0.01
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.files import UnsafeName, atomic_write_bytes, atomic_writer, check_name
+from recon.formats.files import UnsafeName, atomic_write_bytes, atomic_writer, check_name
 
 #: NoW challenge folder -> short name used in metrics.
 CHALLENGES: dict[str, str] = {
@@ -178,7 +178,7 @@ def read_landmarks(path: str | os.PathLike) -> np.ndarray:
 
 def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``(verts (V, 3) float64, faces (F, 3) int64)`` from an OBJ or PLY file."""
-    from recon.mesh_io import read_obj, read_ply
+    from recon.formats.mesh_io import read_obj, read_ply
 
     path = Path(path)
     try:
@@ -239,7 +239,7 @@ def write_prediction(
 
     verts: (V, 3), faces: (F, 3) 0-based, landmarks: (7, 3) in the mesh's frame and unit.
     """
-    from recon.mesh_io import write_obj
+    from recon.formats.mesh_io import write_obj
 
     base = Path(predictions_dir) / image.subject / image.challenge_dir
     lmk = _check_landmarks(landmarks, base / f"{image.stem}.npy")

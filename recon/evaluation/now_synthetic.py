@@ -142,7 +142,7 @@ def write_synthetic_now(
     then mapped into metres by a random similarity. ``subdivision`` sets the scan density
     (n^2 triangles per mesh triangle; 5 gives ~125k scan vertices at the default mesh).
     """
-    from recon.mesh_io import write_obj
+    from recon.formats.mesh_io import write_obj
 
     rng = np.random.default_rng(seed)
     root = Path(root)

@@ -16,7 +16,7 @@ import torch
 
 from recon.config import IdentityConfig
 from recon.identity.network import IdentityNetwork
-from recon.weights_file import checked_weights_file
+from recon.formats.weights_file import checked_weights_file
 
 log = logging.getLogger(__name__)
 

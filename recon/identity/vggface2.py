@@ -3,7 +3,7 @@
 The network is the Caffe-style ResNet50 of the VGGFace2 release (as ported to PyTorch by
 ``VGGFace2-pytorch``: ``resnet50_ft_weight.pkl``, the file DECA uses): stride in each
 stage's first 1x1 conv and a ceil-mode max pool. Parameter names are torchvision's, so the
-weights load from that pickle (numpy arrays; read with :mod:`recon.safe_pickle`, which
+weights load from that pickle (numpy arrays; read with :mod:`recon.formats.safe_pickle`, which
 rebuilds only arrays and plain containers, within a memory budget), from a ``.pth`` state
 dict (``weights_only``) or ``.safetensors``.
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from recon.identity.network import IdentityNetwork
 from recon.identity.state_files import load_state_dict
-from recon.safe_pickle import safe_loads
+from recon.formats.safe_pickle import safe_loads
 
 MEAN_BGR = (91.4953, 103.8827, 131.0912)
 DECA_CROP_FRACTION = 204 / 224

@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
-from recon.albedo import AlbedoModel
+from recon.face_model.albedo import AlbedoModel
 from recon.config import FaceModelConfig, SynthConfig
-from recon.flame import FLAME
-from recon.landmarks_io import write_pts
-from recon.sidecars import MASK_SUFFIX, PTS_SUFFIX
+from recon.face_model.flame import FLAME
+from recon.formats.landmarks_io import write_pts
+from recon.formats.sidecars import MASK_SUFFIX, PTS_SUFFIX
 from recon.render import DecaRenderer, PerspectiveCamera, ndc_to_image, weak_perspective_project
 from recon.render.cameras import image_to_pixel
 from recon.synth.backgrounds import background
 from recon.synth.occluders import Occluder, random_occluder
-from recon.files import atomic_write_bytes as _atomic_bytes
+from recon.formats.files import atomic_write_bytes as _atomic_bytes
 
 IMAGES_DIR = "images"
 LABELS_FILE = "labels.csv"
@@ -88,7 +88,7 @@ class SynthGenerator:
 
     def __init__(self, cfg: SynthConfig | None = None, face_model: FaceModelConfig | None = None,
                  device: str | torch.device = "cpu") -> None:
-        from recon.flame_io import load_face_model
+        from recon.face_model.flame_io import load_face_model
 
         self.cfg = cfg or SynthConfig()
         fm = face_model or FaceModelConfig()
@@ -249,7 +249,7 @@ def generate(out: str | os.PathLike, cfg: SynthConfig | None = None,
     the face model is loaded). ``progress(done, total)`` is called per batch.
     """
     from recon.evaluation.now_io import NowImage, write_image_list, write_pp
-    from recon.mesh_io import write_obj
+    from recon.formats.mesh_io import write_obj
 
     cfg = cfg or SynthConfig()
     gen = SynthGenerator(cfg, face_model)

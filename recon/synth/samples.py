@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from recon.sidecars import MASK_SUFFIX
+from recon.formats.sidecars import MASK_SUFFIX
 from recon.synth.generate import IMAGES_DIR, PARAMS_FILE
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from recon.files import atomic_writer
+from recon.formats.files import atomic_writer
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^(coarse|detail)-(\d{9})\.pt$")

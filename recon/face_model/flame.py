@@ -1,6 +1,6 @@
 """The FLAME layer: shape/expression blendshapes, pose correctives, skinning, landmarks.
 
-Works with any :class:`recon.face_assets.FaceModelAssets` (real FLAME or the demo head).
+Works with any :class:`recon.face_model.face_assets.FaceModelAssets` (real FLAME or the demo head).
 Pose convention as DECA: ``pose (B, 6)`` = global axis-angle (3) | jaw axis-angle (3); neck and
 eye poses default to zero. All tensors follow the module's device/dtype (``.to(...)``).
 """
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from recon.config import FaceModelConfig
-from recon.face_assets import FaceModelAssets
+from recon.face_model.face_assets import FaceModelAssets
 from recon.landmarks import NOW7_STATIC
-from recon.lbs import (
+from recon.face_model.lbs import (
     batch_rodrigues,
     lbs,
     posedirs_matrix,
@@ -144,7 +144,7 @@ class FLAME(nn.Module):
 
 def build_flame(cfg: FaceModelConfig | None = None) -> FLAME:
     """The FLAME layer for a config (default: the demo head, 100 shape / 50 expression)."""
-    from recon.flame_io import load_face_model
+    from recon.face_model.flame_io import load_face_model
 
     cfg = cfg or FaceModelConfig()
     assets = load_face_model(cfg)

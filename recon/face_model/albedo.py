@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recon.face_assets import FaceModelAssets
+from recon.face_model.face_assets import FaceModelAssets
 
 
 class AlbedoModel(nn.Module):

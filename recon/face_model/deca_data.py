@@ -4,7 +4,7 @@ DECA (``decalib/utils/config.py``) reads these files beside FLAME; each is optio
 missing one is logged (a warning naming the file and what is used instead):
 
 - ``landmark_embedding.npy``: the landmark embedding (a pickle: restricted unpickler,
-  :func:`recon.flame_io.load_landmark_embedding`), unless ``landmarks`` is given;
+  :func:`recon.face_model.flame_io.load_landmark_embedding`), unless ``landmarks`` is given;
 - ``head_template.obj``: FLAME's UV layout (``vt``/``ft``) when the texture space has none;
 - ``FLAME_albedo_from_BFM.npz`` (``MU``/``PC``, DECA's default) or ``FLAME_texture.npz``
   (``mean``/``tex_dir``), unless ``texture`` is given; read as DECA's ``FLAMETex``;
@@ -15,7 +15,7 @@ missing one is logged (a warning naming the file and what is used instead):
   normals in the detail step, as it is (row 0 = v = 1, the UV maps' orientation);
 - ``mean_texture.jpg``: RGB / 255 (DECA loads it and does not use it; stored for the record);
 - ``texture_data_256.npy``: DECA's dense template (a pickled dict: restricted unpickler),
-  the entries its detail mesh reads (:data:`recon.face_assets.DENSE_TEMPLATE_KEYS`).
+  the entries its detail mesh reads (:data:`recon.face_model.face_assets.DENSE_TEMPLATE_KEYS`).
 
 A file that is there but malformed is a :class:`FaceModelFormatError` naming it; nothing is
 read half-way into a model.
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.face_assets import (FaceModelAssets, FaceModelFormatError, check_deca_map,
+from recon.face_model.face_assets import (FaceModelAssets, FaceModelFormatError, check_deca_map,
                                check_dense_template)
-from recon.flame_io import _read_npy_object, load_flame
-from recon.safe_pickle import UnsafePickleError
+from recon.face_model.flame_io import _read_npy_object, load_flame
+from recon.formats.safe_pickle import UnsafePickleError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def read_fixed_displacement(path: str | os.PathLike) -> np.ndarray:
 def read_dense_template(path: str | os.PathLike, n_vertices: int) -> dict[str, np.ndarray]:
     """``texture_data_256.npy`` (a dict saved with ``np.save``, i.e. pickled) -> the
     entries DECA's detail mesh reads, checked against a model of ``n_vertices`` (see
-    :func:`recon.face_assets.check_dense_template`). Through the restricted unpickler."""
+    :func:`recon.face_model.face_assets.check_dense_template`). Through the restricted unpickler."""
     path = Path(path)
     raw = _read_npy(path)
     if isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 0:
@@ -155,7 +155,7 @@ def load_flame_with_deca_data(
     if texture is None:
         texture = (folder / ALBEDO_BFM if (folder / ALBEDO_BFM).exists()
                    else _present(folder, ALBEDO_FLAME, f"nor {ALBEDO_BFM}: a flat mean skin "
-                                 "colour albedo is used (recon.flame_io.fallback_albedo)"))
+                                 "colour albedo is used (recon.face_model.flame_io.fallback_albedo)"))
     uv_template = _present(folder, HEAD_TEMPLATE, "the UV layout comes from the texture space's "
                            "vt/ft, else a cylindrical projection")
     assets = load_flame(pkl, landmarks=landmarks, masks=masks, texture=texture,

@@ -1,5 +1,5 @@
 """Mesh files: OBJ (UVs, texture and normal map through an .mtl) and PLY, written atomically
-(:mod:`recon.files`) and read with their vertices checked finite."""
+(:mod:`recon.formats.files`) and read with their vertices checked finite."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.files import atomic_write_bytes
+from recon.formats.files import atomic_write_bytes
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

@@ -5,8 +5,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from recon.demo_head.geometry import MOUTH_BAG_CENTER, MOUTH_Y, NC, Surface, column_angles, smoothstep
-from recon.lbs import contour_bin_angle_deg
+from recon.face_model.demo_head.geometry import MOUTH_BAG_CENTER, MOUTH_Y, NC, Surface, column_angles, smoothstep
+from recon.face_model.lbs import contour_bin_angle_deg
 
 # Rest joint locations: global, neck, jaw (hinge between the ears), eyes = eyeball centres.
 GLOBAL_JOINT = (0.0, -0.035, -0.015)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from recon.demo_head.geometry import EYE_HALF_WIDTH, MOUTH_Y, NC, Surface, gauss2, smoothstep
+from recon.face_model.demo_head.geometry import EYE_HALF_WIDTH, MOUTH_Y, NC, Surface, gauss2, smoothstep
 
 SKIN_RGB = (0.80, 0.60, 0.49)
 HAIR_RGB = (0.22, 0.15, 0.11)

@@ -1,6 +1,6 @@
 """Video frames in and out with imageio (FFmpeg from imageio-ffmpeg's bundled binary for MP4
 and other containers, Pillow for GIF). Frames are (H, W, 3) uint8 RGB. Writes are atomic
-(``recon.files.atomic_path``)."""
+(``recon.formats.files.atomic_path``)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.files import atomic_path
+from recon.formats.files import atomic_path
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 ANIMATION_SUFFIXES = (".gif",)

@@ -178,17 +178,17 @@ def write_animation(recon, codes: Codes, out: str | os.PathLike, fps: float = 25
                     background: np.ndarray | None = None) -> dict:
     """Render the frames of ``codes`` (T frames; see :func:`animate_codes`) to ``out``.
 
-    recon: a :class:`recon.reconstruct.FaceReconstructor`. Writes ``frames/shape_NNNN.png``
+    recon: a :class:`recon.inference.reconstruct.FaceReconstructor`. Writes ``frames/shape_NNNN.png``
     (detailed shape), ``frames/textured_NNNN.png`` (textured, detail-lit, over ``background``
     (S, S, 3) uint8 if given), ``animation.mp4`` and ``animation.gif`` (shape | textured side
     by side), ``codes.json`` (per-frame exp and jaw, the fixed codes once) and, with
     ``obj_sequence``, ``obj/frame_NNNN.obj`` (posed coarse mesh with UVs; ``obj/albedo.png``
     once). Returns a summary (frames, files, per-frame mean |displacement|).
     """
-    from recon.files import atomic_write_bytes
-    from recon.mesh_io import write_obj
-    from recon.reconstruct import png_bytes, to_uint8
-    from recon.video import write_video
+    from recon.formats.files import atomic_write_bytes
+    from recon.formats.mesh_io import write_obj
+    from recon.inference.reconstruct import png_bytes, to_uint8
+    from recon.inference.video import write_video
 
     out = Path(out)
     (out / "frames").mkdir(parents=True, exist_ok=True)

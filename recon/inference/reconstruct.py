@@ -32,7 +32,7 @@ the crop): ``landmarks2d`` are pixels of the input (x right, y down; :func:`inpu
 mask.
 
 Normal maps are object-space unit normals encoded as ``(n + 1) / 2``; UV images have row 0 at
-v = 1 (the OBJ convention of :func:`recon.mesh_io.write_obj`).
+v = 1 (the OBJ convention of :func:`recon.formats.mesh_io.write_obj`).
 
 Numerical integrity: :func:`load_model` refuses a checkpoint whose weights hold ``inf`` or
 ``nan`` (:class:`recon.training.checkpoint.NonFiniteState`), and :func:`write_face` refuses,
@@ -55,10 +55,10 @@ import torch
 from recon.config import FaceModelConfig, NetworkConfig, RefineConfig
 from recon.deca import DECA, Codes, Reconstruction
 from recon.devices import pick_device
-from recon.face_assets import FaceModelAssets
-from recon.fitting import refine_codes
-from recon.files import atomic_write_bytes, npy_bytes
-from recon.mesh_io import write_obj
+from recon.face_model.face_assets import FaceModelAssets
+from recon.inference.fitting import refine_codes
+from recon.formats.files import atomic_write_bytes, npy_bytes
+from recon.formats.mesh_io import write_obj
 from recon.render import draw_landmarks, image_to_pixel, vertex_normals
 from recon.training.checkpoint import assert_finite_state, load_checkpoint
 
@@ -89,7 +89,7 @@ def face_model_fingerprint(assets: FaceModelAssets) -> str:
 
 
 def _load_assets(spec: FaceModelConfig) -> FaceModelAssets:
-    from recon.flame_io import load_face_model
+    from recon.face_model.flame_io import load_face_model
 
     return load_face_model(spec)
 
@@ -189,7 +189,7 @@ class FaceReconstructor:
     @torch.no_grad()
     def encode(self, crops: np.ndarray | torch.Tensor) -> Codes:
         """Codes of crops: the encoders', then the test-time refinement
-        (:func:`recon.fitting.refine_codes`) when the model's ``model.refine.steps`` > 0."""
+        (:func:`recon.inference.fitting.refine_codes`) when the model's ``model.refine.steps`` > 0."""
         images = self.to_tensor(crops)
         codes = self.model.encode(images, with_detail=True)
         refine = self.model.network_config.refine

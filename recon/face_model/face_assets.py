@@ -1,14 +1,14 @@
 """The arrays of a FLAME-format face model, framework-free (numpy), with a plain cached format.
 
-Both real FLAME (converted from its pickles, :mod:`recon.flame_io`) and the built-in procedural
-``demo-head`` (:mod:`recon.demo_head`) are held in :class:`FaceModelAssets`, with FLAME's array
+Both real FLAME (converted from its pickles, :mod:`recon.face_model.flame_io`) and the built-in procedural
+``demo-head`` (:mod:`recon.face_model.demo_head`) are held in :class:`FaceModelAssets`, with FLAME's array
 names and layouts, so everything downstream works the same on either.
 
 Conventions (FLAME's): metres, y up, the face looks toward +z. Joints: 0 global, 1 neck, 2 jaw,
 3 left eye, 4 right eye (parents ``[-1, 0, 1, 1, 1]``). ``shapedirs`` holds the identity
 components first, then the expression components; coefficients are in standard-deviation units.
 
-A model converted with DECA's ``data/`` folder (:mod:`recon.deca_data`) also carries DECA's UV
+A model converted with DECA's ``data/`` folder (:mod:`recon.face_model.deca_data`) also carries DECA's UV
 maps and dense template; they are optional, so files written before them still load.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.files import atomic_writer
+from recon.formats.files import atomic_writer
 
 FORMAT_VERSION = 1
 
@@ -46,7 +46,7 @@ _ARRAYS: dict[str, type] = {
 }
 
 # DECA's UV maps (optional), with their number of dimensions: grey masks (H, W), the fixed
-# displacement (H, W), the mean texture (H, W, 3); each as DECA reads it (see recon.deca_data).
+# displacement (H, W), the mean texture (H, W, 3); each as DECA reads it (see recon.face_model.deca_data).
 DECA_MAPS: dict[str, int] = {
     "uv_face_eye_mask": 2,
     "uv_face_mask": 2,

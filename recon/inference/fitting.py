@@ -10,7 +10,7 @@ light free too. Its targets are the image and the points the trained network loc
 labels. Each image is fitted on its own (Adam's steps are per parameter, every code belongs
 to one image and every loss is a sum over images), so results do not depend on the batch.
 
-A step of reconstruction, not of the model: ``recon.reconstruct.FaceReconstructor`` calls it
+A step of reconstruction, not of the model: ``recon.inference.reconstruct.FaceReconstructor`` calls it
 when ``model.refine.steps`` > 0; ``DECA.encode`` never does. The model and its codes are
 duck-typed (:class:`CodeDecoder`) so that this module needs nothing from ``recon.deca``.
 """

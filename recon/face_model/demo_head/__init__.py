@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from recon.face_assets import FaceModelAssets
+from recon.face_model.face_assets import FaceModelAssets
 
 NAME = "demo-head"
 
 
 def build_demo_head() -> FaceModelAssets:
     """Generate the demo head (about a second on one core)."""
-    from recon.demo_head.albedo import build_albedo
-    from recon.demo_head.bases import expression_basis, identity_basis
-    from recon.demo_head.geometry import build_surface
-    from recon.demo_head.rig import joint_regressor, landmark_embedding, skinning_weights
+    from recon.face_model.demo_head.albedo import build_albedo
+    from recon.face_model.demo_head.bases import expression_basis, identity_basis
+    from recon.face_model.demo_head.geometry import build_surface
+    from recon.face_model.demo_head.rig import joint_regressor, landmark_embedding, skinning_weights
 
     surf = build_surface()
     shape = identity_basis(surf)

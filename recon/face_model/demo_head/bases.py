@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recon.demo_head.geometry import MOUTH_HALF_WIDTH, MOUTH_Y, Surface, gauss2, smoothstep
+from recon.face_model.demo_head.geometry import MOUTH_HALF_WIDTH, MOUTH_Y, Surface, gauss2, smoothstep
 
 N_SHAPE = 300
 N_EXP = 100

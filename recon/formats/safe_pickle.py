@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from recon.face_assets import FaceModelFormatError
+from recon.face_model.face_assets import FaceModelFormatError
 
 #: Bytes an unpickled file may allocate from declared sizes: this many times its length...
 ALLOC_PER_FILE_BYTE = 4

@@ -24,9 +24,9 @@ import torch
 
 from recon.config import DECA_ARCHITECTURE_FIXED, FaceModelConfig, NetworkConfig
 from recon.deca import DECA
-from recon.face_assets import FaceModelAssets
+from recon.face_model.face_assets import FaceModelAssets
 from recon.networks import CodeLayout
-from recon.weights_file import sha256_file
+from recon.formats.weights_file import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Load real FLAME files safely (no chumpy, no arbitrary code, bounded memory) and pick the
 face model.
 
-Pickles go through :mod:`recon.safe_pickle` (allow-list and memory budget; its names are
+Pickles go through :mod:`recon.formats.safe_pickle` (allow-list and memory budget; its names are
 importable from here too).
 
 Files: FLAME 2020 ``generic_model.pkl`` and FLAME 2023 pickles (latin1, keys ``v_template f
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from recon.config import DEMO_HEAD, FaceModelConfig
-from recon.face_assets import FaceModelAssets, FaceModelFormatError, read_npz
-from recon.safe_pickle import (  # noqa: F401 - re-exported for callers of recon.flame_io
+from recon.face_model.face_assets import FaceModelAssets, FaceModelFormatError, read_npz
+from recon.formats.safe_pickle import (  # noqa: F401 - re-exported for callers of recon.face_model.flame_io
     PickleLimitError, UnsafePickleError, safe_loads)
 
 
@@ -104,7 +104,7 @@ def fallback_albedo(n_components: int = 50, size: int = 256) -> tuple[np.ndarray
     """Albedo for a FLAME model given without a texture space: a flat mean skin colour and
     global colour variations (brightness, redness, yellowness) followed by smooth UV fields.
     Documented in docs/face-model.md; DECA trains fine from it, texture quality is limited."""
-    from recon.demo_head.albedo import SKIN_RGB, smooth_uv_basis
+    from recon.face_model.demo_head.albedo import SKIN_RGB, smooth_uv_basis
 
     mean = np.broadcast_to(np.asarray(SKIN_RGB, np.float32), (size, size, 3)).copy()
     return mean, smooth_uv_basis(size, n_components, seed=7)
@@ -163,7 +163,7 @@ def load_flame(
                                        "'MU'/'PC' (FLAME_albedo_from_BFM.npz) arrays")
         albedo_mean, albedo_basis = _resize_texture_space(tex, mean_key, dir_key, source=str(texture))
     if vt is None and uv_template:
-        from recon.mesh_io import read_obj
+        from recon.formats.mesh_io import read_obj
 
         try:
             _, obj_faces, vt, ft = read_obj(uv_template)
@@ -243,7 +243,7 @@ def convert(
     texture: str | os.PathLike | None = None,
 ) -> Path:
     """FLAME pickle (+ embedding, masks, texture) -> cached ``.npz`` (with DECA's ``data/``
-    folder: :func:`recon.deca_data.load_flame_with_deca_data`, then ``save_npz``). Nothing
+    folder: :func:`recon.face_model.deca_data.load_flame_with_deca_data`, then ``save_npz``). Nothing
     is written when loading fails (the write itself is atomic)."""
     return load_flame(src, landmarks=landmarks, masks=masks, texture=texture).save_npz(dst)
 
@@ -258,7 +258,7 @@ def load_face_model(cfg: FaceModelConfig | str | None = None) -> FaceModelAssets
     if cfg is None or isinstance(cfg, str):
         cfg = FaceModelConfig(path=cfg or DEMO_HEAD)
     if cfg.path == DEMO_HEAD:
-        from recon.demo_head import build_demo_head
+        from recon.face_model.demo_head import build_demo_head
 
         key = (DEMO_HEAD,)
         with _CACHE_LOCK:
