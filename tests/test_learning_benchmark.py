@@ -78,3 +78,57 @@ def test_learning_benchmark_runs_the_keypoint_head_through_its_phases(tmp_path: 
     assert report["ratio_refined_to_mean"] > 0
     assert (tmp_path / "keep" / "synth").is_dir()
     assert list((tmp_path / "keep" / "run" / "checkpoints").glob("coarse-*.pt"))
+
+
+def test_landmark_ceiling_matches_finite_difference_bound() -> None:
+    """The landmark-only bound against the same linear-Gaussian bound built another way:
+    central finite differences for both Jacobians, the similarity directions removed by a QR
+    projection, the posterior's trace through its Cholesky factor."""
+    import numpy as np
+
+    from benchmarks.learning import landmark_ceiling
+    from recon.deca import DECA, Codes
+    from recon.evaluation.heldout import face_region
+    from reconstruct_fixtures import tiny_config
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = DECA(cfg.face_model, cfg.model).eval()
+    region = face_region(cfg.face_model)
+    ns, ne, nt = model.flame.n_shape, model.flame.n_exp, model.albedo.n_tex
+    size, exp_std, yaw, noise = 64, 0.5, 30.0, [0.5, 2.0, 1e6]
+    got = [c["ratio"] for c in landmark_ceiling(model, region, size, noise, exp_std, (yaw,))]
+
+    def central(f, n: int, h: float) -> np.ndarray:
+        with torch.no_grad():
+            cols = [(f(h * e) - f(-h * e)).double() / (2 * h) for e in torch.eye(n)]
+        return torch.stack(cols, 1).numpy()
+
+    def face(shape: torch.Tensor) -> torch.Tensor:
+        return model.neutral(shape[None]).vertices[0, region].reshape(-1)
+
+    cam0 = torch.tensor(model.initial_camera(1 / 1.6))
+
+    def landmarks_px(x: torch.Tensor) -> torch.Tensor:
+        pose = x[ns + ne:ns + ne + 6] + torch.tensor([0, np.radians(yaw), 0, 0, 0, 0.0])
+        codes = Codes(shape=x[None, :ns], tex=torch.zeros(1, nt), exp=x[None, ns:ns + ne],
+                      pose=pose[None].float(), cam=(cam0 + x[ns + ne + 6:])[None],
+                      light=torch.zeros(1, 9, 3))
+        return model.decode(codes, with_detail=False, render=False).landmarks2d.reshape(-1) \
+            * size / 2
+
+    F = central(face, ns, 1e-2)  # linear in the shape code
+    J = central(landmarks_px, ns + ne + 9, 1e-3)
+    X = face(torch.zeros(ns)).detach().double().numpy().reshape(-1, 3)
+    X = X - X.mean(0)
+    S = np.stack([np.tile(np.eye(3)[k], len(X)) for k in range(3)]
+                 + [np.cross(np.eye(3)[k], X).reshape(-1) for k in range(3)] + [X.reshape(-1)], 1)
+    Q = np.linalg.qr(S)[0]
+    FQ = F - Q @ (Q.T @ F)
+    precision = np.diag([1.0] * ns + [exp_std ** -2] * ne + [1e-6] * 9)
+    for sigma, ratio in zip(noise, got):
+        cov = np.linalg.inv(J.T @ J / sigma ** 2 + precision)[:ns, :ns]
+        # trace(FQ cov FQ^T) as the squared norm of FQ L, cov = L L^T
+        want = np.linalg.norm(FQ @ np.linalg.cholesky(cov)) / np.linalg.norm(FQ)
+        assert ratio == pytest.approx(want, rel=2e-3)
+    assert got[0] < got[1] < got[2] == pytest.approx(1.0, abs=1e-4)
