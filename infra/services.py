@@ -40,8 +40,9 @@ from infra.offline import OFFLINE_ENV
 from recon.formats.files import atomic_write_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# `down` stops them in reverse: the worker (and the flows it runs) before the Ray head.
-ORDER = ("prefect", "ray", "worker", "mlflow", "s3")
+# `down` stops them in two waves, each signalled at once: the worker (and the flows it runs)
+# with MLflow and S3, then the Ray head and the Prefect server the worker talked to.
+STOP_WAVES = (("worker", "mlflow", "s3"), ("ray", "prefect"))
 # The Prefect processes: only they get the API auth string in their environment.
 PREFECT_SERVICES = ("prefect", "worker")
 
@@ -356,11 +357,53 @@ def _restrict_work_pool(cfg: ServicesConfig, env: dict[str, str]) -> None:
                    stdout=subprocess.DEVNULL, timeout=cfg.start_timeout_s)
 
 
+def _launch(name: str, cfg: ServicesConfig, cmd: list[str], state: dict) -> subprocess.Popen:
+    """Start service ``name`` in its own session after checking its ports are free, and
+    record it in the state file."""
+    for port in _ports(cfg).get(name, ()):
+        if not _port_free(cfg.host, port):
+            raise RuntimeError(f"{name}: port {port} on {cfg.host} is taken")
+    log = cfg.state_path() / "logs" / f"{name}.log"
+    extra: dict = {}
+    if name == "ray":
+        extra["private_dir"] = _ray_private_dir(cfg)
+        cmd = [*cmd, "--temp-dir", f"{extra['private_dir']}/ray"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=child_env(cfg, name), cwd=PROJECT_ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    if name in ("prefect", "mlflow"):
+        extra["database"] = database_urls(cfg)[name]
+    state[name] = {"pid": proc.pid, "cmd": cmd, "log": str(log), "url": urls(cfg).get(name),
+                   **extra}
+    _write_state(cfg, state)
+    return proc
+
+
+def _wait_healthy(cfg: ServicesConfig, state: dict, started: dict[str, subprocess.Popen],
+                  deadline: float) -> None:
+    """Poll the ``started`` services until each is healthy; one that exits, or is not
+    healthy by ``deadline`` (then stopped), is an error."""
+    waiting = dict(started)
+    while waiting:
+        for name, proc in list(waiting.items()):
+            if _healthy(name, cfg):
+                del waiting[name]
+            elif proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}); see {state[name]['log']}")
+            elif time.monotonic() > deadline:
+                _stop(state[name])
+                raise RuntimeError(f"{name} not healthy after {cfg.start_timeout_s}s "
+                                   f"(stopped it); see {state[name]['log']}")
+        if waiting:
+            time.sleep(0.5)
+
+
 def up(cfg: ServicesConfig) -> dict:
-    """Start every service that is not running and wait until each is healthy: the Prefect
-    server first, then its work pool is given the restricted job template, then the others
-    together (the worker needs both). A new Prefect auth string is made when neither Prefect
-    process runs (a running one keeps the string it started with). With
+    """Start every service that is not running and wait until each is healthy: all but the
+    worker together; once the Prefect server answers, its work pool is given the restricted
+    job template and the worker starts (it needs both). A new Prefect auth string is made
+    when neither Prefect process runs (a running one keeps the string it started with). With
     ``services.database``, its two databases are created first when missing."""
     cmds = _commands(cfg)
     state_dir = cfg.state_path()
@@ -376,74 +419,56 @@ def up(cfg: ServicesConfig) -> dict:
         _new_secret(ray_token_file(cfg), secrets.token_hex(32))
     if cfg.database is not None:
         _create_databases(cfg)
-    for wave in (["prefect"], [n for n in cmds if n != "prefect"]):
-        if wave[0] != "prefect":
-            _restrict_work_pool(cfg, child_env(cfg))
-        started: dict[str, subprocess.Popen] = {}
-        for name in wave:
-            if name in state and _alive(state[name]):
-                continue
-            for port in _ports(cfg).get(name, ()):
-                if not _port_free(cfg.host, port):
-                    raise RuntimeError(f"{name}: port {port} on {cfg.host} is taken")
-            log = state_dir / "logs" / f"{name}.log"
-            extra: dict = {}
-            if name == "ray":
-                extra["private_dir"] = _ray_private_dir(cfg)
-                cmds[name] = [*cmds[name], "--temp-dir", f"{extra['private_dir']}/ray"]
-            with open(log, "ab") as out:
-                started[name] = subprocess.Popen(
-                    cmds[name], env=child_env(cfg, name), cwd=PROJECT_ROOT, stdout=out,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            if name in ("prefect", "mlflow"):
-                extra["database"] = database_urls(cfg)[name]
-            state[name] = {"pid": started[name].pid, "cmd": cmds[name], "log": str(log),
-                           "url": urls(cfg).get(name), **extra}
-            _write_state(cfg, state)
-        deadline = time.monotonic() + cfg.start_timeout_s
-        for name, proc in started.items():
-            while not _healthy(name, cfg):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}); see {state[name]['log']}")
-                if time.monotonic() > deadline:
-                    _stop(state[name])
-                    raise RuntimeError(f"{name} not healthy after {cfg.start_timeout_s}s "
-                                       f"(stopped it); see {state[name]['log']}")
-                time.sleep(0.5)
+    # Each service's start-up is mostly its own imports: started together, the slowest
+    # (Prefect's or the Ray head's) sets the wait instead of their sum.
+    deadline = time.monotonic() + cfg.start_timeout_s
+    started = {name: _launch(name, cfg, cmd, state) for name, cmd in cmds.items()
+               if name != "worker" and not (name in state and _alive(state[name]))}
+    _wait_healthy(cfg, state, {n: p for n, p in started.items() if n == "prefect"}, deadline)
+    _restrict_work_pool(cfg, child_env(cfg))
+    if not ("worker" in state and _alive(state["worker"])):
+        started["worker"] = _launch("worker", cfg, cmds["worker"], state)
+    _wait_healthy(cfg, state, {n: p for n, p in started.items() if n != "prefect"}, deadline)
     return status(cfg)
 
 
-def _stop(entry: dict, timeout_s: float = 20.0, leader_only: bool = False) -> None:
-    """SIGTERM the entry's process group (its own session), or only its first process when
-    ``leader_only``; SIGKILL the group after ``timeout_s``."""
-    if not _alive(entry):
-        return
-    pid = entry["pid"]
-    if leader_only:
-        os.kill(pid, signal.SIGTERM)
-    else:
-        os.killpg(pid, signal.SIGTERM)
+def _stop_all(entries: list[tuple[dict, bool]], timeout_s: float = 20.0) -> None:
+    """SIGTERM each entry's process group (its own session), or only its first process
+    when its flag (leader only) is set, all at once; SIGKILL the groups still running after
+    ``timeout_s``."""
+    running = [(entry, leader_only) for entry, leader_only in entries if _alive(entry)]
+    for entry, leader_only in running:
+        if leader_only:
+            os.kill(entry["pid"], signal.SIGTERM)
+        else:
+            os.killpg(entry["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(entry) and time.monotonic() < deadline:
+    while any(_alive(entry) for entry, _ in running) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(entry):
-        os.killpg(pid, signal.SIGKILL)
+    for entry, _ in running:
+        if _alive(entry):
+            os.killpg(entry["pid"], signal.SIGKILL)
+
+
+def _stop(entry: dict, timeout_s: float = 20.0) -> None:
+    """SIGTERM the entry's process group, SIGKILL it after ``timeout_s``."""
+    _stop_all([(entry, False)], timeout_s)
 
 
 def down(cfg: ServicesConfig, timeout_s: float = 20.0) -> dict:
-    """Stop the recorded services (SIGTERM to each process group, SIGKILL after a timeout)."""
+    """Stop the recorded services (SIGTERM to each process group, SIGKILL after a timeout),
+    in the waves of :data:`STOP_WAVES`."""
     state = _read_state(cfg)
-    for name in reversed(ORDER):
-        entry = state.get(name)
-        if entry is None:
-            continue
+    for wave in STOP_WAVES:
+        names = [name for name in wave if name in state]
         # `ray start --block` stops its daemons in order in a few seconds; signalled all at
         # once, they wait on each other for half a minute.
-        _stop(entry, timeout_s, leader_only=name == "ray")
-        if entry.get("private_dir"):
-            shutil.rmtree(entry["private_dir"], ignore_errors=True)
-            (cfg.state_path() / "ray").unlink(missing_ok=True)
-        state.pop(name)
+        _stop_all([(state[name], name == "ray") for name in names], timeout_s)
+        for name in names:
+            entry = state.pop(name)
+            if entry.get("private_dir"):
+                shutil.rmtree(entry["private_dir"], ignore_errors=True)
+                (cfg.state_path() / "ray").unlink(missing_ok=True)
         _write_state(cfg, state)
     return status(cfg)
 

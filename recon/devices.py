@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: configs name a device without it
+    import torch
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -13,6 +15,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     """``name`` (None = ``auto``) -> a device. Asking for CUDA where there is none is an
     error that says so, not a crash at the first tensor."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     if name is None or name == "auto":
@@ -30,6 +34,8 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
 def set_cpu_threads(threads: int | None = None) -> int:
     """Set torch's intra-op CPU threads: ``threads``, else the cores this process may run on
     (its CPU affinity, which containers and job schedulers narrow). Returns the number."""
+    import torch
+
     n = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(n)
     return n

@@ -106,6 +106,48 @@ def test_loopback_only_and_offline_children(tmp_path):
     assert not services._alive({"pid": os.getpid(), "cmd": ["/no/such/prefect"]})
 
 
+def test_up_starts_servers_together_and_down_stops_in_waves(tmp_path, monkeypatch):
+    """`up` starts the servers at once and the worker only after the Prefect server answers
+    and its pool is restricted; `down` signals each wave at once (the Ray head's leader only)
+    and the worker's wave is gone before the Ray head and the Prefect server are signalled.
+    Each service is a shell that logs its start and its SIGTERM."""
+    events = tmp_path / "events"
+    events.touch()
+    # `$0` is the service's name; the worker lingers a second after SIGTERM.
+    script = ('echo "$0 start" >> {log}; trap \'echo "$0 term" >> {log}; {linger}exit 0\' TERM; '
+              'while :; do sleep 0.05; done')
+    cmds = {name: ["/bin/sh", "-c", script.format(
+        log=events, linger='sleep 1; echo "$0 exit" >> {}; '.format(events)
+        if name == "worker" else ""), name]
+        for name in ("prefect", "worker", "mlflow", "s3", "ray")}
+    started = lambda: {line.split()[0] for line in events.read_text().splitlines()
+                       if line.endswith(" start")}
+    cfg = ServicesConfig(state_dir=str(tmp_path / "svc"), s3=True, start_timeout_s=60,
+                         **{k: _free_port() for k in ("prefect_port", "mlflow_port", "s3_port",
+                                                      "ray_port", "ray_dashboard_port",
+                                                      "ray_client_port")})
+    at_restrict: list[set[str]] = []
+    monkeypatch.setattr(services, "_commands", lambda _cfg: {k: list(v) for k, v in cmds.items()})
+    monkeypatch.setattr(services, "_healthy", lambda name, _cfg: name in started())
+    monkeypatch.setattr(services, "_restrict_work_pool",
+                        lambda _cfg, _env: at_restrict.append(set(services._read_state(cfg))))
+    try:
+        st = services.up(cfg)
+        assert at_restrict == [{"prefect", "mlflow", "s3", "ray"}]
+        assert set(st) == set(cmds) and all(e["running"] and e["healthy"] for e in st.values())
+        assert (cfg.state_path() / "ray").is_symlink()
+    finally:
+        services.down(cfg)
+    assert services.status(cfg) == {} and not (cfg.state_path() / "ray").is_symlink()
+    for entry in st.values():
+        assert not services._alive({"pid": entry["pid"], "cmd": ["/bin/sh"]})
+    lines = events.read_text().splitlines()
+    order = [line for line in lines if not line.endswith(" start")]
+    # The worker's wave signalled at once: MLflow and S3 before the worker is done.
+    assert order.index("worker exit") > max(order.index("mlflow term"), order.index("s3 term"))
+    assert {line.split()[0] for line in order[4:]} == {"ray", "prefect"}, order
+
+
 def test_ray_head_command_and_env_export(tmp_path):
     """The head `services up` starts: loopback GCS, dashboard and client server on the
     configured ports, this process's cores (its temp dir: test_ray_head); jobs attach
@@ -141,6 +183,20 @@ def test_ray_head_command_and_env_export(tmp_path):
     assert "ray" not in services._commands(off) and "RAY_ADDRESS" not in services.client_env(off)
     out = CliRunner().invoke(app, ["env", *sets, "--set=services.ray=false"])
     assert out.exit_code == 0 and "RAY_ADDRESS" not in out.stdout
+
+
+def test_services_commands_start_without_torch(tmp_path):
+    """`wildface services up|down|env` load the config, never torch (seconds of start-up
+    each, on a loaded machine tens)."""
+    probe = ("import sys\n"
+             "from typer.testing import CliRunner\n"
+             "from flows.cli.main import app\n"
+             f"out = CliRunner().invoke(app, ['services', 'env', '--set=services.state_dir={tmp_path}'])\n"
+             "assert out.exit_code == 0 and 'PREFECT_API_URL' in out.stdout, out.output\n"
+             "print(sorted(m for m in ('torch', 'ray', 'prefect', 'mlflow') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=services.PROJECT_ROOT, check=True,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[-2] == "[]", done.stdout
 
 
 def test_one_way_to_start_or_attach_to_ray(monkeypatch):
@@ -215,8 +271,10 @@ def running(tmp_path_factory):
     state = tmp / "svc"
     ports = {name: _free_port() for name in ("prefect_port", "mlflow_port", "s3_port",
                                              "ray_port", "ray_dashboard_port", "ray_client_port")}
-    sets = [f"--set=services.state_dir={state}"] + [f"--set=services.{k}={v}" for k, v in ports.items()]
-    cfg = ServicesConfig(state_dir=str(state), s3=True, ray=True, **ports)
+    # The worker polls every second: each flow run waits less for it.
+    sets = [f"--set=services.state_dir={state}", "--set=services.worker_query_seconds=1"] + [
+        f"--set=services.{k}={v}" for k, v in ports.items()]
+    cfg = ServicesConfig(state_dir=str(state), s3=True, ray=True, worker_query_seconds=1, **ports)
     st: dict = {}
     ray_pids: set[int] = set()
     ray_tmp = state / "ray"
@@ -227,8 +285,13 @@ def running(tmp_path_factory):
         st = services.status(cfg)
         ray_pids = _session(st["ray"]["pid"])
         ray_tmp = (state / "ray").resolve()
-        exports = subprocess.run([str(BIN / "wildface"), "services", "env", *sets],
-                                 check=True, capture_output=True, text=True).stdout
+        from typer.testing import CliRunner
+
+        from flows.cli.services import app
+
+        out = CliRunner().invoke(app, ["env", *sets])  # in this process: no interpreter start
+        assert out.exit_code == 0, out.output
+        exports = out.stdout
         env = dict(os.environ)
         for line in exports.splitlines():
             key, value = line.removeprefix("export ").split("=", 1)
@@ -409,20 +472,8 @@ def test_services_run_deployments(running):
         (photos / ident).mkdir(parents=True)
         Image.fromarray(img).save(photos / ident / "x.jpg")
     out = tmp_path / "out"
-    jobs_api = services.urls(cfg)["ray"] + "/api/jobs/"
-    before = {j["job_id"] for j in json.loads(_http("GET", jobs_api, headers=_ray_auth(cfg))[2])}
-    subprocess.run([str(BIN / "prefect"), "deployment", "run", "preprocess/default",
-                    "-p", f"input={photos}", "-p", f"output={out}",
-                    "--watch", "--watch-timeout", "400"], check=True, env=env, timeout=500)
-    from preprocessing.manifest import read_manifest
-
-    m = read_manifest(str(out))
-    assert sorted(m.path) == ["alice/x.jpg", "bob/x.jpg"] and set(m.status) == {"ok"}
-
-    # train/default on the worker: both stages on Ray, tracked and registered in the
-    # services' MLflow (a synth folder: two photos are too few identities to train on).
-    from mlflow.tracking import MlflowClient
-
+    # train/default: both stages on Ray, tracked and registered in the services' MLflow (a
+    # synth folder: two photos are too few identities to train on).
     from reconstruct_fixtures import e2e_tree, make_synth
 
     data = make_synth(tmp_path / "synth", identities=4, images=2, size=64)
@@ -432,10 +483,28 @@ def test_services_run_deployments(running):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny))
     mlflow_uri = f"http://127.0.0.1:{ports['mlflow_port']}"
-    subprocess.run([str(BIN / "prefect"), "deployment", "run", "train/default",
-                    "-p", f"data={data}", "-p", f"out={tmp_path / 'train'}",
-                    "-p", f"config={config}", "-p", f"tracking_uri={mlflow_uri}",
-                    "--watch", "--watch-timeout", "600"], check=True, env=env, timeout=700)
+    jobs_api = services.urls(cfg)["ray"] + "/api/jobs/"
+    before = {j["job_id"] for j in json.loads(_http("GET", jobs_api, headers=_ray_auth(cfg))[2])}
+    # Both runs at once on the worker (the two flow runs' start-ups overlap; Ray queues
+    # their tasks on the head's CPUs).
+    runs = [subprocess.Popen([str(BIN / "prefect"), "deployment", "run", name, *params,
+                              "--watch", "--watch-timeout", "600"], env=env)
+            for name, params in (
+                ("preprocess/default", ["-p", f"input={photos}", "-p", f"output={out}"]),
+                ("train/default", ["-p", f"data={data}", "-p", f"out={tmp_path / 'train'}",
+                                   "-p", f"config={config}",
+                                   "-p", f"tracking_uri={mlflow_uri}"]))]
+    try:
+        assert [run.wait(timeout=700) for run in runs] == [0, 0]
+    finally:
+        for run in runs:
+            run.kill()
+    from mlflow.tracking import MlflowClient
+
+    from preprocessing.manifest import read_manifest
+
+    m = read_manifest(str(out))
+    assert sorted(m.path) == ["alice/x.jpg", "bob/x.jpg"] and set(m.status) == {"ok"}
     client = MlflowClient(mlflow_uri, mlflow_uri)
     version = client.get_model_version_by_alias("wildface-deca", "challenger")
     assert version.tags["data_root"] == str(data)
