@@ -21,6 +21,7 @@ checking the pid still runs the recorded command). Never imports Prefect/MLflow/
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -31,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from infra.config import ServicesConfig
 from infra.offline import OFFLINE_ENV
@@ -346,15 +348,48 @@ def _port_free(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) != 0
 
 
-def _restrict_work_pool(cfg: ServicesConfig, env: dict[str, str]) -> None:
+def _prefect_api(cfg: ServicesConfig, method: str, path: str, body: dict | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """(status, body) of one request to the Prefect server's API. A 503 (the server's answer
+    to an error a client may retry, e.g. its sqlite database locked) is asked again, as
+    Prefect's own client does."""
+    req = urllib.request.Request(urls(cfg)["prefect"] + path, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})},
+        data=None if body is None else json.dumps(body).encode())
+    tries = 6
+    while True:
+        tries -= 1
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or not tries:
+                return err.code, err.read()
+        time.sleep(1)
+
+
+def _restrict_work_pool(cfg: ServicesConfig) -> None:
     """Create the work pool, or overwrite an existing one's template (a pool made by an
-    older version or by the worker itself), with :data:`JOB_TEMPLATE`."""
+    older version or by the worker itself) and unpause it, with :data:`JOB_TEMPLATE` (also
+    written to ``prefect/job-template.json``). Through the API with the auth string and a
+    CSRF token, as Prefect's client does: a ``prefect work-pool create`` process spends
+    seconds importing Prefect while the worker waits on it."""
     path = cfg.state_path() / "prefect" / "job-template.json"
     atomic_write_bytes(path, json.dumps(JOB_TEMPLATE, indent=1).encode())
-    subprocess.run([_bin("prefect"), "--no-prompt", "work-pool", "create", cfg.work_pool,
-                    "--type", "process", "--base-job-template", str(path), "--overwrite"],
-                   env=env, cwd=PROJECT_ROOT, check=True, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, timeout=cfg.start_timeout_s)
+    auth = {"Authorization": "Basic " + base64.b64encode(auth_string(cfg).encode()).decode()}
+    client = "wildface-services"
+    code, body = _prefect_api(cfg, "GET", f"/csrf-token?client={client}", headers=auth)
+    if code == 200:
+        csrf = {**auth, "Prefect-Csrf-Token": json.loads(body)["token"],
+                "Prefect-Csrf-Client": client}
+        code, body = _prefect_api(cfg, "POST", "/work_pools/", {
+            "name": cfg.work_pool, "type": "process", "base_job_template": JOB_TEMPLATE}, csrf)
+        if code == 409:  # it exists
+            code, body = _prefect_api(cfg, "PATCH", f"/work_pools/{quote(cfg.work_pool, safe='')}",
+                                      {"base_job_template": JOB_TEMPLATE, "is_paused": False}, csrf)
+    if code not in (200, 201, 204):
+        raise RuntimeError(f"work pool {cfg.work_pool}: the Prefect server answered {code}: "
+                           f"{body[:500].decode(errors='replace')}")
 
 
 def _launch(name: str, cfg: ServicesConfig, cmd: list[str], state: dict) -> subprocess.Popen:
@@ -425,7 +460,7 @@ def up(cfg: ServicesConfig) -> dict:
     started = {name: _launch(name, cfg, cmd, state) for name, cmd in cmds.items()
                if name != "worker" and not (name in state and _alive(state[name]))}
     _wait_healthy(cfg, state, {n: p for n, p in started.items() if n == "prefect"}, deadline)
-    _restrict_work_pool(cfg, child_env(cfg))
+    _restrict_work_pool(cfg)
     if not ("worker" in state and _alive(state["worker"])):
         started["worker"] = _launch("worker", cfg, cmds["worker"], state)
     _wait_healthy(cfg, state, {n: p for n, p in started.items() if n != "prefect"}, deadline)

@@ -130,7 +130,7 @@ def test_up_starts_servers_together_and_down_stops_in_waves(tmp_path, monkeypatc
     monkeypatch.setattr(services, "_commands", lambda _cfg: {k: list(v) for k, v in cmds.items()})
     monkeypatch.setattr(services, "_healthy", lambda name, _cfg: name in started())
     monkeypatch.setattr(services, "_restrict_work_pool",
-                        lambda _cfg, _env: at_restrict.append(set(services._read_state(cfg))))
+                        lambda _cfg: at_restrict.append(set(services._read_state(cfg))))
     try:
         st = services.up(cfg)
         assert at_restrict == [{"prefect", "mlflow", "s3", "ray"}]
