@@ -87,8 +87,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for device in devices:
-                recon, cfg = _model(name, device, Path(tmp))
-                S = recon.image_size
+                # The refinement cases build their own models: only crop and photo use this one.
+                if {"crop", "photo"} & set(args.cases):
+                    recon, cfg = _model(name, device, Path(tmp))
+                    S = recon.image_size
                 for batch in args.batch if "crop" in args.cases else []:
                     crops = np.random.default_rng(0).integers(0, 255, (batch, S, S, 3), np.uint8)
                     with torch.no_grad():
