@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torchvision
 from safetensors.torch import save_file
 
 from recon.config import IdentityConfig
@@ -20,13 +21,19 @@ from recon.identity.vggface2 import MEAN_BGR, VGGFace2Identity, load_vggface2_st
 
 
 @pytest.fixture(scope="module")
-def vggface2_state() -> dict[str, torch.Tensor]:
+def vggface2_net() -> torchvision.models.ResNet:
+    """One seeded ResNet50 for the module (its random init takes a second): read only."""
     torch.manual_seed(0)
-    return resnet50_caffe().state_dict()
+    return resnet50_caffe()
 
 
-def test_resnet50_caffe_layout() -> None:
-    net = resnet50_caffe()
+@pytest.fixture(scope="module")
+def vggface2_state(vggface2_net) -> dict[str, torch.Tensor]:
+    return vggface2_net.state_dict()
+
+
+def test_resnet50_caffe_layout(vggface2_net) -> None:
+    net = vggface2_net
     for layer in (net.layer2, net.layer3, net.layer4):
         assert layer[0].conv1.stride == (2, 2) and layer[0].conv2.stride == (1, 1)
     assert net.maxpool.ceil_mode and net.fc.out_features == 8631
@@ -51,8 +58,8 @@ def test_vggface2_pickle_and_pth_give_the_same_network(vggface2_state, tmp_path)
     assert x.grad.abs().sum() > 0 and not any(p.requires_grad for p in a.parameters())
 
 
-def test_vggface2_normalisation_is_decas() -> None:
-    net = VGGFace2Identity(resnet50_caffe())
+def test_vggface2_normalisation_is_decas(vggface2_net) -> None:
+    net = VGGFace2Identity(vggface2_net)
     rgb = torch.tensor([0.1, 0.5, 0.9]).view(1, 3, 1, 1)
     out = net.normalise(rgb).flatten()
     expected = torch.tensor([0.9 * 255 - MEAN_BGR[0], 0.5 * 255 - MEAN_BGR[1],
