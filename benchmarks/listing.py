@@ -1,13 +1,17 @@
-"""The listing, manifest and split of a VGGFace2-sized dataset, on generated names.
+"""The preprocessing pipeline's own planning of a VGGFace2-sized dataset, on generated names.
 
 Names in VGGFace2's layout (``train/n000002/0001_01.jpg``; 9131 identities, 3.31 M images,
 8631 of them in train/ and 500 in test/, 362 images a person) are generated in memory, never
-as files, and handed to the VGGFace2 reader's listing (:func:`preprocessing.datasets.
-vggface2_listing`); its entries become manifest columns (path, identity namespaced by the
-source, source columns), the identity-disjoint split (:func:`preprocessing.split.
-split_column`) and the Parquet bytes of the manifest. Printed: seconds per step and the
-peak resident memory of the process after each step (``getrusage``, MB). Goal: 3.3 M names under a minute and
-2 GiB.
+as files, and go through what the driver of ``wildface preprocess`` does
+(:mod:`preprocessing.pipeline`): the scan (the VGGFace2 reader's listing of the folder and
+the hashing of the inputs), the resume check (the records already made, the inputs left to
+do: what Ray Data is handed), then, once the records are there, the plan (identities
+namespaced by source, the identity-disjoint split, the shard layout and their digests) and
+the manifest's and identities.json's bytes. The per-image work is stubbed: the folder's
+listing returns the generated names, a file's sha256 is that of its name, and the records
+the actors would write are written as parts of ``--part-rows`` records each ("ok", no
+image bytes). Printed: seconds per step and the peak resident memory of the process after
+each step (``getrusage``, MB). Goal: 3.3 M names under a minute and 2 GiB.
 
     .venv/bin/python benchmarks/listing.py [--names 3310000] [--val-fraction 0.2]
 
@@ -44,56 +48,107 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def run(n: int, val_fraction: float = 0.2, seed: int = 0) -> dict:
-    """Generate ``n`` names, list them, build the manifest and split -> figures and the
-    manifest's table (``table``)."""
-    from preprocessing.config import PreprocessConfig
-    from preprocessing.datasets import vggface2_listing
-    from preprocessing.manifest import manifest_table, table_bytes
-    from preprocessing.split import split_column
+def _stub_records(todo: pa.Table, work: str, part_rows: int) -> None:
+    """The parts the actors would write for ``todo``: every image "ok", no image bytes."""
+    import io
 
+    import pyarrow.parquet as pq
+
+    from infra import storage
+    from preprocessing.pipeline import PART_SCHEMA
+
+    for start in range(0, todo.num_rows, part_rows):
+        rid = todo["rid"].slice(start, part_rows)
+        n = len(rid)
+        t = pa.table({"rid": rid, "sha256": todo["sha256"].slice(start, part_rows),
+                      "status": pa.repeat("ok", n), "reason": pa.repeat("", n),
+                      "meta": pa.repeat("{}", n), "n_faces": pa.repeat(pa.scalar(1, pa.int32()), n),
+                      "detector_score": pa.repeat(pa.scalar(1.0, pa.float32()), n),
+                      "landmark_source": pa.repeat("the dataset's face", n)})
+        t = pa.table({f.name: t[f.name] if f.name in t.column_names else pa.nulls(n, f.type)
+                      for f in PART_SCHEMA}, schema=PART_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        storage.write_bytes(storage.join(work, f"part-{start:09d}.parquet"), buf.getvalue())
+
+
+def run(n: int, val_fraction: float = 0.2, seed: int = 0, part_rows: int = 100_000) -> dict:
+    """Generate ``n`` names and plan them as ``wildface preprocess`` would -> figures and the
+    manifest's table (``table``)."""
+    import hashlib
+    import tempfile
+    from unittest import mock
+
+    from infra import storage
+    from preprocessing import datasets, pipeline
+    from preprocessing.config import PreprocessConfig
+    from preprocessing.manifest import identities_bytes, table_bytes
+
+    # Embeddings (512 bytes an image with dlib's) are a per-image product: left out.
+    cfg = PreprocessConfig(embedding="none", val_fraction=val_fraction, seed=seed)
+    root = "/vggface2"
     times: dict[str, float] = {}
     peaks: dict[str, int] = {}
+
+    def step(name: str, t0: float) -> None:
+        times[name] = time.perf_counter() - t0
+        peaks[name] = round(peak_rss_mb())
+
     t = time.perf_counter()
     names = vggface2_names(n)
-    times["generate"] = time.perf_counter() - t
-    peaks["generate"] = round(peak_rss_mb())
+    step("generate", t)
 
-    t = time.perf_counter()
-    listing = vggface2_listing(names, {}, PreprocessConfig())
+    real_list = storage.list_files
+    folder = {root: names}
     del names
-    times["listing"] = time.perf_counter() - t
-    peaks["listing"] = round(peak_rss_mb())
 
-    t = time.perf_counter()
-    source = "vggface2"
-    ok = pc.equal(listing["reason"], "")
-    identity = pc.if_else(ok, pc.binary_join_element_wise(source, listing["label"], "/"), "")
-    split = pc.if_else(ok, split_column(identity, val_fraction, seed), "")
-    table = manifest_table({
-        "path": pc.binary_join_element_wise(source, listing["rel"], "/"),
-        "status": pc.if_else(ok, "ok", "rejected"), "reason": listing["reason"],
-        "identity": identity, "split": split, "source": pa.repeat(source, len(ok)),
-        "source_identity": pc.fill_null(listing["label"], "")})
-    del listing
-    times["manifest_and_split"] = time.perf_counter() - t
-    peaks["manifest_and_split"] = round(peak_rss_mb())
+    def list_files(where):  # the folder as storage lists it: full paths, sorted
+        if where not in folder:
+            return real_list(where)
+        return pc.binary_join_element_wise(where, folder[where], "/").to_pylist()
 
-    t = time.perf_counter()
-    size = len(table_bytes(table))
-    times["parquet"] = time.perf_counter() - t
-    peaks["parquet"] = round(peak_rss_mb())
+    def file_sha(uri):
+        return hashlib.sha256(uri.encode()).hexdigest()
+
+    with tempfile.TemporaryDirectory(prefix="wildface-listing-") as out, \
+            mock.patch.object(storage, "list_files", list_files), \
+            mock.patch.object(datasets, "_file_sha", file_sha):
+        work = pipeline.work_dir(out, cfg)
+        t = time.perf_counter()
+        inputs = pipeline.scan_inputs(f"vggface2={root}", cfg)
+        folder.clear()
+        step("scan", t)
+
+        t = time.perf_counter()
+        todo = pipeline.todo_items(inputs, pipeline.load_records(work, ["rid"]))
+        step("resume_check", t)
+
+        _stub_records(todo, work, part_rows)  # the actors' work: not the driver's
+        del todo
+
+        t = time.perf_counter()
+        the_plan = pipeline.plan(inputs, pipeline.load_records(work), cfg)
+        del inputs
+        step("records_and_plan", t)
+
+        t = time.perf_counter()
+        size = len(table_bytes(the_plan.manifest))
+        identities_size = len(identities_bytes(the_plan.identities))
+        step("parquet", t)
+    steps = ("scan", "resume_check", "records_and_plan", "parquet")
     return {"names": n, "seconds": {k: round(v, 2) for k, v in times.items()},
-            "total_seconds": round(sum(v for k, v in times.items() if k != "generate"), 2),
-            "peak_rss_mb": peaks, "manifest_bytes": size, "table": table}
+            "total_seconds": round(sum(times[k] for k in steps), 2),
+            "peak_rss_mb": peaks, "manifest_bytes": size, "identities_bytes": identities_size,
+            "shards": len(the_plan.digests), "table": the_plan.manifest}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--names", type=int, default=3_310_000)
     ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--part-rows", type=int, default=100_000)
     args = ap.parse_args()
-    out = run(args.names, args.val_fraction)
+    out = run(args.names, args.val_fraction, part_rows=args.part_rows)
     table = out.pop("table")
     out["identities"] = {s: len(pc.unique(pc.filter(table["identity"],
                                                      pc.equal(table["split"], s))))

@@ -89,7 +89,9 @@ def main() -> None:
     if args.batch_size:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"batch_size": args.batch_size})})
     inputs = pipeline.scan_inputs(str(tmp / "in"), cfg)
-    items = pipeline.todo_items(inputs, set())
+    nothing_done = pipeline.load_records(str(tmp / "no-records"), ["rid"])
+    todo = pipeline.todo_items(inputs, nothing_done)
+    items = todo.to_pylist()
 
     t = time.perf_counter()
     maker = SampleMaker(cfg)
@@ -115,7 +117,7 @@ def main() -> None:
             storage._client().create_bucket(Bucket=bucket)
         storage.put_tree(tmp / "in", storage.join(args.s3, "in"))
         run_items = pipeline.todo_items(pipeline.scan_inputs(storage.join(args.s3, "in"), cfg),
-                                        set())
+                                        nothing_done)
         start_or_attach(cfg.ray.model_copy(update={"address": args.address}),
                         log_to_driver=False)
         nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -126,7 +128,7 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         widths = {1: cfg.ray.cpus_per_worker, 2: cfg.ray.cpus_per_worker}
         out_root = str(tmp / "out")
-        run_items = items
+        run_items = todo
     results, steady = {}, {}
     for workers, cpus in widths.items():
         wcfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(

@@ -29,14 +29,14 @@ def _not_a_layout_error(task, task_run, state) -> bool:
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=_not_a_layout_error)
-def scan(inputs: str | list[str], cfg, fmt: str | None = None) -> list:
+def scan(inputs: str | list[str], cfg, fmt: str | None = None):
     return pipeline.scan_inputs(inputs, cfg, fmt)
 
 
 @task(retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def process(inputs: list, output: str, cfg, storage_cfg, use_ray: bool) -> dict:
+def process(inputs, output: str, cfg, storage_cfg, use_ray: bool) -> dict:
     work = pipeline.work_dir(output, cfg)
-    items = pipeline.todo_items(inputs, set(pipeline.load_records(work)))
+    items = pipeline.todo_items(inputs, pipeline.load_records(work, ["rid"]))
     get_run_logger().info("%d of %d images need processing", len(items), len(inputs))
     # Connected here so the run's page links to its Ray job; the pipeline then reuses Ray.
     on_ray = ray_for_flow(cfg.ray, log_to_driver=False) if use_ray and items else nullcontext()
@@ -46,7 +46,7 @@ def process(inputs: list, output: str, cfg, storage_cfg, use_ray: bool) -> dict:
 
 
 @task(cache_policy=NO_CACHE)
-def plan(inputs: list, output: str, cfg):
+def plan(inputs, output: str, cfg):
     return pipeline.plan(inputs, pipeline.load_records(pipeline.work_dir(output, cfg)), cfg)
 
 

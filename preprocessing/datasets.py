@@ -1,5 +1,6 @@
 """Dataset readers: each public face dataset read in the layout it is distributed in, listed
-as :class:`InputFile` entries that the rest of the pipeline consumes unchanged.
+column-wise as one Arrow table (:data:`LISTING_SCHEMA`, a row per input) that the rest of the
+pipeline consumes unchanged: millions of images without a Python object each.
 
 ``--input ROOT`` (optionally ``--format NAME``) or several ``--input NAME=ROOT`` pairs:
 
@@ -20,7 +21,7 @@ A dataset's labels are namespaced by its source (``vggface2/n000002``) so two so
 merge an identity by accident. Names read from a dataset's files (csv, txt, sqlite) are
 checked with :func:`recon.formats.files.check_name` before a path is built from them; a refused
 name, a listed file that is absent and an image without a label become rejected entries
-(``InputFile.reason``), accounted for in the manifest like any other bad input.
+(column ``reason``), accounted for in the manifest like any other bad input.
 
 Coordinates are the photo's pixels, 0-based, x right, y down; boxes are ``(x0, y0, x1, y1)``;
 dataset landmarks keep the dataset's own point order, NaN where a point is not annotated.
@@ -38,10 +39,10 @@ import posixpath
 import re
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import pathname2url
 
@@ -53,6 +54,7 @@ from infra import storage
 from preprocessing import annotations
 from preprocessing.config import PreprocessConfig
 from preprocessing.decode import Rejected
+from preprocessing.manifest import sort_by_path
 from recon.formats.files import UnsafeName, check_name
 from recon.inference.video import read_frames, video_fps
 
@@ -77,34 +79,91 @@ class LayoutError(ValueError):
     """An input that is not laid out as its dataset is distributed, or a wrong ``--input``."""
 
 
-@dataclass
-class InputFile:
-    """One input of the pipeline: an image (or one face of it, or one frame of a video)."""
+#: The listing: one row per input (an image, one face of it, one frame of a video).
+LISTING_SCHEMA = pa.schema([
+    # The manifest's path: relative to its source's root ('/' separators; '#face=' /
+    # '#frame=' suffixes), after '<source>/' for a named source.
+    ("path", pa.string()),
+    ("uri", pa.string()),     # '' for an entry refused at listing
+    ("source", pa.string()),  # the dataset ('' for a single plain folder input)
+    ("label", pa.string()),   # the dataset's identity label (null: folders/labels/clustering)
+    ("reason", pa.string()),  # refused at listing: unsafe name, missing file, no label ('' if not)
+    ("sha256", pa.string()),  # of the file's bytes ('' for an entry refused at listing)
+    ("rid", pa.string()),     # record id: sha256 of the bytes and of what else shapes the record
+    ("pts", pa.string()),     # .pts sidecar (null: none)
+    ("mask", pa.string()),    # .mask.png sidecar (null: none)
+    ("box", pa.list_(pa.float64())),  # the dataset's face box (x0, y0, x1, y1)
+    ("points", pa.list_(pa.list_(pa.float64()))),  # its landmarks (5 or 21, 2), NaN = none
+    ("frame", pa.int32()),    # video frame index
+    ("race", pa.string()),
+])
+_NOT_NULL = {"path": "", "uri": "", "source": "", "reason": "", "sha256": "", "rid": "",
+             "race": ""}
 
-    uri: str
-    rel: str  # relative to its source's root, '/' separators; '#face=' / '#frame=' suffixes
-    sha256: str = ""  # of the file's bytes ('' for an entry refused at listing)
-    rid: str = ""  # record id: sha256 of the bytes and of what else shapes the record
-    pts: str | None = None
-    mask: str | None = None
-    source: str = ""  # the dataset ('' for a single plain folder input)
-    label: str | None = None  # the dataset's identity label (None: folders/labels/clustering)
-    box: Box | None = None  # the dataset's face box
-    points: Points | None = None  # the dataset's landmarks (5 or 21), NaN = not annotated
-    frame: int | None = None  # video frame index
-    race: str = ""
-    reason: str = ""  # refused at listing: unsafe name, missing file, no label
 
-    @property
-    def path(self) -> str:
-        """The manifest's path: ``<source>/<rel>`` for a named source."""
-        return f"{self.source}/{self.rel}" if self.source else self.rel
+def listing_table(columns: Mapping[str, Sequence | pa.Array | pa.ChunkedArray]) -> pa.Table:
+    """A listing built column-wise: ``columns`` by name, of one length, ``rel`` (the path
+    relative to the source's root) for ``path``; a column not given (or a null in a column
+    that has no nulls) holds its empty value."""
+    n = len(columns["rel"])
+    columns = {"path": columns["rel"]} | {k: v for k, v in columns.items() if k != "rel"}
 
-    def guide(self) -> str:
-        """The dataset's box/landmarks as the JSON the per-image stage reads ('' if none)."""
-        if self.box is None and self.points is None:
-            return ""
-        return json.dumps({"box": self.box, "points": self.points}, allow_nan=True)
+    def column(f: pa.Field) -> pa.Array | pa.ChunkedArray:
+        if f.name not in columns:
+            return pa.repeat(pa.scalar(_NOT_NULL.get(f.name), f.type), n)
+        c = columns[f.name]
+        c = c.cast(f.type) if isinstance(c, (pa.Array, pa.ChunkedArray)) else pa.array(c, f.type)
+        return pc.fill_null(c, _NOT_NULL[f.name]) if f.name in _NOT_NULL else c
+
+    return pa.table({f.name: column(f) for f in LISTING_SCHEMA}, schema=LISTING_SCHEMA)
+
+
+class _Columns:
+    """A reader's entries gathered column by column (a list per column, no object per entry);
+    a column an entry leaves out is null there."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = defaultdict(list)
+        self.n = 0
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            col = self.cols[k]
+            col.extend([None] * (self.n - len(col)))
+            col.append(v)
+        self.n += 1
+
+    def refuse(self, rel: str, why: str) -> None:
+        self.add(rel=rel, reason=why)
+
+    def table(self) -> pa.Table:
+        for col in self.cols.values():
+            col.extend([None] * (self.n - len(col)))
+        return listing_table(self.cols if self.n else {"rel": []})
+
+
+_SLICE = 4096  # rows (or files) turned into Python objects at a time
+
+
+def replace_rows(values: pa.Array | pa.ChunkedArray, mask: pa.Array | pa.ChunkedArray,
+                 new: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``values`` with the rows where ``mask`` holds replaced by ``new``, in order
+    (``pyarrow.compute.replace_with_mask`` on table columns)."""
+    def flat(a):
+        return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+
+    return pc.replace_with_mask(flat(values), flat(mask), flat(new).cast(values.type))
+
+
+def guides(box: pa.Array | pa.ChunkedArray, points: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The dataset's box/landmarks of each row as the JSON the per-image stage reads ('' where
+    it has none); only rows that have them are formatted."""
+    has = pc.or_(box.is_valid(), points.is_valid())
+    box, points = box.filter(has), points.filter(has)
+    values = [pa.array([json.dumps({"box": b, "points": p}, allow_nan=True) for b, p in zip(
+        box.slice(i, _SLICE).to_pylist(), points.slice(i, _SLICE).to_pylist())], pa.string())
+        for i in range(0, len(box), _SLICE)]
+    return replace_rows(pa.repeat("", len(has)), has, pa.chunked_array(values, pa.string()))
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -139,54 +198,110 @@ def parse_inputs(specs: str | list[str], fmt: str | None = None) -> list[tuple[s
 
 
 def list_inputs(specs: str | list[str], cfg: PreprocessConfig, fmt: str | None = None,
-                threads: int = 8) -> list[InputFile]:
-    """Every input of every source, hashed, sorted by manifest path."""
-    out: list[InputFile] = []
+                threads: int = 8) -> pa.Table:
+    """Every input of every source, hashed, sorted by manifest path (:data:`LISTING_SCHEMA`)."""
+    tables = []
     for source, name, root in parse_inputs(specs, fmt):
-        files = list(READERS[name](root, cfg))
-        for f in files:
-            f.source = source
-        hash_inputs(files, threads)
-        log.info("listed %d inputs of %s under %s", len(files), name, root)
-        out.extend(files)
-    return sorted(out, key=lambda f: f.path)
+        t = READERS[name](root, cfg)
+        if source:
+            t = t.set_column(0, "path", pc.binary_join_element_wise(source, t["path"], "/"))
+        t = t.set_column(
+            LISTING_SCHEMA.get_field_index("source"), "source", pa.repeat(source, t.num_rows))
+        t = hash_inputs(t, threads)
+        log.info("listed %d inputs of %s under %s", t.num_rows, name, root)
+        tables.append(t)
+    return sort_by_path(pa.concat_tables(tables))
 
 
-def hash_inputs(files: list[InputFile], threads: int = 8) -> None:
-    """Fill ``sha256`` and ``rid``: each file is read once however many entries share it (an
-    AFLW photo's faces, a video's frames). A file that cannot be read is refused."""
-    uris = sorted({u for f in files if not f.reason for u in (f.uri, f.pts, f.mask) if u})
+def _file_sha(uri: str) -> str | None:
+    """The sha256 of a file's bytes; None when it cannot be read."""
+    try:
+        h = hashlib.sha256()
+        for chunk in storage.stream(uri):
+            h.update(chunk)
+        return h.hexdigest()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None
 
-    def sha(uri: str) -> str | None:
-        try:
-            h = hashlib.sha256()
-            for chunk in storage.stream(uri):
-                h.update(chunk)
-            return h.hexdigest()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            return None
+
+def _rid(sha: str, sidecars: bool, pts_sha: str | None, mask_sha: str | None, pts: str | None,
+         mask: str | None, frame: int | None, guide: str) -> str:
+    """The record id: the file's sha256, or the hash of it and of what else shapes the
+    record (sidecars' bytes, the dataset's box/landmarks, the frame index)."""
+    parts = [sha]
+    if sidecars:  # the sidecar form of before: the same rids for the same files
+        parts += [pts_sha or "-" if pts else "-", mask_sha or "-" if mask else "-"]
+    extra = [p for p in (guide, "" if frame is None else f"frame={frame}") if p]
+    return (hashlib.sha256(":".join(parts + extra).encode()).hexdigest()
+            if len(parts) > 1 or extra else sha)
+
+
+def hash_inputs(listing: pa.Table, threads: int = 8) -> pa.Table:
+    """``listing`` with ``sha256`` and ``rid`` filled in: each file is read once however many
+    entries share it (an AFLW photo's faces, a video's frames). A file that cannot be read is
+    refused."""
+    usable = pc.equal(listing["reason"], "")
+    n = listing.num_rows
+    # Every file an entry names (image, sidecars) encoded once: its code is its row of shas.
+    named = pc.dictionary_encode(pa.chunked_array(
+        [pc.if_else(usable, listing[c], pa.scalar(None, pa.string()))
+         for c in ("uri", "pts", "mask")]).combine_chunks())
+    # Slices of names, not a future (nor a Python string) per file: millions would not fit.
+    files = named.dictionary
+
+    def hashed(start: int) -> pa.Array:
+        return pa.array([_file_sha(u) for u in files.slice(start, _SLICE).to_pylist()],
+                        pa.string())
 
     with ThreadPoolExecutor(threads) as pool:
-        shas = dict(zip(uris, pool.map(sha, uris)))
-    for f in files:
-        if f.reason:
-            continue
-        if shas[f.uri] is None:
-            f.reason = "unreadable file"
-            continue
-        f.sha256 = shas[f.uri]
-        parts = [f.sha256]
-        if f.pts or f.mask:  # the sidecar form of before: the same rids for the same files
-            parts += [shas[u] or "-" if u else "-" for u in (f.pts, f.mask)]
-        extra = [p for p in (f.guide(), "" if f.frame is None else f"frame={f.frame}") if p]
-        f.rid = (hashlib.sha256(":".join(parts + extra).encode()).hexdigest()
-                 if len(parts) > 1 or extra else f.sha256)
+        shas = pa.concat_arrays([pa.array([], pa.string())] + list(
+            pool.map(hashed, range(0, len(files), _SLICE))))
+
+    def sha_of(column: str) -> pa.Array:
+        i = ("uri", "pts", "mask").index(column)
+        return pc.take(shas, named.indices.slice(i * n, n))
+
+    sha = sha_of("uri")
+    unreadable = pc.and_(usable, sha.is_null())
+    reason = pc.if_else(unreadable, "unreadable file", listing["reason"])
+    sha = pc.fill_null(pc.if_else(pc.equal(reason, ""), sha, ""), "")
+    # The record id is the file's sha256 unless something beside the bytes shapes the record.
+    sidecars = pc.or_(listing["pts"].is_valid(), listing["mask"].is_valid())
+    shaped = pc.and_(pc.equal(reason, ""), pc.or_(pc.or_(
+        sidecars, listing["box"].is_valid()), pc.or_(listing["points"].is_valid(),
+                                                     listing["frame"].is_valid())))
+    sub = listing.filter(shaped).select(["pts", "mask", "box", "points", "frame"])
+    sub = sub.append_column("sha", pc.filter(sha, shaped)).append_column(
+        "sidecars", pc.filter(sidecars, shaped)).append_column(
+        "pts_sha", pc.filter(sha_of("pts"), shaped)).append_column(
+        "mask_sha", pc.filter(sha_of("mask"), shaped))
+    rids = []
+    for start in range(0, sub.num_rows, _SLICE):
+        part = sub.slice(start, _SLICE)
+        rids.append(pa.array([_rid(*row) for row in zip(
+            *(part[c].to_pylist() for c in ("sha", "sidecars", "pts_sha", "mask_sha", "pts",
+                                            "mask", "frame")),
+            guides(part["box"], part["points"]).to_pylist())], pa.string()))
+    # Shares the sha256 column's bytes when nothing beside them shapes any record.
+    rid = replace_rows(sha, shaped, pa.chunked_array(rids, pa.string())) if rids else sha
+    for name, column in (("reason", reason), ("sha256", sha), ("rid", rid)):
+        listing = listing.set_column(LISTING_SCHEMA.get_field_index(name), name, column)
+    return listing
 
 
 # ------------------------------------------------------------------------------ helpers
 def _image_ext(name: str, cfg: PreprocessConfig) -> bool:
     exts = {e.lower().lstrip(".") for e in cfg.extensions}
     return posixpath.splitext(name)[1].lower().lstrip(".") in exts
+
+
+def _relative_column(uris: pa.Array, root: str) -> pa.Array:
+    """:func:`infra.storage.relative` of every uri listed under ``root``, column-wise: the
+    root's prefix cut off (each uri on its own when one does not start with it)."""
+    prefix = (str(root).rstrip("/") if storage.is_s3(root) else str(Path(root))) + "/"
+    if pc.all(pc.starts_with(uris, prefix)).as_py() is not False:
+        return pc.utf8_slice_codeunits(uris, len(prefix))
+    return pa.array([storage.relative(u, root) for u in uris.to_pylist()], pa.string())
 
 
 def _files(root: str) -> dict[str, str]:
@@ -202,10 +317,6 @@ def _lines(uri: str) -> Iterator[str]:
     """The text lines of a label file, streamed (undecodable bytes replaced)."""
     with storage.open_read(uri) as raw:
         yield from io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-
-
-def _refused(rel: str, why: str) -> InputFile:
-    return InputFile(uri="", rel=rel, reason=why)
 
 
 def _safe(name: str, where: str) -> str | None:
@@ -242,19 +353,21 @@ def local_copy(uri: str) -> Iterator[Path]:
 
 
 # ------------------------------------------------------------------------------ folders
-def read_folders(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+def read_folders(root: str, cfg: PreprocessConfig) -> pa.Table:
     """Every image under ``root`` with its ``.pts`` / ``.mask.png`` sidecars; identities are
     decided when planning (folder, label file or clustering)."""
     files = storage.list_files(root)
     present = set(files)
+    out = _Columns()
     for uri in files:
         if annotations.is_sidecar(uri) or not _image_ext(uri, cfg):
             continue
         stem = annotations.sidecar_stem(uri)
         pts, mask = stem + annotations.PTS_SUFFIX, stem + annotations.MASK_SUFFIX
-        yield InputFile(uri=uri, rel=storage.relative(uri, root),
-                        pts=pts if cfg.use_annotations and pts in present else None,
-                        mask=mask if cfg.use_annotations and mask in present else None)
+        out.add(uri=uri, rel=storage.relative(uri, root),
+                pts=pts if cfg.use_annotations and pts in present else None,
+                mask=mask if cfg.use_annotations and mask in present else None)
+    return out.table()
 
 
 # ----------------------------------------------------------------------------- vggface2
@@ -283,13 +396,14 @@ def _vgg_csv(uri: str | None, n_values: int) -> tuple[dict[str, int], np.ndarray
 
 
 def vggface2_listing(rels: Iterable[str] | pa.Array, listed: Mapping[str, Iterable[str]],
-                     cfg: PreprocessConfig) -> pa.Table:
+                     cfg: PreprocessConfig, uris: pa.Array | None = None) -> pa.Table:
     """VGGFace2's entries, column-wise: one Arrow string column is ~30 bytes a name where an
     entry object is ~1 kB, which is what keeps its 3.3 M images in memory (benchmarks/listing.py).
 
     rels: the files under the root, relative to it; listed: {'train' | 'test': the NAME_IDs
-    of that split's bb_landmark csv files}. Returns columns ``rel``, ``label`` (the identity
-    folder; null when refused) and ``reason`` ('' when usable), sorted by ``rel``: every image
+    of that split's bb_landmark csv files}; uris: each rel's uri (then a column ``uri``, ''
+    for a name only listed). Returns columns ``rel``, ``label`` (the identity folder; null
+    when refused) and ``reason`` ('' when usable), sorted by ``rel``: every image
     under ``train/`` or ``test/`` and every listed name, refused when it is absent, leads
     outside the root or is not in a ``<split>/<identity>/`` folder."""
     rels = rels if isinstance(rels, (pa.Array, pa.ChunkedArray)) else pa.array(rels, pa.string())
@@ -297,6 +411,7 @@ def vggface2_listing(rels: Iterable[str] | pa.Array, listed: Mapping[str, Iterab
     keep = pc.and_(pc.match_substring_regex(rels, "^(train|test)/"),
                    pc.match_substring_regex(rels, rf"\.({exts})$", ignore_case=True))
     disk = pc.filter(rels, keep)
+    extra = {} if uris is None else {"uri": pc.filter(uris, keep)}
     parts = pc.extract_regex(disk, r"^(?P<split>train|test)/(?P<label>[^/]+)/[^/]+$")
     deep = pc.invert(parts.is_valid())
     label = pc.if_else(deep, pa.scalar(None, pa.string()), pc.struct_field(parts, [1]))
@@ -314,37 +429,68 @@ def vggface2_listing(rels: Iterable[str] | pa.Array, listed: Mapping[str, Iterab
                                                  f"bb_landmark ({rel.partition('/')[0]})") is None
            else "listed in bb_landmark but missing" for rel in absent.to_pylist()]
     table = pa.concat_tables([
-        pa.table({"rel": disk, "label": label, "reason": reason}),
+        pa.table({"rel": disk, "label": label, "reason": reason} | extra),
         pa.table({"rel": absent, "label": pa.nulls(len(absent), pa.string()),
-                  "reason": pa.array(why, pa.string())})])
-    return table.sort_by("rel")
+                  "reason": pa.array(why, pa.string())}
+                 | {k: pa.repeat("", len(absent)) for k in extra})])
+    return sort_by_path(table, "rel")
 
 
-def read_vggface2(root: str, cfg: PreprocessConfig,
-                  files: Mapping[str, str] | None = None) -> Iterator[InputFile]:
-    """files: {path relative to root: uri}, the listing of ``root`` when None."""
-    files = _files(root) if files is None else files
-    if not any(r.startswith(("train/", "test/")) for r in files):
+def _csv_rows(keys: pa.Array | pa.ChunkedArray, index: Mapping[str, int],
+              prefix: str) -> pa.Array:
+    """The row of each of ``keys`` in a csv's ``index`` ({NAME_ID: row}, keyed here as
+    ``prefix + NAME_ID``); null where the csv has none."""
+    names = pa.array([prefix + k for k in index], pa.string())
+    rows = pa.array(list(index.values()), pa.int64())
+    return pc.take(rows, pc.index_in(keys, value_set=names))
+
+
+def read_vggface2(root: str, cfg: PreprocessConfig) -> pa.Table:
+    uris = pa.array(storage.list_files(root), pa.string())
+    rels = _relative_column(uris, root)
+    if not pc.any(pc.match_substring_regex(rels, "^(train|test)/")).as_py():
         raise LayoutError(f"vggface2 input {root}: no train/ or test/ folder")
-    csvs = {split: (_vgg_csv(_first(files, f"bb_landmark/loose_bb_{split}.csv"), 4),
-                    _vgg_csv(_first(files, f"bb_landmark/loose_landmark_{split}.csv"), 10))
+    csv_files = {storage.relative(u, root): u
+                 for u in pc.filter(uris, pc.starts_with(rels, "bb_landmark/")).to_pylist()}
+    csvs = {split: (_vgg_csv(_first(csv_files, f"bb_landmark/loose_bb_{split}.csv"), 4),
+                    _vgg_csv(_first(csv_files, f"bb_landmark/loose_landmark_{split}.csv"), 10))
             for split in ("train", "test")}
     listed = {split: set(boxes) | set(lmks) for split, ((boxes, _), (lmks, _)) in csvs.items()}
-    table = vggface2_listing(list(files), listed, cfg)
-    del listed
-    for rel, label, reason in zip(*(table.column(c).to_pylist()
-                                    for c in ("rel", "label", "reason"))):
-        if reason:
-            yield _refused(rel, reason)
-            continue
-        split, _, name = rel.partition("/")
-        (boxes, box_v), (lmks, lmk_v) = csvs[split]
-        name_id = posixpath.splitext(name)[0]
-        b, p = boxes.get(name_id), lmks.get(name_id)
-        yield InputFile(
-            uri=files[rel], rel=rel, label=label,
-            box=None if b is None else _box_xywh(*map(float, box_v[b])),
-            points=None if p is None else _points([float(x) for x in lmk_v[p]]))
+    table = vggface2_listing(rels, listed, cfg, uris)
+    del listed, uris, rels
+    ok = pc.equal(table["reason"], "")
+    # 'train/n000002/0001_01.jpg' -> 'train/n000002/0001_01', its csv rows' key.
+    key = pc.if_else(ok, pc.replace_substring_regex(table["rel"], r"\.[^./]*$", ""),
+                     pa.scalar(None, pa.string()))
+    box_v = np.concatenate([box_v for (_, box_v), _ in csvs.values()]).astype(np.float64)
+    lmk_v = np.concatenate([lmk_v for _, (_, lmk_v) in csvs.values()]).astype(np.float64)
+    box_row = lmk_row = pa.nulls(len(key), pa.int64())
+    offset_b = offset_l = 0
+    for split, ((boxes, b_v), (lmks, l_v)) in csvs.items():
+        box_row = pc.coalesce(box_row, pc.add(_csv_rows(key, boxes, f"{split}/"), offset_b))
+        lmk_row = pc.coalesce(lmk_row, pc.add(_csv_rows(key, lmks, f"{split}/"), offset_l))
+        offset_b, offset_l = offset_b + len(b_v), offset_l + len(l_v)
+    del csvs, key
+    # X, Y, W, H -> x0, y0, x1, y1; the 5 points as (x, y) pairs in the file's order.
+    xyxy = np.concatenate([box_v[:, :2], box_v[:, :2] + box_v[:, 2:]], axis=1)
+    return listing_table({
+        "rel": table["rel"], "uri": pc.if_else(ok, table["uri"], ""), "label": table["label"],
+        "reason": table["reason"], "box": _list_column(xyxy, box_row),
+        "points": _list_column(lmk_v.reshape(-1, 5, 2), lmk_row)})
+
+
+def _list_column(values: np.ndarray, rows: pa.Array) -> pa.Array:
+    """values: (N, ...) float64; rows: (M,) a row of ``values`` or null -> (M,) nested lists
+    of ``values[rows]`` (null where ``rows`` is); a null takes no room."""
+    valid = np.asarray(rows.is_valid())
+    picked = values[np.asarray(rows.drop_null(), np.int64)]
+    out: pa.Array = pa.array(picked.reshape(-1))
+    for size in reversed(values.shape[2:]):  # the inner levels: full lists of ``size``
+        out = pa.ListArray.from_arrays(pa.array(np.arange(0, len(out) + 1, size, np.int32)),
+                                       out)
+    offsets = np.zeros(len(valid) + 1, np.int32)
+    offsets[1:] = np.cumsum(valid * values.shape[1])
+    return pa.ListArray.from_arrays(pa.array(offsets), out, mask=pa.array(~valid))
 
 
 # ------------------------------------------------------------------------------- celeba
@@ -368,7 +514,7 @@ def _celeba_list(uri: str | None, n_values: int) -> dict[str, tuple[float, ...]]
     return out
 
 
-def read_celeba(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+def read_celeba(root: str, cfg: PreprocessConfig) -> pa.Table:
     files = _files(root)
     folder = next((f"{pre}{name}" for name in ("img_celeba", "img_align_celeba")
                    for pre in ("", "Img/") if any(r.startswith(f"{pre}{name}/") for r in files)),
@@ -392,29 +538,32 @@ def read_celeba(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
             labels[fields[0]] = fields[1]
     on_disk = {rel[len(folder) + 1:] for rel in files
                if rel.startswith(folder + "/") and _image_ext(rel, cfg)}
+    out = _Columns()
     for name in sorted(on_disk | set(labels)):
         rel = f"{folder}/{name}"
         if name not in on_disk:
-            yield _refused(rel, "unsafe name in identity_CelebA.txt"
-                           if _safe(name, "identity_CelebA.txt") is None or "/" in name
-                           else "listed in identity_CelebA.txt but missing")
+            out.refuse(rel, "unsafe name in identity_CelebA.txt"
+                       if _safe(name, "identity_CelebA.txt") is None or "/" in name
+                       else "listed in identity_CelebA.txt but missing")
         elif name not in labels:
-            yield _refused(rel, "no identity in identity_CelebA.txt")
+            out.refuse(rel, "no identity in identity_CelebA.txt")
         else:
             b, p = boxes.get(name), lmks.get(name)
-            yield InputFile(uri=files[rel], rel=rel, label=labels[name],
-                            box=None if b is None else _box_xywh(*b),
-                            points=None if p is None else _points(list(p)))
+            out.add(uri=files[rel], rel=rel, label=labels[name],
+                    box=None if b is None else _box_xywh(*b),
+                    points=None if p is None else _points(list(p)))
+    return out.table()
 
 
 # --------------------------------------------------------------------------------- aflw
-def read_aflw(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+def read_aflw(root: str, cfg: PreprocessConfig) -> pa.Table:
     """Each face of ``aflw.sqlite`` (read-only) with its rectangle and 21 points."""
     files = _files(root)
     db_rel = next((r for r in ("aflw.sqlite", "data/aflw.sqlite") if r in files), None)
     if db_rel is None:
         raise LayoutError(f"aflw input {root}: no aflw.sqlite")
     images = posixpath.join(posixpath.dirname(db_rel), "flickr")
+    out = _Columns()
     with local_copy(files[db_rel]) as db:
         con = sqlite3.connect(f"file:{pathname2url(str(db.resolve()))}?mode=ro", uri=True)
         try:
@@ -439,32 +588,35 @@ def read_aflw(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
                 name = str(filepath)
                 rel = f"{images}/{name}#face={face_id}"
                 if _safe(name, "aflw.sqlite") is None:
-                    yield _refused(rel, "unsafe name in aflw.sqlite")
+                    out.refuse(rel, "unsafe name in aflw.sqlite")
                     continue
                 uri = files.get(f"{images}/{name}")
                 if uri is None:
-                    yield _refused(rel, "listed in aflw.sqlite but missing")
+                    out.refuse(rel, "listed in aflw.sqlite but missing")
                     continue
                 box = None if None in (x, y, w, h) else _box_xywh(x, y, w, h)
-                yield InputFile(uri=uri, rel=rel, label=str(face_id), box=box,
-                                points=tuple((float(a), float(b)) for a, b in pts))
+                out.add(uri=uri, rel=rel, label=str(face_id), box=box,
+                        points=[(float(a), float(b)) for a, b in pts])
         finally:
             con.close()
+    return out.table()
 
 
 # --------------------------------------------------------------------------------- bupt
-def read_bupt(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+def read_bupt(root: str, cfg: PreprocessConfig) -> pa.Table:
     files = _files(root)
     if not any(r.split("/")[0] in BUPT_RACES for r in files):
         raise LayoutError(f"bupt input {root}: no {'/, '.join(BUPT_RACES)}/ folder")
+    out = _Columns()
     for rel, uri in sorted(files.items()):
         if not _image_ext(rel, cfg):
             continue
         parts = rel.split("/")
         if len(parts) != 3 or parts[0] not in BUPT_RACES:
-            yield _refused(rel, f"not in a <race>/<identity>/ folder ({', '.join(BUPT_RACES)})")
+            out.refuse(rel, f"not in a <race>/<identity>/ folder ({', '.join(BUPT_RACES)})")
             continue
-        yield InputFile(uri=uri, rel=rel, label=parts[1], race=parts[0])
+        out.add(uri=uri, rel=rel, label=parts[1], race=parts[0])
+    return out.table()
 
 
 # ---------------------------------------------------------------------------- voxceleb2
@@ -496,28 +648,30 @@ def _video_timing(path: Path) -> tuple[float, float]:
     return video_fps(path), duration
 
 
-def read_voxceleb2(root: str, cfg: PreprocessConfig) -> Iterator[InputFile]:
+def read_voxceleb2(root: str, cfg: PreprocessConfig) -> pa.Table:
+    out = _Columns()
     for rel, uri in sorted(_files(root).items()):
         if not rel.lower().endswith(".mp4"):
             continue
         parts = rel.split("/")
         if len(parts) < 3 or not _SPEAKER.fullmatch(parts[-3]):
-            yield _refused(rel, "not in an id<nnnnn>/<video>/ folder")
+            out.refuse(rel, "not in an id<nnnnn>/<video>/ folder")
             continue
         try:
             with local_copy(uri) as path:
                 fps, duration = _video_timing(path)
         except Exception as err:  # noqa: BLE001 - FFmpeg's errors vary; the clip is refused
-            yield _refused(rel, f"unreadable video: {type(err).__name__}: {err}")
+            out.refuse(rel, f"unreadable video: {type(err).__name__}: {err}")
             continue
         frames = frame_indices(fps, duration, cfg.video_fps, cfg.video_max_frames)
         if not frames:
-            yield _refused(rel, "video without frames")
+            out.refuse(rel, "video without frames")
         for i in frames:
-            yield InputFile(uri=uri, rel=f"{rel}#frame={i:06d}", label=parts[-3], frame=i)
+            out.add(uri=uri, rel=f"{rel}#frame={i:06d}", label=parts[-3], frame=i)
+    return out.table()
 
 
-READERS: dict[str, Callable[[str, PreprocessConfig], Iterable[InputFile]]] = {
+READERS: dict[str, Callable[[str, PreprocessConfig], pa.Table]] = {
     "folders": read_folders, "vggface2": read_vggface2, "celeba": read_celeba,
     "aflw": read_aflw, "bupt": read_bupt, "voxceleb2": read_voxceleb2,
 }
@@ -574,6 +728,6 @@ class VideoFrames:
         self._key, self._tmp, self._frames, self._next = None, None, None, 0
 
 
-__all__ = ["AFLW_POINTS", "BUPT_RACES", "FIVE_POINTS", "InputFile", "LayoutError", "READERS",
-           "VideoFrames", "frame_indices", "hash_inputs", "list_inputs", "local_copy",
-           "parse_inputs", "vggface2_listing"]
+__all__ = ["AFLW_POINTS", "BUPT_RACES", "FIVE_POINTS", "LISTING_SCHEMA", "LayoutError",
+           "READERS", "VideoFrames", "frame_indices", "guides", "hash_inputs", "list_inputs",
+           "listing_table", "local_copy", "parse_inputs", "replace_rows", "vggface2_listing"]

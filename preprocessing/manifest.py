@@ -5,7 +5,9 @@ import io
 import json
 from collections.abc import Mapping
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from infra import storage
@@ -37,10 +39,9 @@ SCHEMA = pa.schema([
 ])
 
 
-def manifest_row(path: str, reason: str, sha256: str) -> dict:
-    """A rejected row of ``path`` with every column present; the plan fills in the rest."""
-    return {"path": path, "status": "rejected", "reason": reason, "identity": "", "split": "",
-            "shard": "", "key": "", "sha256": sha256, "n_faces": 0, "detector_score": None,
+#: A rejected row's value of every column but path.
+REJECTED = {"status": "rejected", "reason": "", "identity": "", "split": "", "shard": "",
+            "key": "", "sha256": "", "n_faces": 0, "detector_score": None,
             "landmark_source": "", "identity_distance": None, "source": "",
             "source_identity": "", "race": "", "frame": None, "dataset_box": None,
             "dataset_landmarks": None}
@@ -49,13 +50,21 @@ def manifest_row(path: str, reason: str, sha256: str) -> dict:
 def manifest_table(columns: Mapping[str, pa.Array | pa.ChunkedArray]) -> pa.Table:
     """The manifest built column-wise (millions of rows without a Python object each):
     ``columns`` by name, of one length; a column not given holds a rejected row's value
-    (:func:`manifest_row`) in every row. Sorted by path."""
+    (:data:`REJECTED`) in every row. Sorted by path."""
     n = len(columns["path"])
-    fill = manifest_row("", "", "")
     table = pa.table({f.name: columns[f.name].cast(f.type) if f.name in columns
-                      else pa.repeat(pa.scalar(fill[f.name], f.type), n) for f in SCHEMA},
+                      else pa.repeat(pa.scalar(REJECTED[f.name], f.type), n) for f in SCHEMA},
                      schema=SCHEMA)
-    return table.sort_by("path")
+    return sort_by_path(table)
+
+
+def sort_by_path(table: pa.Table, column: str = "path") -> pa.Table:
+    """``table`` sorted by its ``path`` (or ``column``) column; as it is when it already is
+    (a listing usually is: one pass instead of a sort)."""
+    path = table[column]
+    if len(path) < 2 or pc.all(pc.less_equal(path[:-1], path[1:])).as_py():
+        return table
+    return table.sort_by(column)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -65,20 +74,36 @@ def table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def manifest_bytes(rows: list[dict]) -> bytes:
-    """Deterministic Parquet bytes of the rows (sorted by path)."""
-    rows = sorted(rows, key=lambda r: r["path"])
-    return table_bytes(pa.Table.from_pylist(rows, schema=SCHEMA))
-
-
 def read_manifest(output: str):
     """The manifest of a preprocessing output as a pandas DataFrame."""
     return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(output, MANIFEST_FILE)))).to_pandas()
 
 
-def identities_bytes(groups: dict[str, dict[str, list[str]]]) -> bytes:
-    """{split: {identity: [keys]}} as canonical JSON."""
-    return json.dumps(groups, sort_keys=True, indent=1).encode()
+def identities_bytes(samples: pa.Table) -> bytes:
+    """identities.json, {split: {identity: [keys]}} as ``json.dumps(.., sort_keys=True,
+    indent=1)`` writes it, from the columns ``split``, ``identity``, ``key`` sorted in that
+    order (keys: hex, nothing to escape), an identity's keys joined at a time."""
+    if not samples.num_rows:
+        return b"{}"
+    out = io.StringIO()
+    last_split = None
+    codes = pc.dictionary_encode(pc.binary_join_element_wise(
+        samples["split"], samples["identity"], "\n")).combine_chunks().indices.to_numpy()
+    edges = np.flatnonzero(np.diff(codes)) + 1
+    keys = samples["key"]
+    for a, b in zip(np.r_[0, edges].tolist(), np.r_[edges, len(codes)].tolist()):
+        split, identity = samples["split"][a].as_py(), samples["identity"][a].as_py()
+        if split != last_split:
+            out.write(("{\n" if last_split is None else "\n },\n")
+                      + f" {json.dumps(split)}: {{\n")
+            last_split = split
+        else:
+            out.write(",\n")
+        out.write(f"  {json.dumps(identity)}: [\n   \"")
+        out.write('",\n   "'.join(keys.slice(a, b - a).to_pylist()))
+        out.write('"\n  ]')
+    out.write("\n }\n}")
+    return out.getvalue().encode()
 
 
 def write_if_changed(uri: str, data: bytes) -> bool:

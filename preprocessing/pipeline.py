@@ -21,25 +21,26 @@ import logging
 import posixpath
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from infra import storage
 from infra.config import StorageConfig
 from infra.ray_connect import start_or_attach
 from preprocessing.config import PreprocessConfig
-from preprocessing.datasets import InputFile, list_inputs
-from preprocessing.identity import (cluster, folder_identity, label_distances, read_labels)
+from preprocessing.datasets import guides, list_inputs, replace_rows
+from preprocessing.identity import cluster, label_distances, read_labels
 from preprocessing.manifest import (IDENTITIES_FILE, MANIFEST_FILE, identities_bytes,
-                                    manifest_row,
-                                    manifest_bytes, write_if_changed)
+                                    manifest_table, sort_by_path, table_bytes,
+                                    write_if_changed)
 from preprocessing.ray_data import map_actor_pool
 from preprocessing.shards import shard_bytes
-from preprocessing.split import split_identities
+from preprocessing.split import split_column
 from recon.progress import Progress
 
 log = logging.getLogger("wildface.preprocess")
@@ -48,18 +49,46 @@ PART_SCHEMA = pa.schema([
     ("rid", pa.string()), ("sha256", pa.string()), ("status", pa.string()),
     ("reason", pa.string()), ("jpg", pa.binary()), ("lmk", pa.binary()),
     ("mask", pa.binary()), ("meta", pa.string()), ("embedding", pa.list_(pa.float32())),
+    # The manifest's columns from ``meta``: the plan reads these, never millions of metas.
+    ("n_faces", pa.int32()), ("detector_score", pa.float32()), ("landmark_source", pa.string()),
 ])
-META_COLUMNS = ["rid", "sha256", "status", "reason", "meta", "embedding"]
+#: What the plan reads of a record (``load_records``), beside the part that holds it.
+RECORD_COLUMNS = ["rid", "status", "reason", "n_faces", "detector_score", "landmark_source",
+                  "embedding"]
+
+
+#: The manifest's columns a sample's meta holds (beside its record's own).
+SAMPLE_FIELDS = ["path", "identity", "split", "key", "sha256", "source", "source_identity"]
 
 
 @dataclass
 class Plan:
-    rows: list[dict]
-    shards: dict[str, list[dict]]  # shard name -> [{rid, key, meta}]
-    identities: dict[str, dict[str, list[str]]]
-    digests: dict[str, str] = field(default_factory=dict)
+    """Everything the outputs need, column-wise (a row per input or per sample, no Python
+    object each)."""
+
+    manifest: pa.Table  # preprocessing.manifest.SCHEMA, sorted by path
+    shards: pa.Table  # a row per sample by shard and key: shard (name), row (of the
+    #                   manifest), part (the record's)
+    digests: dict[str, str] = field(default_factory=dict)  # shard name -> digest, in order
     label_outliers: list[str] = field(default_factory=list)  # paths far from their identity
     pending: list[str] = field(default_factory=list)  # paths without a record: retry later
+
+    def shard_entries(self) -> Iterator[tuple[str, pa.Table]]:
+        """(shard name, its samples: ``SAMPLE_FIELDS`` and ``part``) in order."""
+        columns = self.manifest.select(SAMPLE_FIELDS)
+        for name, (a, b) in zip(self.digests, _runs(self.shards["shard"])):
+            part = self.shards.slice(a, b - a)
+            yield name, columns.take(part["row"]).append_column("part", part["part"])
+
+    @property
+    def identities(self) -> pa.Table:
+        """split, identity, key of every sample, sorted so (identities.json's order)."""
+        rows = self.shards["row"].to_numpy()
+        # The samples are by split and key: a stable sort by split and identity keeps the
+        # keys in order, on integer ranks rather than strings.
+        order = np.lexsort((_ranks(self.manifest["identity"])[rows],
+                            _ranks(self.manifest["split"])[rows]))
+        return self.manifest.select(["split", "identity", "key"]).take(rows[order])
 
 
 def work_dir(output: str, cfg: PreprocessConfig) -> str:
@@ -68,10 +97,11 @@ def work_dir(output: str, cfg: PreprocessConfig) -> str:
 
 # ---------------------------------------------------------------------------------- scan
 def scan_inputs(inputs: str | list[str], cfg: PreprocessConfig, fmt: str | None = None,
-                threads: int = 8) -> list[InputFile]:
-    """Every input with its hashes, sorted by manifest path. ``inputs``: a folder or s3://
-    prefix (read with the dataset reader ``fmt``, default ``folders``), or ``NAME=ROOT``
-    pairs, one per dataset (:mod:`preprocessing.datasets`)."""
+                threads: int = 8) -> pa.Table:
+    """Every input with its hashes, sorted by manifest path (the listing's table,
+    :data:`preprocessing.datasets.LISTING_SCHEMA`). ``inputs``: a folder or s3:// prefix
+    (read with the dataset reader ``fmt``, default ``folders``), or ``NAME=ROOT`` pairs, one
+    per dataset (:mod:`preprocessing.datasets`)."""
     return list_inputs(inputs, cfg, fmt, threads)
 
 
@@ -84,36 +114,85 @@ def _read_part(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
 
 
-def load_records(work: str) -> dict[str, dict]:
-    """{rid: record without image bytes, plus 'part'} from every part (first one wins)."""
-    out: dict[str, dict] = {}
-    for uri in part_files(work):
-        for rec in _read_part(uri, META_COLUMNS).to_pylist():
-            if rec["rid"] not in out:
-                rec["part"] = uri
-                out[rec["rid"]] = rec
-    return out
+def _meta_columns(metas: list[str]) -> dict[str, list]:
+    """The manifest's columns of each record's meta JSON."""
+    parsed = [json.loads(m) for m in metas]
+    return {"n_faces": [len(m.get("faces", [])) for m in parsed],
+            "detector_score": [m.get("detector_score") for m in parsed],
+            "landmark_source": [m.get("landmark_source", "") for m in parsed]}
 
 
-def todo_items(inputs: list[InputFile], done: set[str]) -> list[dict]:
-    """One item per rid not yet processed (duplicates of content processed once)."""
-    seen: set[str] = set()
-    items = []
-    for f in inputs:
-        if f.reason or f.rid in done or f.rid in seen:  # refused at listing: nothing to make
-            continue
-        seen.add(f.rid)
-        items.append({"uri": f.uri, "rid": f.rid, "sha256": f.sha256, "pts": f.pts or "",
-                      "mask": f.mask or "", "guide": f.guide(),
-                      "frame": "" if f.frame is None else str(f.frame)})
-    return items
+def _codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N,) int codes of a column's values, numbered as they first appear."""
+    coded = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
+    coded = coded.combine_chunks() if isinstance(coded, pa.ChunkedArray) else coded
+    return coded.indices.to_numpy(zero_copy_only=False)
+
+
+def _ranks(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N,) each row's rank among the column's distinct values in sorted order."""
+    coded = pc.dictionary_encode(values)
+    coded = coded.combine_chunks() if isinstance(coded, pa.ChunkedArray) else coded
+    rank = np.empty(len(coded.dictionary), np.int64)
+    rank[np.asarray(pc.sort_indices(coded.dictionary))] = np.arange(len(rank))
+    return rank[coded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _first_rows(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(K,) positions of the first row of each distinct value, ascending."""
+    # dictionary_encode numbers values as they first appear: first rows come out ascending.
+    return np.unique(_codes(values), return_index=True)[1]
+
+
+def load_records(work: str, columns: list[str] = RECORD_COLUMNS) -> pa.Table:
+    """``columns`` of every record (without image bytes), plus ``part`` (the uri of the part
+    holding it). A rid in two parts has two rows: the first one counts (``index_in``'s first
+    match, in the plan)."""
+    uris = part_files(work)
+    tables = []
+    for i, uri in enumerate(uris):
+        data = storage.read_bytes(uri)
+        names = pq.read_schema(io.BytesIO(data)).names
+        t = pq.read_table(io.BytesIO(data), columns=[c for c in columns if c in names] + (
+            ["meta"] if not set(columns) <= set(names) else []))
+        if "meta" in t.column_names:  # a part of before: its manifest columns from the metas
+            extra = _meta_columns(t["meta"].to_pylist())
+            for c in set(columns) - set(names):
+                t = t.append_column(PART_SCHEMA.field(c),
+                                    pa.array(extra[c], PART_SCHEMA.field(c).type))
+        tables.append(t.select(columns).append_column(
+            "part", pa.repeat(pa.scalar(i, pa.int32()), t.num_rows)))
+    schema = pa.schema([PART_SCHEMA.field(c) for c in columns] + [("part", pa.int32())])
+    records = pa.concat_tables(tables) if tables else schema.empty_table()
+    # One dictionary of part uris: a column of them would repeat each uri per record.
+    part = pa.DictionaryArray.from_arrays(records["part"].combine_chunks(),
+                                          pa.array(uris, pa.string()))
+    return records.set_column(records.num_columns - 1, "part", part)
+
+
+def todo_items(inputs: pa.Table, records: pa.Table) -> pa.Table:
+    """One row per rid not yet in ``records`` (duplicates of content processed once), with
+    the string columns the per-image stage reads ('' for none)."""
+    todo = pc.and_(pc.equal(inputs["reason"], ""),  # refused at listing: nothing to make
+                   pc.invert(pc.is_in(inputs["rid"], value_set=records["rid"])))
+    # Copied only when some rows drop out (the first run of a dataset keeps them all).
+    todo = inputs if pc.all(todo).as_py() is not False else inputs.filter(todo)
+    first = _first_rows(todo["rid"])
+    todo = todo if len(first) == todo.num_rows else todo.take(first)
+    return pa.table({
+        "uri": todo["uri"], "rid": todo["rid"], "sha256": todo["sha256"],
+        "pts": pc.fill_null(todo["pts"], ""), "mask": pc.fill_null(todo["mask"], ""),
+        "guide": guides(todo["box"], todo["points"]),
+        "frame": pc.fill_null(pc.cast(todo["frame"], pa.string()), "")})
 
 
 def write_part(work: str, records: list[dict]) -> str:
     rids = sorted(r["rid"] for r in records)
     name = hashlib.sha256("\n".join(rids).encode()).hexdigest()[:20]
     uri = storage.join(work, f"part-{name}.parquet")
-    table = pa.Table.from_pylist(records, schema=PART_SCHEMA)
+    columns = _meta_columns([r["meta"] for r in records])
+    table = pa.Table.from_pylist([r | {k: v[i] for k, v in columns.items()}
+                                  for i, r in enumerate(records)], schema=PART_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(uri, buf.getvalue())
@@ -159,15 +238,15 @@ def _count(batch: dict, counts: dict[str, int]) -> None:
             log.warning("image %s left for the next run after transient errors: %s", rid, reason)
 
 
-def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
+def process_images(items: pa.Table, work: str, cfg: PreprocessConfig,
                    storage_cfg: StorageConfig, use_ray: bool = True,
                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
-    """Run the per-image stages over ``items`` on a Ray Data actor pool (or in this process
-    when ``use_ray`` is False). ``on_progress(done, total)`` is called after each batch.
+    """Run the per-image stages over ``items`` (:func:`todo_items`) on a Ray Data actor pool
+    (or in this process when ``use_ray`` is False). ``on_progress(done, total)`` is called after each batch.
     Returns counts by status (``retry``: transient errors outlasted the retries; those
     images have no record yet)."""
     counts: dict[str, int] = defaultdict(int)
-    if not items:
+    if not len(items):
         return dict(counts)
     args = (cfg.model_dump_json(), storage_cfg.model_dump_json(), work)
     t0 = time.perf_counter()
@@ -176,9 +255,8 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
         proc = BatchProcessor(*args)
         bs = cfg.ray.batch_size
         for start in range(0, len(items), bs):
-            chunk = items[start:start + bs]
-            out = proc({k: [it[k] for it in chunk] for k in chunk[0]})
-            _count(out, counts)
+            chunk = items.slice(start, bs)
+            _count(proc(chunk.to_pydict()), counts)
             line.update(start + len(chunk))
             if on_progress:
                 on_progress(start + len(chunk), len(items))
@@ -205,136 +283,220 @@ def process_images(items: list[dict], work: str, cfg: PreprocessConfig,
 
 
 # ---------------------------------------------------------------------------------- plan
-def _identity_mode(cfg: PreprocessConfig, inputs: list[InputFile]) -> str:
+def _identity_mode(cfg: PreprocessConfig, rels: pa.Array | pa.ChunkedArray) -> str:
+    """rels: the inputs that no dataset labels."""
     if cfg.identity_source != "auto":
         return cfg.identity_source
     if cfg.labels:
         return "labels"
-    if inputs and all(folder_identity(f.rel) for f in inputs):
+    if len(rels) and pc.all(pc.is_valid(_folder_identity(rels))).as_py():
         return "folder"
     return "cluster"
 
 
-def plan(inputs: list[InputFile], records: dict[str, dict], cfg: PreprocessConfig) -> Plan:
+def _rel(listing: pa.Table) -> pa.Array | pa.ChunkedArray:
+    """Each row's path relative to its source's root: the path less ``<source>/``."""
+    return pc.if_else(pc.equal(listing["source"], ""), listing["path"],
+                      pc.replace_substring_regex(listing["path"], "^[^/]*/", "", max_replacements=1))
+
+
+def _folder_identity(rels: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """``<identity>/<image>`` -> identity (the first folder), column-wise; null for top-level
+    files (as :func:`preprocessing.identity.folder_identity`)."""
+    return pc.struct_field(pc.extract_regex(rels, r"^(?P<identity>[^/]+)/"), [0])
+
+
+def _runs(values: pa.Array | pa.ChunkedArray) -> list[tuple[int, int]]:
+    """[(start, stop)] of the runs of equal neighbours of a sorted column."""
+    codes = _codes(values)
+    edges = np.flatnonzero(np.diff(codes)) + 1
+    return list(zip(np.r_[0, edges].tolist(), np.r_[edges, len(codes)].tolist()))
+
+
+def _mask(n: int, rows: np.ndarray) -> pa.Array:
+    """(n,) booleans, True at ``rows``."""
+    out = np.zeros(n, bool)
+    out[rows] = True
+    return pa.array(out)
+
+
+def _scatter(mask: pa.Array, values: pa.Array | pa.ChunkedArray, fill: pa.Scalar) -> pa.Array:
+    """``values`` at the rows where ``mask`` holds (in row order), ``fill`` elsewhere (the
+    values themselves when it holds everywhere)."""
+    if len(values) == len(mask):
+        return values
+    return replace_rows(pa.repeat(fill, len(mask)), mask, values)
+
+
+def plan(inputs: pa.Table, records: pa.Table, cfg: PreprocessConfig) -> Plan:
     """Manifest rows for every input with a record, identities, split and the shard layout;
-    inputs without one (transient errors outlasted their retries) are ``pending``."""
+    inputs without one (transient errors outlasted their retries) are ``pending``.
+
+    inputs: the listing (:func:`scan_inputs`); records: :func:`load_records`. The manifest
+    shares the listing's columns (path, sha256, source, ...) rather than copying them."""
+    inputs = sort_by_path(inputs)
+    listed = pc.equal(inputs["reason"], "")
     # Folder, label file or clustering name what no dataset labels.
-    unlabelled = [f for f in inputs if f.label is None and not f.reason]
-    mode = _identity_mode(cfg, unlabelled) if unlabelled else "dataset"
-    labels = read_labels(storage.read_bytes(cfg.labels), cfg.labels) if mode == "labels" else {}
+    unlabelled = pc.and_(listed, inputs["label"].is_null())
+    mode = (_identity_mode(cfg, _rel(inputs.filter(unlabelled)))
+            if pc.any(unlabelled).as_py() else "dataset")
     if mode == "labels" and not cfg.labels:
         raise ValueError("identity_source 'labels' needs preprocess.labels")
+    labels = read_labels(storage.read_bytes(cfg.labels), cfg.labels) if mode == "labels" else {}
     if mode == "cluster" and cfg.embedding == "none":
         raise ValueError("clustering identities needs preprocess.embedding 'dlib'")
 
-    rows: list[dict] = []
-    first_of: dict[str, str] = {}
-    ok: list[tuple[dict, dict]] = []  # (row, record)
-    pending: list[str] = []
-    for f in sorted(inputs, key=lambda f: f.path):
-        source_cols = {"source": f.source, "source_identity": f.label or "", "race": f.race,
-                       "frame": f.frame, "dataset_box": f.box, "dataset_landmarks": f.points}
-        if f.reason:  # refused at listing (unsafe name, missing file, no label)
-            rows.append(manifest_row(f.path, f.reason, f.sha256) | source_cols)
-            continue
-        rec = records.get(f.rid)
-        if rec is None:  # transient errors outlasted the retries: neither ok nor rejected
-            pending.append(f.path)
-            continue
-        meta = json.loads(rec["meta"])
-        row = manifest_row(f.path, rec["reason"], f.sha256) | source_cols | {
-            "key": f.rid[:16], "n_faces": len(meta.get("faces", [])),
-            "detector_score": meta.get("detector_score"),
-            "landmark_source": meta.get("landmark_source", "")}
-        rows.append(row)
-        if f.rid in first_of:
-            row["reason"] = f"duplicate of {first_of[f.rid]}"
-            continue
-        first_of[f.rid] = f.path
-        if rec["status"] != "ok":
-            continue
-        if f.label is not None:
-            ident = f.label
-        elif mode == "folder":
-            ident = folder_identity(f.rel)
-        elif mode == "labels":
-            ident = labels.get(posixpath.normpath(f.rel))
-        else:
-            ident = "?"
-        if not ident:
-            row["reason"] = "no identity label" if mode == "labels" else "not in an identity folder"
-            continue
-        row.update(status="ok", reason="", identity=ident)
-        ok.append((row, rec))
+    at = pc.index_in(inputs["rid"], value_set=records["rid"])
+    # Transient errors outlasted the retries: neither ok nor rejected, not in the manifest.
+    waiting = pc.and_(listed, at.is_null())
+    pending = pc.filter(inputs["path"], waiting).to_pylist()
+    rows = inputs
+    if pending:
+        rows, at = inputs.filter(pc.invert(waiting)), pc.filter(at, pc.invert(waiting))
+    n = rows.num_rows
+    rec = records.select(["status", "reason", "n_faces", "detector_score", "landmark_source",
+                          "part"] + (["embedding"] if cfg.embedding != "none" else [])).take(at)
 
-    if ok and cfg.embedding != "none":
-        emb = np.array([rec["embedding"] for _, rec in ok], dtype=np.float32)
-        if mode == "cluster":
-            todo = [i for i, (row, _) in enumerate(ok) if not row["source_identity"]]
-            labels_idx = cluster(emb[todo], cfg.cluster_threshold)
+    # Duplicates of content: the first path of a record's rid is its row, the others point
+    # to it.
+    with_rec = np.flatnonzero(np.asarray(at.is_valid()))
+    _, lead, which = np.unique(np.asarray(at.drop_null()), return_index=True,
+                               return_inverse=True)
+    first = with_rec[lead[which]]
+    dup = with_rec[first != with_rec]
+    reason = pc.coalesce(rec["reason"], rows["reason"])
+    reason = replace_rows(reason, _mask(n, dup), pc.binary_join_element_wise(
+        "duplicate of ", pc.take(rows["path"], first[first != with_rec]), ""))
+    candidate = np.zeros(n, bool)
+    candidate[with_rec[first == with_rec]] = True
+    candidate &= np.asarray(pc.fill_null(pc.equal(rec["status"], "ok"), False))
+
+    ident = rows["label"]
+    if mode == "folder":
+        ident = pc.coalesce(ident, _folder_identity(_rel(rows)))
+    elif mode == "labels":
+        need = _mask(n, np.flatnonzero(candidate & np.asarray(ident.is_null())))
+        names = [labels.get(posixpath.normpath(r)) for r in pc.filter(_rel(rows), need).to_pylist()]
+        ident = pc.coalesce(ident, _scatter(need, pa.array(names, pa.string()),
+                                            pa.scalar(None, pa.string())))
+    elif mode == "cluster":
+        ident = pc.fill_null(ident, "?")
+    unnamed = candidate & ~np.asarray(pc.fill_null(pc.not_equal(ident, ""), False))
+    reason = pc.if_else(pa.array(unnamed), "no identity label" if mode == "labels"
+                        else "not in an identity folder", reason)
+    ok_rows = np.flatnonzero(candidate & ~unnamed)
+    is_ok = _mask(n, ok_rows)
+
+    def of_ok(column):  # a column's ok rows (all of it, uncopied, when every row is ok)
+        return column if len(ok_rows) == n else pc.take(column, ok_rows)
+
+    key = pc.utf8_slice_codeunits(rows["rid"], 0, 16)  # '' where refused at listing
+    key_ok, ident, source = of_ok(key), of_ok(ident), of_ok(rows["source"])
+    emb = None
+    if len(ok_rows) and cfg.embedding != "none":
+        emb = pc.list_flatten(of_ok(rec["embedding"])).to_numpy().reshape(len(ok_rows), -1)
+        todo = np.flatnonzero(np.asarray(of_ok(rows["label"]).is_null()))
+        if mode == "cluster" and len(todo):
+            found = cluster(emb[todo], cfg.cluster_threshold)
             # Named after the smallest key in the cluster: stable whatever the input order.
-            names: dict[int, str] = {}
-            for i, c in zip(todo, labels_idx):
-                names[int(c)] = min(names.get(int(c), ok[i][0]["key"]), ok[i][0]["key"])
-            for i, c in zip(todo, labels_idx):
-                ok[i][0]["identity"] = f"cluster-{names[int(c)]}"
+            by_key = np.asarray(pc.sort_indices(pc.take(key_ok, todo)))
+            _, lead = np.unique(found[by_key], return_index=True)
+            lead_of = np.empty(found.max() + 1, np.int64)
+            lead_of[found[by_key][lead]] = todo[by_key][lead]
+            ident = replace_rows(ident, _mask(len(ok_rows), todo), pc.binary_join_element_wise(
+                "cluster-", pc.take(key_ok, lead_of[found]), ""))
     # Namespaced by source: two datasets' 'n000002' (or two folders' 'anna') stay two people.
-    for row, _ in ok:
-        row["source_identity"] = row["identity"]
-        if row["source"]:
-            row["identity"] = f"{row['source']}/{row['identity']}"
-    if ok and cfg.embedding != "none":
-        dist = label_distances(emb, [row["identity"] for row, _ in ok])
-        for (row, _), d in zip(ok, dist):
-            row["identity_distance"] = float(d)
+    identity = pc.if_else(pc.equal(source, ""), ident,
+                          pc.binary_join_element_wise(source, ident, "/"))
+    distance = None
+    if emb is not None:
+        distance = pa.array(label_distances(emb, identity.to_pylist()), pa.float32())
+    split = split_column(identity, cfg.val_fraction, cfg.seed)
 
-    split_of = split_identities([row["identity"] for row, _ in ok], cfg.val_fraction, cfg.seed)
-    by_split: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
-    for row, rec in ok:
-        row["split"] = split_of[row["identity"]]
-        by_split[row["split"]].append((row, rec))
+    # Shards: a split's samples by key, shard_size each.
+    order = np.asarray(pc.sort_indices(pa.table({"split": split, "key": key_ok}),
+                                       sort_keys=[("split", "ascending"), ("key", "ascending")]))
+    in_order = pc.take(split, order)
+    names, number = [], np.zeros(len(order), np.int32)
+    for (a, b), split_name in zip(_runs(in_order), pc.unique(in_order).to_pylist()):
+        number[a:b] = len(names) + np.arange(b - a) // cfg.shard_size
+        names += [f"{split_name}-{i:06d}.tar" for i in range((b - a - 1) // cfg.shard_size + 1)]
+    shard_of_ok = np.empty_like(number)
+    shard_of_ok[order] = number
+    shard = pc.take(pa.array([f"shards/{s}" for s in names], pa.string()), shard_of_ok)
 
-    shards: dict[str, list[dict]] = {}
-    identities: dict[str, dict[str, list[str]]] = {}
-    digests: dict[str, str] = {}
-    for split in sorted(by_split):
-        members = sorted(by_split[split], key=lambda rr: rr[0]["key"])
-        groups: dict[str, list[str]] = defaultdict(list)
-        for i in range(0, len(members), cfg.shard_size):
-            name = f"{split}-{i // cfg.shard_size:06d}.tar"
-            entries = []
-            h = hashlib.sha256(f"{cfg.fingerprint()}:{name}".encode())
-            for row, rec in members[i:i + cfg.shard_size]:
-                row["shard"] = f"shards/{name}"
-                groups[row["identity"]].append(row["key"])
-                meta = json.loads(rec["meta"])
-                meta.update(source=row["path"], identity=row["identity"], split=split,
-                            key=row["key"], sha256=row["sha256"])
-                if row["source"]:
-                    meta.update(dataset=row["source"], source_identity=row["source_identity"])
-                meta_json = json.dumps(meta, sort_keys=True)
-                entries.append({"rid": rec["rid"], "key": row["key"], "part": rec["part"],
-                                "json": meta_json})
-                h.update(f"{rec['rid']}:{meta_json}".encode())
-            shards[name] = entries
+    manifest = manifest_table({
+        "path": rows["path"], "status": pc.if_else(is_ok, "ok", "rejected"),
+        "reason": pc.if_else(is_ok, "", reason),
+        "identity": _scatter(is_ok, identity, pa.scalar("")),
+        "split": _scatter(is_ok, split, pa.scalar("")),
+        "shard": _scatter(is_ok, shard, pa.scalar("")),
+        "key": key, "sha256": rows["sha256"], "n_faces": pc.fill_null(rec["n_faces"], 0),
+        "detector_score": rec["detector_score"],
+        "landmark_source": pc.fill_null(rec["landmark_source"], ""),
+        "identity_distance": (pa.nulls(n, pa.float32()) if distance is None else
+                              _scatter(is_ok, distance, pa.scalar(None, pa.float32()))),
+        "source": rows["source"],
+        "source_identity": (ident if len(ok_rows) == n else
+                            replace_rows(pc.fill_null(rows["label"], ""), is_ok, ident)),
+        "race": rows["race"], "frame": rows["frame"],
+        "dataset_box": rows["box"], "dataset_landmarks": rows["points"]})
+    sample_rows = ok_rows[order]
+    shards = pa.table({"shard": pa.DictionaryArray.from_arrays(number, names),
+                       "row": sample_rows, "part": pc.take(rec["part"], sample_rows)})
+    return Plan(manifest=manifest, shards=shards,
+                digests=_digests(cfg, names, rows["rid"], manifest, shards),
+                label_outliers=_outliers(cfg, mode, of_ok(rows["path"]), distance),
+                pending=_pending(pending))
+
+
+def _digests(cfg: PreprocessConfig, names: list[str], rid: pa.ChunkedArray,
+             manifest: pa.Table, shards: pa.Table) -> dict[str, str]:
+    """{shard name: digest of what its bytes depend on: its records and the meta fields of
+    its samples}; the samples' fields taken a block of shards at a time."""
+    digests = {}
+    fingerprint = cfg.fingerprint()
+    runs = _runs(shards["shard"])
+    block = max(1, 65536 // cfg.shard_size)
+    for first in range(0, len(runs), block):
+        runs_here = runs[first:first + block]
+        start, stop = runs_here[0][0], runs_here[-1][1]
+        rows = shards["row"].slice(start, stop - start)
+        lines = pc.binary_join_element_wise(pc.take(rid, rows), *(
+            pc.take(manifest[c], rows) for c in SAMPLE_FIELDS), ":")
+        for name, (a, b) in zip(names[first:first + block], runs_here):
+            h = hashlib.sha256(f"{fingerprint}:{name}".encode())
+            h.update("\n".join(lines.slice(a - start, b - a).to_pylist()).encode())
             digests[name] = h.hexdigest()
-        identities[split] = {k: sorted(v) for k, v in sorted(groups.items())}
-    outliers = sorted(r["path"] for r in rows if r["status"] == "ok" and mode != "cluster"
-                      and (r["identity_distance"] or 0.0) > cfg.label_check_distance)
+    return digests
+
+
+def _outliers(cfg: PreprocessConfig, mode: str, paths: pa.ChunkedArray,
+              distance: pa.Array | None) -> list[str]:
+    """The paths of labelled images farther than ``label_check_distance`` from their
+    identity's mean embedding (logged)."""
+    outliers = []
+    if distance is not None and mode != "cluster":
+        outliers = sorted(pc.filter(paths, pc.greater(distance, cfg.label_check_distance))
+                          .to_pylist())
     if outliers:
         log.warning("%d images are farther than %.2f from their identity's mean embedding "
                     "(check their labels): %s", len(outliers), cfg.label_check_distance,
                     outliers[:10])
+    return outliers
+
+
+def _pending(pending: list[str]) -> list[str]:
     if pending:
         log.warning("%d images left for the next run after transient errors: %s",
                     len(pending), pending[:10])
-    return Plan(rows=rows, shards=shards, identities=identities, digests=digests,
-                label_outliers=outliers, pending=pending)
+    return pending
 
 
 # -------------------------------------------------------------------------------- output
 class _PartCache:
-    """Recently read parts (with image bytes), by uri."""
+    """Recently read parts (with image bytes and meta), by uri; their records by key (the
+    rid's first 16 hex digits, as the manifest's)."""
 
     def __init__(self, size: int = 32):
         self.size = size
@@ -344,8 +506,8 @@ class _PartCache:
         if uri in self._parts:
             self._parts.move_to_end(uri)
         else:
-            recs = _read_part(uri, ["rid", "jpg", "lmk", "mask"]).to_pylist()
-            self._parts[uri] = {r["rid"]: r for r in recs}
+            recs = _read_part(uri, ["rid", "jpg", "lmk", "mask", "meta"]).to_pylist()
+            self._parts[uri] = {r["rid"][:16]: r for r in recs}
             if len(self._parts) > self.size:
                 self._parts.popitem(last=False)
         return self._parts[uri]
@@ -360,26 +522,32 @@ def write_shards(output: str, the_plan: Plan) -> int:
     existing = {u.rsplit("/", 1)[-1]: u for u in storage.list_files(shard_dir)}
     cache = _PartCache()
     written = 0
-    for name, entries in the_plan.shards.items():
+    for name, entries in the_plan.shard_entries():
         digest = the_plan.digests[name]
         if state.get(name) == digest and name in existing:
             continue
         samples = []
-        for e in entries:
-            rec = cache.get(e["part"])[e["rid"]]
+        for e in entries.to_pylist():  # one shard's samples at a time
+            rec = cache.get(e["part"])[e["key"]]
+            meta = json.loads(rec["meta"])
+            meta.update(source=e["path"], identity=e["identity"], split=e["split"],
+                        key=e["key"], sha256=e["sha256"])
+            if e["source"]:
+                meta.update(dataset=e["source"], source_identity=e["source_identity"])
             samples.append({"key": e["key"], "jpg": rec["jpg"], "lmk.npy": rec["lmk"],
-                            "mask.png": rec["mask"], "json": e["json"].encode()})
+                            "mask.png": rec["mask"],
+                            "json": json.dumps(meta, sort_keys=True).encode()})
         storage.write_bytes(storage.join(shard_dir, name), shard_bytes(samples))
         state[name] = digest
         write_if_changed(state_uri, json.dumps(state, sort_keys=True, indent=1).encode())
         written += 1
         log.info("wrote shard %s (%d samples)", name, len(samples))
     for name, uri in existing.items():
-        if name not in the_plan.shards:
+        if name not in the_plan.digests:
             storage.delete(uri)
             state.pop(name, None)
     write_if_changed(state_uri, json.dumps(
-        {k: v for k, v in state.items() if k in the_plan.shards}, sort_keys=True, indent=1
+        {k: v for k, v in state.items() if k in the_plan.digests}, sort_keys=True, indent=1
     ).encode())
     return written
 
@@ -388,18 +556,22 @@ def write_outputs(output: str, the_plan: Plan) -> dict[str, bool]:
     """Manifest and identities.json (only when changed)."""
     return {
         MANIFEST_FILE: write_if_changed(storage.join(output, MANIFEST_FILE),
-                                        manifest_bytes(the_plan.rows)),
+                                        table_bytes(the_plan.manifest)),
         IDENTITIES_FILE: write_if_changed(storage.join(output, IDENTITIES_FILE),
                                           identities_bytes(the_plan.identities)),
     }
 
 
 def summarise(the_plan: Plan) -> dict:
-    ok = [r for r in the_plan.rows if r["status"] == "ok"]
+    n = the_plan.manifest.num_rows
+    ok = pc.sum(pc.equal(the_plan.manifest["status"], "ok")).as_py() or 0
+    samples = the_plan.manifest.select(["split", "identity"]).take(the_plan.shards["row"])
+    per_split = samples.group_by("split").aggregate([("identity", "count_distinct")])
     return {
-        "inputs": len(the_plan.rows), "ok": len(ok), "rejected": len(the_plan.rows) - len(ok),
-        "identities": {s: len(v) for s, v in the_plan.identities.items()},
-        "shards": sorted(the_plan.shards),
+        "inputs": n, "ok": ok, "rejected": n - ok,
+        "identities": dict(zip(per_split["split"].to_pylist(),
+                               per_split["identity_count_distinct"].to_pylist())),
+        "shards": sorted(the_plan.digests),
         "label_outliers": len(the_plan.label_outliers),
         "retry_later": len(the_plan.pending),
     }
@@ -421,12 +593,9 @@ def _run_stages(input_root: str | list[str], output: str, cfg: PreprocessConfig,
                 storage_cfg: StorageConfig, use_ray: bool, fmt: str | None) -> dict:
     inputs = scan_inputs(input_root, cfg, fmt)
     work = work_dir(output, cfg)
-    records = load_records(work)
-    items = todo_items(inputs, set(records))
+    items = todo_items(inputs, load_records(work, ["rid"]))
     process_images(items, work, cfg, storage_cfg, use_ray=use_ray)
-    if items:
-        records = load_records(work)
-    the_plan = plan(inputs, records, cfg)
+    the_plan = plan(inputs, load_records(work), cfg)
     n = write_shards(output, the_plan)
     summary = summarise(the_plan) | {"processed": len(items), "shards_written": n}
     summary["files_written"] = [k for k, v in write_outputs(output, the_plan).items() if v]

@@ -8,14 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 
-def map_actor_pool(items: Sequence[dict], cls: type, args: tuple, *, workers: int,
+def map_actor_pool(items: Sequence[dict] | pa.Table, cls: type, args: tuple, *, workers: int,
                    cpus: float, gpus: float, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``cls(*args)(batch)`` for batches of ``items`` as the actors finish them.
 
-    items: dicts of one row each; cls: a callable class mapping a numpy batch (column ->
-    (n,) array, n <= batch_size) to its result columns; workers: the pool's size, at most
+    items: dicts of one row each, or a table's rows (handed over column-wise); cls: a
+    callable class mapping a numpy batch (column -> (n,) array, n <= batch_size) to its
+    result columns; workers: the pool's size, at most
     one actor per block (an actor with no block would only load models); cpus, gpus: each
     actor's share (0 GPUs: none asked for).
     """
@@ -23,7 +25,8 @@ def map_actor_pool(items: Sequence[dict], cls: type, args: tuple, *, workers: in
     from ray.data import ActorPoolStrategy
 
     blocks = max(1, len(items) // batch_size)
-    ds = ray.data.from_items(list(items), override_num_blocks=blocks)
+    ds = (ray.data.from_arrow(items).repartition(blocks) if isinstance(items, pa.Table)
+          else ray.data.from_items(list(items), override_num_blocks=blocks))
     ds = ds.map_batches(cls, fn_constructor_args=args, batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=min(workers, blocks)),
                         num_cpus=cpus, num_gpus=gpus or None)

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
-from preprocessing.manifest import MANIFEST_FILE, manifest_bytes
+from preprocessing.manifest import MANIFEST_FILE, manifest_table, table_bytes
 from preprocessing.shards import shard_bytes
 
 
@@ -51,7 +52,8 @@ def write_train_split(root: Path, samples: list[dict], per_shard: int,
                          "key": s["key"]})
         (root / shard).write_bytes(shard_bytes(raw))
     if manifest:
-        (root / MANIFEST_FILE).write_bytes(manifest_bytes(rows))
+        (root / MANIFEST_FILE).write_bytes(table_bytes(manifest_table(
+            {k: pa.array([r[k] for r in rows]) for k in rows[0]})))
     lists: dict[str, list[str]] = {}
     for s in samples:
         lists.setdefault(s["meta"]["identity"], []).append(s["key"])

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -156,8 +157,15 @@ def voxceleb2_tree(root: Path) -> Path:
     return root
 
 
-def by_path(inputs) -> dict:
-    return {f.path: f for f in inputs}
+def by_path(listing) -> dict:
+    """{path: entry} of a listing table, its columns as attributes (box, points as tuples)."""
+    out = {}
+    for row in listing.to_pylist():
+        box, pts = row["box"], row["points"]
+        row.update(box=None if box is None else tuple(box),
+                   points=None if pts is None else tuple(map(tuple, pts)))
+        out[row["path"]] = SimpleNamespace(**row)
+    return out
 
 
 # ----------------------------------------------------------------------------- listing
