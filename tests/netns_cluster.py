@@ -3,8 +3,9 @@
 Each node is a network namespace of its own (``ip netns``), joined to the other by a veth
 pair, with addresses that exist only inside the namespaces (:data:`SUBNET`): the head
 ``.1``, the worker ``.2``. Every process of a node runs in its namespace: the node's Ray
-daemons (``ray start --block``, one CPU each unless told) and, on the head, what the caller
-runs there (:meth:`NetnsCluster.run`: the driver, the S3 and MLflow servers). Nothing shares
+daemons (``ray start --block``, one CPU each unless told) and what the caller runs there
+(:meth:`NetnsCluster.run`: the driver on the head, a user's process on either node;
+:func:`start_s3`, :func:`start_mlflow`: the S3 and MLflow servers on the head). Nothing shares
 a disk: each node has its own temp and working folder under the cluster's root, and the
 worker runs in a mount namespace of its own with a private tmpfs over that whole root, so
 the driver's files (and the head's) are out of its reach; it reads and writes S3 only.
@@ -170,13 +171,17 @@ class NetnsCluster:
             return self._spawn(node, argv, private_root=node == "worker",
                                stdout=log, stderr=subprocess.STDOUT)
 
-    def run(self, argv: Sequence[str], **popen) -> subprocess.Popen:
-        """Start ``argv`` on the head (the driver's host), in the driver's folder."""
-        popen.setdefault("cwd", self.driver_dir)
-        env = {**self._env("head"), "TMPDIR": str(self.driver_dir), **popen.pop("env", {})}
+    def run(self, argv: Sequence[str], node: str = "head", **popen) -> subprocess.Popen:
+        """Start ``argv`` as a user's process on ``node``: on the head (the driver's host) in
+        the driver's folder; on the worker in a private view of its own, which sees neither
+        the driver's files nor the worker node's."""
+        own = {"TMPDIR": str(self.driver_dir)} if node == "head" else {}
+        env = {**self._env(node), **own, **popen.pop("env", {})}
         # A user's process: the project applies its own Ray settings.
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-        return self._spawn("head", argv, env=env, **popen)
+        if node == "head":
+            popen.setdefault("cwd", self.driver_dir)
+        return self._spawn(node, argv, env=env, private_root=node == "worker", **popen)
 
     def wait_for_nodes(self, n: int, timeout_s: float = 120.0) -> None:
         """Until the head lists ``n`` live nodes (``ray status`` run on the head)."""
@@ -210,6 +215,32 @@ def start_s3(cluster: NetnsCluster) -> subprocess.Popen:
     return cluster.run([str(VENV_BIN / "moto_server"), "-H", cluster.ip["head"],
                         "-p", str(S3_PORT)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+MLFLOW_PORT = 5000
+
+
+def start_mlflow(cluster: NetnsCluster, artifacts: str) -> str:
+    """An MLflow tracking server on the head's address, run as ``infra/deploy/compose.yaml``
+    runs it: its sqlite backend store in the head's own folder, the artifacts served through
+    it from ``artifacts`` (an s3:// URI on :func:`start_s3`'s server), so that clients log and
+    download models with no S3 access of their own. Returns its URL; it answers once its
+    database is set up (``/health``, reachable only from inside the cluster)."""
+    from infra.offline import OFFLINE_ENV
+
+    head, folder = cluster.ip["head"], cluster.node_dir("head") / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**OFFLINE_ENV, **cluster._env("head"),
+           "MLFLOW_S3_ENDPOINT_URL": cluster.env["AWS_ENDPOINT_URL"]}
+    log = open(cluster.root / "mlflow.log", "ab")  # the driver's side: readable here
+    with log:
+        cluster._spawn("head", [str(VENV_BIN / "mlflow"), "server", "--host", head,
+                                "--port", str(MLFLOW_PORT),
+                                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                                "--artifacts-destination", artifacts, "--workers", "1",
+                                "--allowed-hosts", f"{head}:{MLFLOW_PORT}"],
+                       env=env, stdout=log, stderr=subprocess.STDOUT)
+    return f"http://{head}:{MLFLOW_PORT}"
 
 
 def main() -> int:

@@ -5,19 +5,22 @@ server on the head's address, the only store both nodes reach).
 
 The driver runs on the head, as a user's would: the functions ``drive_*`` below, started
 there by :func:`drive` in a process of their own, write what they saw to a JSON file that
-the test reads.
+the test reads (``drive_evaluate`` runs on the worker node and prints it instead).
 
 1. cluster helper (fast): namespaces, the private view of the worker, cleanup on failure;
 2. one run (slow): photos on S3 preprocessed on Ray Data with an actor on each node into
    shards on S3, then coarse training with one Ray Train worker per node (each node has one
    CPU); the worker node is killed (every process of it at once) once a checkpoint is
    registered and a node started again: the run resumes from the last checkpoint and
-   finishes;
+   finishes; its model is logged and registered (MLflow server on the head, artifacts on
+   S3) and evaluated on the worker node from ``models:/wildface-deca@challenger``, the
+   metrics logged to the version's run;
 3. what the run needed (fast): gloo's interface is the one holding the node IP; a local
    coarse checkpoint is uploaded to S3 for a cluster named by ``$RAY_ADDRESS``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -29,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from netns_cluster import SUBNET, NetnsCluster, s3_env, start_s3
+from netns_cluster import SUBNET, NetnsCluster, s3_env, start_mlflow, start_s3
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 TESTS = Path(__file__).resolve().parent
@@ -80,11 +83,17 @@ def test_cluster_nodes_are_separate_hosts_and_cleanup_survives_a_failure():
 
 
 # -- the driver's side (run on the head) -----------------------------------------------------------
-def _config(root: Path, address: str) -> Path:
+def _config(root: Path, address: str, tracking_uri: str) -> Path:
     from reconstruct_fixtures import e2e_tree
 
     tree = e2e_tree({})
     tree["train"].update(steps=STEPS, pretrain_steps=2, checkpoint_every=2)
+    # one figure, at the end: logged by rank 0, wherever it runs, through the server
+    tree["tracking"].update(uri=tracking_uri, log_every=2, figure_every=STEPS,
+                            system_metrics=False)
+    # the evaluation's synthetic NoW-layout set: two subjects of one image
+    tree["evaluate_flow"] = {"synthetic_identities": 2, "synthetic_images_per_identity": 1}
+    tree["evaluation"] = {"workers": 1, "refine_iters": 3}
     tree["ray"] = {"address": address, "num_workers": 2, "cpus_per_worker": 1,
                    "max_failures": 4, "storage_path": "s3://wfruns/ray"}
     # Two actors of 0.75 CPU cannot share a node of one CPU: one per node.
@@ -111,20 +120,23 @@ def _preprocess(cfg, root: Path, photos: str, out: str) -> dict:
     return pp.run(photos, out, cfg.preprocess, cfg.storage, use_ray=True)
 
 
-def drive_run(root: str, address: str) -> None:
-    """Preprocess, then coarse training on the cluster; ``root/checkpointed`` appears once
-    Ray has registered a checkpoint (the test kills the worker node then)."""
+def drive_run(root: str, address: str, tracking_uri: str) -> None:
+    """Preprocess, then coarse training on the cluster, its model logged and registered;
+    ``root/checkpointed`` appears once Ray has registered a checkpoint (the test kills the
+    worker node then)."""
     import threading
 
     from infra.offline import apply_offline_env
 
     apply_offline_env()
+    from flows import registry
     from flows.config import load_config
+    from flows.tracking import _server_answers
     from flows.train import run_stage
     from infra import storage
 
     root = Path(root)
-    cfg = load_config(_config(root, address))
+    cfg = load_config(_config(root, address, tracking_uri))
     storage.configure(cfg.storage)
     for bucket in ("wfdata", "wfruns"):
         storage._client().create_bucket(Bucket=bucket)
@@ -147,21 +159,94 @@ def drive_run(root: str, address: str) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    deadline = time.monotonic() + 120
+    while not _server_answers(tracking_uri):  # started with the cluster; long up by now
+        assert time.monotonic() < deadline, f"no MLflow server at {tracking_uri}"
+        time.sleep(0.5)
     try:
-        result = run_stage(cfg, "coarse", data, root / "out", run_name=RUN)
+        result = run_stage(cfg, "coarse", data, root / "out", run_name=RUN,
+                           tracking_uri=tracking_uri)
     finally:
         done.set()
     files = storage.list_files(f"s3://wfruns/ray/{RUN}")
     (root / "coarse.json").write_text(json.dumps({**result.as_dict(), "files": files}))
 
+    # The coarse model as the registered reconstructor: its files go to S3 through the server.
+    t0 = time.perf_counter()
+    model_uri = registry.log_reconstructor(tracking_uri, cfg, run_id=result.mlflow_run_id,
+                                           detail_checkpoint=result.checkpoint,
+                                           coarse_checkpoint=result.checkpoint)
+    version = registry.register_model(tracking_uri, cfg, model_uri,
+                                      run_id=result.mlflow_run_id, data=data)
+    (root / "registered.json").write_text(json.dumps(
+        {**version, "model_uri": model_uri, "seconds": time.perf_counter() - t0}))
 
-def drive(cluster: NetnsCluster, name: str, *args: str) -> subprocess.Popen:
-    """``drive_<name>(*args)`` in a process on the head (the driver's host and folder)."""
+
+def drive_evaluate(driver_dir: str, address: str, tracking_uri: str) -> None:
+    """On the worker node: the registered model (``models:/<name>@<alias>``) evaluated on the
+    synthetic NoW-layout set as the ``evaluate`` flow does it (its dataset, predict, score and
+    log steps, without a Prefect server), then what the registry, the run and the bucket
+    hold. This host sees neither the driver's files nor the head's: the model can only come
+    through MLflow, whose artifacts are on S3. Prints the JSON as one line of its own."""
+    import hashlib
+
+    from infra.offline import apply_offline_env
+
+    apply_offline_env()
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from flows.config import load_config
+    from flows.evaluate import log_task, predict_dataset, synthetic_dataset
+    from recon.evaluation.now import evaluate_now
+
+    t0 = time.perf_counter()
+    here = Path.cwd()  # the worker's own folder
+    cfg = load_config(_config(here, address, tracking_uri))
+    tc = cfg.tracking
+    out = here / "evaluate"
+    data = synthetic_dataset(out / "synthetic", cfg)
+    summary, info = predict_dataset(f"models:/{tc.registered_model}@{tc.alias}", data,
+                                    out / "predictions", cfg, tracking_uri=tracking_uri,
+                                    baseline_out=out / "predictions-mean-face")
+    metrics = evaluate_now(data, out / "predictions", out / "now", cfg.evaluation)
+    baseline = evaluate_now(data, out / "predictions-mean-face", out / "now-mean-face",
+                            cfg.evaluation)
+    logged = log_task.fn(info.as_dict(), metrics, str(out), tracking_uri, baseline)
+
+    client = MlflowClient(tracking_uri, tracking_uri)
+    mv = client.get_model_version_by_alias(tc.registered_model, tc.alias)
+    run = client.get_run(mv.run_id)
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket="wfruns", Prefix="mlflow/") for o in page.get("Contents", [])]
+    # where the server keeps the model's files: mlflow-artifacts:/<path> -> s3://wfruns/mlflow/<path>
+    model_prefix = "mlflow/" + client.get_logged_model(
+        info.source["model_id"]).artifact_location.split("mlflow-artifacts:/", 1)[1].strip("/")
+    checkpoint = [k for k in keys if k.startswith(model_prefix) and k.endswith(".pt")]
+    print(json.dumps({
+        "predicted": summary.written, "failed": summary.failed, "model": info.as_dict(),
+        "logged": logged, "version": str(mv.version), "aliases": list(mv.aliases),
+        "version_run_id": mv.run_id, "version_source": mv.source,
+        "run_metrics": run.data.metrics,
+        "version_tags": mv.tags, "model_prefix": model_prefix, "keys": keys,
+        "checkpoint_sha256": {k: hashlib.sha256(s3.get_object(Bucket="wfruns", Key=k)[
+            "Body"].read()).hexdigest() for k in checkpoint},
+        "sees_driver_dir": Path(driver_dir).exists(), "here": str(here),
+        "run_artifact_uri": run.info.artifact_uri, "seconds": time.perf_counter() - t0}),
+          flush=True)
+
+
+def drive(cluster: NetnsCluster, name: str, *args: str, node: str = "head") -> subprocess.Popen:
+    """``drive_<name>(*args)`` in a process on ``node`` (the head: the driver's host and
+    folder); its output in the driver's folder (``<name>.log``)."""
     log = open(cluster.driver_dir / f"{name}.log", "ab")
     with log:
         return cluster.run([sys.executable, "-c",
                             f"import sys, test_multinode as t; t.drive_{name}(*sys.argv[1:])",
-                            *args], env={"PYTHONPATH": str(TESTS)},
+                            *args], node=node,
+                           env={"PYTHONPATH": os.pathsep.join(filter(None, (
+                               str(TESTS), os.environ.get("PYTHONPATH"))))},
                            stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -185,6 +270,13 @@ def cluster():
         yield c
 
 
+@pytest.fixture(scope="module")
+def tracking_uri(cluster) -> str:
+    """An MLflow server on the head's address, its artifacts in ``s3://wfruns/mlflow``
+    (the driver waits for it: it comes up while the photos are preprocessed)."""
+    return start_mlflow(cluster, "s3://wfruns/mlflow")
+
+
 class Titles(threading.Thread):
     """Samples, five times a second, the Ray process titles (``ray::...``) on each node:
     {node: {title}}."""
@@ -206,13 +298,14 @@ class Titles(threading.Thread):
 
 @needs_root
 @pytest.mark.slow
-def test_preprocess_and_coarse_across_nodes_resume_after_losing_a_node(cluster):
+def test_preprocess_coarse_register_evaluate_across_nodes_resume_after_losing_a_node(
+        cluster, tracking_uri):
     from recon.training.checkpoint import load_checkpoint
 
     root = cluster.driver_dir
     titles = Titles(cluster)
     titles.start()
-    driver = drive(cluster, "run", str(root), cluster.address)
+    driver = drive(cluster, "run", str(root), cluster.address, tracking_uri)
     deadline = time.monotonic() + 300
     while not (root / "checkpointed").exists():
         assert driver.poll() is None, _log_tail(cluster, "run")
@@ -225,6 +318,9 @@ def test_preprocess_and_coarse_across_nodes_resume_after_losing_a_node(cluster):
     assert driver.wait(timeout=300) == 0, _log_tail(cluster, "run")
     titles.done.set()
     titles.join()
+    evaluation = drive(cluster, "evaluate", str(root), cluster.address, tracking_uri,
+                       node="worker")
+    assert evaluation.wait(timeout=300) == 0, _log_tail(cluster, "evaluate")
 
     # preprocessing: photos on S3 -> shards on S3, Ray Data actors on both nodes
     pre = json.loads((root / "preprocessed.json").read_text())
@@ -247,6 +343,44 @@ def test_preprocess_and_coarse_across_nodes_resume_after_losing_a_node(cluster):
     # the final checkpoint, copied to the driver's folder from S3, is complete
     final = load_checkpoint(Path(result["checkpoint"]), stage="coarse")
     assert final["step"] == STEPS and set(final) >= {"model", "optimizer", "step_state"}
+
+    # registration: a new version of the model with the alias, its files on S3 as recorded
+    registered = json.loads((root / "registered.json").read_text())
+    ev = json.loads([line for line in (root / "evaluate.log").read_text().splitlines()
+                     if line.startswith("{")][-1])
+    assert ev["version"] == registered["version"] and "challenger" in ev["aliases"]
+    assert ev["version_run_id"] == registered["run_id"] == result["mlflow_run_id"]
+    keys = set(ev["keys"])
+    prefix = ev["model_prefix"]
+    assert {f"{prefix}/MLmodel", f"{prefix}/artifacts/config.json",
+            f"{prefix}/artifacts/face_model.npz"} <= keys, sorted(keys)
+    # the checkpoint in the bucket is the trained one, byte for byte, as the registry records
+    ckpt_key = f"{prefix}/artifacts/{Path(result['checkpoint']).name}"
+    assert ev["checkpoint_sha256"] == {ckpt_key: ev["version_tags"]["sha256.checkpoint"]}
+    assert ev["version_tags"]["sha256.checkpoint"] == hashlib.sha256(
+        Path(result["checkpoint"]).read_bytes()).hexdigest()
+    # the training run's own files, the figure logged by rank 0 included, are there too
+    run_prefix = "mlflow/" + ev["run_artifact_uri"].split("mlflow-artifacts:/", 1)[1].strip("/")
+    assert f"{run_prefix}/checkpoint/{Path(result['checkpoint']).name}" in keys
+    assert f"{run_prefix}/figures/step_{STEPS:07d}.png" in keys, sorted(keys)
+
+    # evaluation on the worker node, which sees no file of the driver's: the model came
+    # through the registry (downloaded into the worker's own folder), the metrics went to
+    # the version's run, the curve to S3
+    assert not ev["sees_driver_dir"] and ev["here"].startswith(str(cluster.node_dir("worker")))
+    model = ev["model"]
+    assert model["uri"] == "models:/wildface-deca@challenger"
+    assert model["version"] == registered["version"] and model["step"] == STEPS
+    assert ev["version_source"] == registered["model_uri"] == f"models:/{model['model_id']}"
+    assert model["checkpoint"].startswith(str(cluster.node_dir("worker")))
+    assert ev["predicted"] == 2 and not ev["failed"]
+    now = {k: v for k, v in ev["run_metrics"].items() if k.startswith("now_")}
+    assert now == pytest.approx({k: v for k, v in ev["logged"].items() if k != "run_id"})
+    assert now["now_n_images"] == 2 and now["now_n_missing"] == 0
+    assert 0 < now["now_median"] < 100  # mm
+    assert float(ev["version_tags"]["metric.now_median"]) == pytest.approx(
+        now["now_median"], rel=1e-5)
+    assert f"{run_prefix}/evaluation/now/metrics.json" in keys
 
 
 def test_gloo_interface_is_the_one_holding_the_node_ip():
