@@ -25,8 +25,14 @@ def map_actor_pool(items: Sequence[dict] | pa.Table, cls: type, args: tuple, *, 
     from ray.data import ActorPoolStrategy
 
     blocks = max(1, len(items) // batch_size)
-    ds = (ray.data.from_arrow(items).repartition(blocks) if isinstance(items, pa.Table)
-          else ray.data.from_items(list(items), override_num_blocks=blocks))
+    if isinstance(items, pa.Table):
+        # Cut into blocks here: a repartition is a Ray task of one CPU, which never runs on
+        # nodes whose CPUs the actors already hold (one CPU, an actor of 0.75).
+        rows = max(1, -(-items.num_rows // blocks))
+        ds = ray.data.from_arrow([items.slice(i, rows) for i in range(0, items.num_rows, rows)]
+                                 or [items])
+    else:
+        ds = ray.data.from_items(list(items), override_num_blocks=blocks)
     ds = ds.map_batches(cls, fn_constructor_args=args, batch_size=batch_size,
                         batch_format="numpy", compute=ActorPoolStrategy(size=min(workers, blocks)),
                         num_cpus=cpus, num_gpus=gpus or None)
