@@ -48,6 +48,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time (all threads): on a shared machine, the figure that does
+    not depend on what else runs."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def _stub_records(todo: pa.Table, work: str, part_rows: int) -> None:
     """The parts the actors would write for ``todo``: every image "ok", no image bytes."""
     import io
@@ -88,13 +95,20 @@ def run(n: int, val_fraction: float = 0.2, seed: int = 0, part_rows: int = 100_0
     cfg = PreprocessConfig(embedding="none", val_fraction=val_fraction, seed=seed)
     root = "/vggface2"
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     peaks: dict[str, int] = {}
+    cpu_at = [cpu_seconds()]
 
     def step(name: str, t0: float) -> None:
         times[name] = time.perf_counter() - t0
+        cpu[name] = cpu_seconds() - cpu_at[0]
         peaks[name] = round(peak_rss_mb())
 
-    t = time.perf_counter()
+    def start() -> float:
+        cpu_at[0] = cpu_seconds()
+        return time.perf_counter()
+
+    t = start()
     names = vggface2_names(n)
     step("generate", t)
 
@@ -114,30 +128,32 @@ def run(n: int, val_fraction: float = 0.2, seed: int = 0, part_rows: int = 100_0
             mock.patch.object(storage, "list_files", list_files), \
             mock.patch.object(datasets, "_file_sha", file_sha):
         work = pipeline.work_dir(out, cfg)
-        t = time.perf_counter()
+        t = start()
         inputs = pipeline.scan_inputs(f"vggface2={root}", cfg)
         folder.clear()
         step("scan", t)
 
-        t = time.perf_counter()
+        t = start()
         todo = pipeline.todo_items(inputs, pipeline.load_records(work, ["rid"]))
         step("resume_check", t)
 
         _stub_records(todo, work, part_rows)  # the actors' work: not the driver's
         del todo
 
-        t = time.perf_counter()
+        t = start()
         the_plan = pipeline.plan(inputs, pipeline.load_records(work), cfg)
         del inputs
         step("records_and_plan", t)
 
-        t = time.perf_counter()
+        t = start()
         size = len(table_bytes(the_plan.manifest))
         identities_size = len(identities_bytes(the_plan.identities))
         step("parquet", t)
     steps = ("scan", "resume_check", "records_and_plan", "parquet")
     return {"names": n, "seconds": {k: round(v, 2) for k, v in times.items()},
             "total_seconds": round(sum(times[k] for k in steps), 2),
+            "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
+            "total_cpu_seconds": round(sum(cpu[k] for k in steps), 2),
             "peak_rss_mb": peaks, "manifest_bytes": size, "identities_bytes": identities_size,
             "shards": len(the_plan.digests), "table": the_plan.manifest}
 

@@ -243,9 +243,10 @@ def hash_inputs(listing: pa.Table, threads: int = 8) -> pa.Table:
     usable = pc.equal(listing["reason"], "")
     n = listing.num_rows
     # Every file an entry names (image, sidecars) encoded once: its code is its row of shas.
+    kinds = [c for c in ("uri", "pts", "mask") if c == "uri" or listing[c].null_count < n]
     named = pc.dictionary_encode(pa.chunked_array(
         [pc.if_else(usable, listing[c], pa.scalar(None, pa.string()))
-         for c in ("uri", "pts", "mask")]).combine_chunks())
+         for c in kinds]).combine_chunks())
     # Slices of names, not a future (nor a Python string) per file: millions would not fit.
     files = named.dictionary
 
@@ -258,8 +259,14 @@ def hash_inputs(listing: pa.Table, threads: int = 8) -> pa.Table:
             pool.map(hashed, range(0, len(files), _SLICE))))
 
     def sha_of(column: str) -> pa.Array:
-        i = ("uri", "pts", "mask").index(column)
-        return pc.take(shas, named.indices.slice(i * n, n))
+        if column not in kinds:
+            return pa.nulls(n, pa.string())
+        i = kinds.index(column)
+        codes = named.indices.slice(i * n, n)
+        if i == 0 and codes.null_count == 0 and len(shas) == n and np.array_equal(
+                codes.to_numpy(), np.arange(n)):  # one file an entry, in order: no copy
+            return shas
+        return pc.take(shas, codes)
 
     sha = sha_of("uri")
     unreadable = pc.and_(usable, sha.is_null())

@@ -153,13 +153,16 @@ def load_records(work: str, columns: list[str] = RECORD_COLUMNS) -> pa.Table:
     for i, uri in enumerate(uris):
         data = storage.read_bytes(uri)
         names = pq.read_schema(io.BytesIO(data)).names
+        # The few distinct statuses and landmark sources as dictionaries: 4 bytes a record.
         t = pq.read_table(io.BytesIO(data), columns=[c for c in columns if c in names] + (
-            ["meta"] if not set(columns) <= set(names) else []))
+            ["meta"] if not set(columns) <= set(names) else []),
+            read_dictionary=[c for c in ("status", "landmark_source") if c in names])
         if "meta" in t.column_names:  # a part of before: its manifest columns from the metas
             extra = _meta_columns(t["meta"].to_pylist())
             for c in set(columns) - set(names):
-                t = t.append_column(PART_SCHEMA.field(c),
-                                    pa.array(extra[c], PART_SCHEMA.field(c).type))
+                column = pa.array(extra[c], PART_SCHEMA.field(c).type)
+                t = t.append_column(c, column.dictionary_encode()
+                                    if c == "landmark_source" else column)
         tables.append(t.select(columns).append_column(
             "part", pa.repeat(pa.scalar(i, pa.int32()), t.num_rows)))
     schema = pa.schema([PART_SCHEMA.field(c) for c in columns] + [("part", pa.int32())])
@@ -297,7 +300,8 @@ def _identity_mode(cfg: PreprocessConfig, rels: pa.Array | pa.ChunkedArray) -> s
 def _rel(listing: pa.Table) -> pa.Array | pa.ChunkedArray:
     """Each row's path relative to its source's root: the path less ``<source>/``."""
     return pc.if_else(pc.equal(listing["source"], ""), listing["path"],
-                      pc.replace_substring_regex(listing["path"], "^[^/]*/", "", max_replacements=1))
+                      pc.replace_substring_regex(listing["path"], "^[^/]*/", "",
+                                                 max_replacements=1))
 
 
 def _folder_identity(rels: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -360,9 +364,13 @@ def plan(inputs: pa.Table, records: pa.Table, cfg: PreprocessConfig) -> Plan:
     # Duplicates of content: the first path of a record's rid is its row, the others point
     # to it.
     with_rec = np.flatnonzero(np.asarray(at.is_valid()))
-    _, lead, which = np.unique(np.asarray(at.drop_null()), return_index=True,
-                               return_inverse=True)
-    first = with_rec[lead[which]]
+    record_of = np.asarray(at.drop_null())
+    first = with_rec.copy()
+    shared = np.flatnonzero(np.bincount(record_of, minlength=records.num_rows)[record_of] > 1)
+    if len(shared):  # only the rows whose record another row shares
+        _, lead, which = np.unique(record_of[shared], return_index=True, return_inverse=True)
+        first[shared] = with_rec[shared][lead[which]]
+    del record_of, shared
     dup = with_rec[first != with_rec]
     reason = pc.coalesce(rec["reason"], rows["reason"])
     reason = replace_rows(reason, _mask(n, dup), pc.binary_join_element_wise(
@@ -376,7 +384,8 @@ def plan(inputs: pa.Table, records: pa.Table, cfg: PreprocessConfig) -> Plan:
         ident = pc.coalesce(ident, _folder_identity(_rel(rows)))
     elif mode == "labels":
         need = _mask(n, np.flatnonzero(candidate & np.asarray(ident.is_null())))
-        names = [labels.get(posixpath.normpath(r)) for r in pc.filter(_rel(rows), need).to_pylist()]
+        names = [labels.get(posixpath.normpath(r))
+                 for r in pc.filter(_rel(rows), need).to_pylist()]
         ident = pc.coalesce(ident, _scatter(need, pa.array(names, pa.string()),
                                             pa.scalar(None, pa.string())))
     elif mode == "cluster":
@@ -433,7 +442,7 @@ def plan(inputs: pa.Table, records: pa.Table, cfg: PreprocessConfig) -> Plan:
         "shard": _scatter(is_ok, shard, pa.scalar("")),
         "key": key, "sha256": rows["sha256"], "n_faces": pc.fill_null(rec["n_faces"], 0),
         "detector_score": rec["detector_score"],
-        "landmark_source": pc.fill_null(rec["landmark_source"], ""),
+        "landmark_source": pc.fill_null(rec["landmark_source"].cast(pa.string()), ""),
         "identity_distance": (pa.nulls(n, pa.float32()) if distance is None else
                               _scatter(is_ok, distance, pa.scalar(None, pa.float32()))),
         "source": rows["source"],

@@ -21,7 +21,8 @@ class _Plan:
         self.rows = p.manifest.to_pylist()
         self.identities: dict[str, dict[str, list[str]]] = {}
         for r in p.identities.to_pylist():
-            self.identities.setdefault(r["split"], {}).setdefault(r["identity"], []).append(r["key"])
+            by_id = self.identities.setdefault(r["split"], {})
+            by_id.setdefault(r["identity"], []).append(r["key"])
         self.shards = {name: t.to_pylist() for name, t in p.shard_entries()}
         self.digests, self.label_outliers = p.digests, p.label_outliers
 
@@ -100,7 +101,7 @@ def test_folder_mode_needs_folders():
 
 
 def test_plan_of_a_large_listing_is_column_wise_and_keeps_the_rules():
-    """200 k VGGFace2 names planned from Arrow columns: no Python object per input (the
+    """100 k VGGFace2 names planned from Arrow columns: no Python object per input (the
     Python heap stays far below one dict an input), and every rule of the small plans
     above against a per-row reference: a duplicate points to its first path, a refused
     input and a rejected record stay rows, an input without a record waits, identities
@@ -113,7 +114,7 @@ def test_plan_of_a_large_listing_is_column_wise_and_keeps_the_rules():
     from preprocessing.manifest import SCHEMA, identities_bytes
     from preprocessing.split import split_identities
 
-    n = 200_000
+    n = 100_000
     rel = vggface2_names(n)
     rid = np.char.mod("%064x", np.arange(n))
     rid[7] = rid[3]  # the same bytes under two names
@@ -148,30 +149,34 @@ def test_plan_of_a_large_listing_is_column_wise_and_keeps_the_rules():
     # numpy's arrays count here too; a dict an input alone would take ~1 kB each.
     assert heap < 100 * n, heap
 
-    m = p.manifest.to_pandas()
+    m = p.manifest.to_pydict()  # the per-row reference reads plain Python lists
     names = listing["path"].to_pylist()
     assert p.pending == [names[pending]]
-    assert list(m.path) == sorted(names[:pending] + names[pending + 1:])
-    m = m.set_index("path")
-    assert m.loc[names[7]].reason == f"duplicate of {names[3]}"  # sorted: 3 before 7
-    assert m.loc[names[refused]].reason == "listed but missing"
-    assert (m.loc[names[bad]].status, m.loc[names[bad]].reason) == ("rejected", "no face found")
-    ok = m[m.status == "ok"]
+    assert m["path"] == sorted(names[:pending] + names[pending + 1:])
+    row = {path: i for i, path in enumerate(m["path"])}
+    assert m["reason"][row[names[7]]] == f"duplicate of {names[3]}"  # sorted: 3 before 7
+    assert m["reason"][row[names[refused]]] == "listed but missing"
+    assert (m["status"][row[names[bad]]], m["reason"][row[names[bad]]]) == \
+        ("rejected", "no face found")
+    ok = [i for i, status in enumerate(m["status"]) if status == "ok"]
     assert len(ok) == n - 4  # less the duplicate, the refused, the rejected, the pending
-    folder = ok.index.str.split("/").str[2]
-    assert (ok.identity == "vggface2/" + folder).all() and (ok.source_identity == folder).all()
-    of = split_identities(list(ok.identity), 0.2, 4)
-    assert (ok.split == ok.identity.map(of)).all()
-    for split, group in ok.sort_values("key").groupby("split"):
-        expected = [f"shards/{split}-{i // 500:06d}.tar" for i in range(len(group))]
-        assert list(group.shard) == expected
-    assert list(p.digests) == sorted(set(ok.shard.str[len("shards/"):]),
-                                     key=lambda s: (s.split("-")[0], s))
-    groups = {s: {i: sorted(g.key) for i, g in d.groupby("identity")}
-              for s, d in ok.groupby("split")}
+    for i in ok:
+        folder = m["path"][i].split("/")[2]
+        assert (m["identity"][i], m["source_identity"][i]) == (f"vggface2/{folder}", folder)
+    of = split_identities([m["identity"][i] for i in ok], 0.2, 4)
+    assert all(m["split"][i] == of[m["identity"][i]] for i in ok)
+    groups: dict[str, dict[str, list[str]]] = {}
+    for split in ("train", "val"):
+        keys = sorted((m["key"][i], i) for i in ok if m["split"][i] == split)
+        assert [m["shard"][i] for _, i in keys] == \
+            [f"shards/{split}-{j // 500:06d}.tar" for j in range(len(keys))]
+        for key, i in keys:
+            groups.setdefault(split, {}).setdefault(m["identity"][i], []).append(key)
+    assert list(p.digests) == sorted({m["shard"][i][len("shards/"):] for i in ok})
     assert identities_bytes(p.identities) == json.dumps(groups, sort_keys=True,
                                                         indent=1).encode()
     # The per-input sample fields the shards' metas take, by shard.
     name, first_shard = next(p.shard_entries())
     assert name == "train-000000.tar" and first_shard.num_rows == 500
-    assert first_shard["key"].to_pylist() == sorted(ok[ok.split == "train"].key)[:500]
+    assert first_shard["key"].to_pylist() == sorted(m["key"][i] for i in ok
+                                                    if m["split"][i] == "train")[:500]
