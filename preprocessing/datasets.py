@@ -155,11 +155,15 @@ def replace_rows(values: pa.Array | pa.ChunkedArray, mask: pa.Array | pa.Chunked
     return pc.replace_with_mask(flat(values), flat(mask), flat(new).cast(values.type))
 
 
-def guides(box: pa.Array | pa.ChunkedArray, points: pa.Array | pa.ChunkedArray) -> pa.Array:
+def guides(box: pa.Array | pa.ChunkedArray, points: pa.Array | pa.ChunkedArray,
+           integer_box: bool = False) -> pa.Array:
     """The dataset's box/landmarks of each row as the JSON the per-image stage reads ('' where
-    it has none); only rows that have them are formatted."""
+    it has none); only rows that have them are formatted. integer_box: the box written as
+    integers (AFLW's, sqlite integers, enter its record ids so)."""
     has = pc.or_(box.is_valid(), points.is_valid())
     box, points = box.filter(has), points.filter(has)
+    if integer_box:
+        box = box.cast(pa.list_(pa.int64()))
     values = [pa.array([json.dumps({"box": b, "points": p}, allow_nan=True) for b, p in zip(
         box.slice(i, _SLICE).to_pylist(), points.slice(i, _SLICE).to_pylist())], pa.string())
         for i in range(0, len(box), _SLICE)]
@@ -207,7 +211,7 @@ def list_inputs(specs: str | list[str], cfg: PreprocessConfig, fmt: str | None =
             t = t.set_column(0, "path", pc.binary_join_element_wise(source, t["path"], "/"))
         t = t.set_column(
             LISTING_SCHEMA.get_field_index("source"), "source", pa.repeat(source, t.num_rows))
-        t = hash_inputs(t, threads)
+        t = hash_inputs(t, threads, integer_box=name == "aflw")
         log.info("listed %d inputs of %s under %s", t.num_rows, name, root)
         tables.append(t)
     return sort_by_path(pa.concat_tables(tables))
@@ -236,10 +240,10 @@ def _rid(sha: str, sidecars: bool, pts_sha: str | None, mask_sha: str | None, pt
             if len(parts) > 1 or extra else sha)
 
 
-def hash_inputs(listing: pa.Table, threads: int = 8) -> pa.Table:
+def hash_inputs(listing: pa.Table, threads: int = 8, integer_box: bool = False) -> pa.Table:
     """``listing`` with ``sha256`` and ``rid`` filled in: each file is read once however many
     entries share it (an AFLW photo's faces, a video's frames). A file that cannot be read is
-    refused."""
+    refused. integer_box: as :func:`guides`'."""
     usable = pc.equal(listing["reason"], "")
     n = listing.num_rows
     # Every file an entry names (image, sidecars) encoded once: its code is its row of shas.
@@ -288,7 +292,7 @@ def hash_inputs(listing: pa.Table, threads: int = 8) -> pa.Table:
         rids.append(pa.array([_rid(*row) for row in zip(
             *(part[c].to_pylist() for c in ("sha", "sidecars", "pts_sha", "mask_sha", "pts",
                                             "mask", "frame")),
-            guides(part["box"], part["points"]).to_pylist())], pa.string()))
+            guides(part["box"], part["points"], integer_box).to_pylist())], pa.string()))
     # Shares the sha256 column's bytes when nothing beside them shapes any record.
     rid = replace_rows(sha, shaped, pa.chunked_array(rids, pa.string())) if rids else sha
     for name, column in (("reason", reason), ("sha256", sha), ("rid", rid)):
