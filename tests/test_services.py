@@ -404,12 +404,13 @@ def test_ray_head_dashboard_attach_loopback(running):
            "                  'value': ray.get(wildface_probe.remote())}))\n")
     # Another local user's driver: the address, but not the token (Ray's own default mode).
     stranger_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+    stranger_env["RAY_NUM_REDIS_GET_RETRIES"] = "3"  # refused 3 times, not Ray's 20 (~1 s each)
     stranger = subprocess.Popen([sys.executable, "-c", job], env=stranger_env,
                                 cwd=services.PROJECT_ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     done = subprocess.run([sys.executable, "-c", job], env=env, cwd=services.PROJECT_ROOT,
                           check=True, capture_output=True, text=True, timeout=120)
-    out, err = stranger.communicate(timeout=120)  # Ray retries for ~20 s, then gives up
+    out, err = stranger.communicate(timeout=120)
     assert stranger.returncode != 0 and '"value": 42' not in out, out
     assert "Failed to connect to Ray cluster" in err, err[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
