@@ -5,7 +5,8 @@ that name them). The tiny run they start from is ``reconstruct_fixtures.TINY``.
 - ``synth``, ``checkpoint`` (session): a tiny synthetic set and an untrained detail checkpoint,
   made once and read-only to the tests (a test that writes copies them into ``tmp_path``);
 - ``e2e`` (module): a tiny run's config file with the module's ``E2E_CONFIG`` sections merged
-  in, its synthetic data and an sqlite MLflow store; Ray shut down after the module;
+  in, its synthetic data and an sqlite MLflow store; Ray Train's controller polling its
+  workers every 0.5 s; Ray shut down after the module;
 - ``prefect_server``: a temporary Prefect server; ``moto_s3`` (module): a moto S3 server.
 """
 from __future__ import annotations
@@ -62,11 +63,20 @@ class E2ERun:
     tracking_uri: str
 
 
+# Ray Train's controller settings for the tiny runs (it reads them from the driver's
+# environment): it polls its workers every 0.5 s instead of 2 s (each stage's end and a dead
+# worker are seen sooner), and starts no preemption watcher (one process per stage; nothing
+# drains the nodes of a test's Ray).
+RAY_TRAIN_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 @pytest.fixture(scope="module")
 def e2e(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[E2ERun]:
     """The test module's tiny run (``e2e_tree`` of its ``E2E_CONFIG``), its synthetic data
-    generated; Ray, which the flows start in this process, is shut down afterwards."""
+    generated, Ray Train's controller settings ``RAY_TRAIN_TEST_ENV`` in the environment while
+    the module runs; Ray, which the flows start in this process, is shut down afterwards."""
     import ray
 
     from flows.config import load_config
@@ -77,9 +87,12 @@ def e2e(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     config.write_text(yaml.safe_dump(e2e_tree(getattr(request.module, "E2E_CONFIG", {}))))
     cfg = load_config(config)
     generate(root / "synth", cfg.synth, cfg.face_model)
-    yield E2ERun(root=root, config=config, cfg=cfg, data=root / "synth",
-                 tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in RAY_TRAIN_TEST_ENV.items():
+            mp.setenv(key, value)
+        yield E2ERun(root=root, config=config, cfg=cfg, data=root / "synth",
+                     tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
