@@ -169,19 +169,31 @@ def test_batch_interrupted_then_resumed(synth, checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_batch_on_ray(synth, checkpoint, tmp_path):
+    import ray
+
     from flows.reconstruct import run_batch
+    from infra.ray_connect import start_or_attach
 
     photos = _inputs(synth, tmp_path)
     cfg = tiny_config(**{"reconstruct.ray.workers": 2, "reconstruct.ray.cpus_per_worker": 0.5})
-    summary = run_batch([str(photos)], str(tmp_path / "out"), str(checkpoint), cfg,
-                        use_ray=True)
-    assert summary["counts"] == {"ok": 2, "rejected": 2}
-    assert (tmp_path / "out" / "id0001_img001" / "face_00" / "detail.obj").is_file()
-    # Asking for more GPUs than the cluster has fails at once instead of waiting forever.
-    greedy = tiny_config(**{"reconstruct.ray.gpus_per_worker": torch.cuda.device_count() + 1})
-    with pytest.raises(ValueError, match=r"reconstruct.ray.gpus_per_worker: \d+ GPU\(s\) asked "
-                                         r"for, but the local Ray has \d+"):
-        run_batch([str(photos)], str(tmp_path / "out2"), str(checkpoint), greedy, use_ray=True)
+    # One private Ray for both jobs (its start-up is most of this test's time): a job that
+    # finds this process connected uses that Ray and leaves it running.
+    started = start_or_attach(cfg.reconstruct.ray, log_to_driver=False)
+    try:
+        summary = run_batch([str(photos)], str(tmp_path / "out"), str(checkpoint), cfg,
+                            use_ray=True)
+        assert summary["counts"] == {"ok": 2, "rejected": 2}
+        assert (tmp_path / "out" / "id0001_img001" / "face_00" / "detail.obj").is_file()
+        assert ray.is_initialized()
+        # Asking for more GPUs than the cluster has fails at once instead of waiting forever.
+        greedy = tiny_config(**{"reconstruct.ray.gpus_per_worker": torch.cuda.device_count() + 1})
+        with pytest.raises(ValueError, match=r"reconstruct.ray.gpus_per_worker: \d+ GPU\(s\) "
+                                             r"asked for, but the local Ray has \d+"):
+            run_batch([str(photos)], str(tmp_path / "out2"), str(checkpoint), greedy,
+                      use_ray=True)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @pytest.mark.slow
