@@ -197,32 +197,39 @@ def test_batch_on_ray(synth, checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~3 min idle; much longer on a shared 2-core box
+@pytest.mark.timeout(1800)  # ~1 min idle; much longer on a shared 2-core box
 def test_trained_model_recovers_known_parameters(tmp_path):
     """Trained briefly on a tiny synthetic set, the model recovers the known head pose and
     2D landmarks of its images within a tolerance.
 
     The run is DECA's pretraining phase (landmark losses + regularisers, no rendering: cheap
-    steps) for 1000 steps on 16 images of 4 people (deterministic on CPU: seeded data and
-    init), read back through the reconstruct path (crop from the annotated landmarks, model
-    loaded from its checkpoint). Measured: landmarks 0.058 (untrained 0.144, crop units
-    [-1, 1], i.e. ~1.9 px in the 64 px crop); head rotation error (Euler xyz of the global
-    axis-angle) yaw 8.0 degrees (untrained 21.8: the data's mean |yaw|, up to 40), pitch 6.6
-    and roll 3.7 (untrained 7.1 and 5.0: the data's pitch and roll are small, within 15 and
-    10 degrees, and barely learned in this budget). Tolerances: landmarks < 0.065 and below
-    half the untrained error; yaw < 10 degrees and below half the untrained error; pitch and
-    roll no worse than untrained. Shape is not asserted: 10 components of the demo head move
-    the landmarks less than this fit's error (docs/training.md)."""
+    steps) for 1000 steps on 16 images of 4 people with the tiny backbone (mobilenet_v3_small),
+    read back through the reconstruct path (crop from the annotated landmarks, model loaded
+    from its checkpoint). It runs on one CPU thread: seeded data and init make it
+    deterministic for a given thread count (the order of float sums changes with the count).
+    Measured: landmarks 0.063 (untrained 0.145, crop units [-1, 1], i.e. ~2 px in the 64 px
+    crop); head rotation error (Euler xyz of the global axis-angle) yaw 7.7 degrees (untrained
+    21.7: the data's mean |yaw|, up to 40), pitch 6.6 and roll 3.0 (untrained 7.1 and 4.9: the
+    data's pitch and roll are small, within 15 and 10 degrees, and barely learned in this
+    budget). Tolerances: landmarks < 0.07 and below half the untrained error; yaw < 10 degrees
+    and below half the untrained error; pitch and roll no worse than untrained. A tenth of the training (100 steps) fails the landmark and
+    yaw bounds (0.147, 21.7 degrees). Shape is not asserted: 10 components of the demo head
+    move the landmarks less than this fit's error (docs/training.md)."""
     from scipy.spatial.transform import Rotation
 
     from preprocessing.faces import crop_face
+    from recon.devices import set_cpu_threads
     from recon.inference.reconstruct import load_model
     from recon.synth import load_params
 
     synth = make_synth(tmp_path / "synth", identities=4, images=4, size=96, seed=11)
-    # the figures above were measured with this backbone
-    cfg = tiny_config(**{"model.backbone": "resnet18", "train.pretrain_steps": 1000})
-    trained = load_model(train_tiny(tmp_path / "train", synth, coarse_steps=1000, cfg=cfg))
+    cfg = tiny_config(**{"train.pretrain_steps": 1000})
+    threads = torch.get_num_threads()
+    set_cpu_threads(1)
+    try:
+        trained = load_model(train_tiny(tmp_path / "train", synth, coarse_steps=1000, cfg=cfg))
+    finally:
+        set_cpu_threads(threads)
     untrained = load_model(untrained_checkpoint(tmp_path / "u" / "detail-000000000.pt", cfg))
     params = load_params(synth)["images"]
     from PIL import Image
@@ -246,7 +253,7 @@ def test_trained_model_recovers_known_parameters(tmp_path):
     lmk_u, rot_u = errors(untrained)
     print(f"landmarks {lmk_t:.4f} (untrained {lmk_u:.4f}); pitch/yaw/roll error {rot_t.round(2)} "
           f"deg (untrained {rot_u.round(2)})")
-    assert lmk_t < 0.065 and lmk_t < 0.5 * lmk_u, (lmk_t, lmk_u)
+    assert lmk_t < 0.07 and lmk_t < 0.5 * lmk_u, (lmk_t, lmk_u)
     assert rot_t[1] < 10.0 and rot_t[1] < 0.5 * rot_u[1], (rot_t, rot_u)
     assert rot_t[0] <= rot_u[0] and rot_t[2] <= rot_u[2], (rot_t, rot_u)
 
