@@ -26,10 +26,9 @@ from pathlib import Path
 
 from infra import storage
 from recon.config import IdentityConfig, PerceptualConfig
-from recon.formats.files import atomic_writer
+from recon.formats.files import atomic_writer, wildface_home
 from recon.formats.weights_file import ChecksumMismatchError, sha256_file, verify_file
 
-ENV_HOME = "WILDFACE_HOME"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -45,10 +44,6 @@ IDENTITY_ENTRIES = {  # IdentityConfig.backend -> its entry
 
 class ModelStoreError(RuntimeError):
     """A model missing from the store, or a store that cannot be read."""
-
-
-def default_root() -> str:
-    return os.environ.get(ENV_HOME) or str(Path.home() / ".cache" / "wildface")
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ class ModelStore:
 
     def __init__(self, root: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None) -> None:
-        self.root = str(root) if root is not None else default_root()
+        self.root = str(root) if root is not None else wildface_home()
         self.remote = storage.is_s3(self.root)
         if not self.remote:
             self.root = str(Path(self.root).expanduser())
@@ -83,7 +78,7 @@ class ModelStore:
             self.cache_dir = Path(cache_dir)
         elif self.remote:
             bucket, prefix = storage.split_s3(self.root)
-            self.cache_dir = Path(default_root()) / "s3-cache" / bucket / prefix
+            self.cache_dir = Path(wildface_home()) / "s3-cache" / bucket / prefix
         else:
             self.cache_dir = Path(self.root)
 

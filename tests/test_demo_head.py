@@ -181,3 +181,67 @@ def test_dynamic_contour_follows_silhouette(flame, assets, deg):
     shift = outward * (dyn[far, 0] - full[far, 0])
     assert shift.min() > -1e-6 and np.sort(shift)[-3:].min() > 2e-4 and shift.sum() > 2e-3
     np.testing.assert_allclose(dyn[near], full[near], atol=1e-7)  # near side on the jaw line
+
+
+def _same_assets(a: FaceModelAssets, b: FaceModelAssets) -> None:
+    from dataclasses import fields
+
+    for f in fields(FaceModelAssets):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, dict):
+            assert x.keys() == y.keys(), f.name
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=f"{f.name}[{k}]")
+        elif isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+        else:
+            assert x == y, f.name
+
+
+def test_built_head_is_kept_for_the_next_process_and_rebuilt_when_unreadable(tmp_path,
+                                                                              monkeypatch):
+    """The first process builds the demo head and keeps it under $WILDFACE_HOME; the next one
+    reads it back identical to a fresh build without building; a damaged file is built again,
+    and a home that cannot be written only costs the build."""
+    from recon.face_model import flame_io
+    from recon.face_model.demo_head import build_demo_head as real_build
+
+    monkeypatch.setenv("WILDFACE_HOME", str(tmp_path / "home"))
+    path = flame_io.demo_head_file()
+    assert path.parent == tmp_path / "home" / "face-models" and not path.exists()
+    builds = []
+
+    def counting_build():
+        builds.append(1)
+        return real_build()
+
+    monkeypatch.setattr("recon.face_model.demo_head.build_demo_head", counting_build)
+    fresh = flame_io._demo_head()
+    assert len(builds) == 1 and path.is_file()
+    kept = flame_io._demo_head()
+    assert len(builds) == 1  # read, not built
+    _same_assets(kept, fresh)
+    _same_assets(kept, real_build())
+
+    path.write_bytes(b"not a zip")
+    _same_assets(flame_io._demo_head(), fresh)
+    assert len(builds) == 2 and FaceModelAssets.load_npz(path).n_vertices == fresh.n_vertices
+
+    (tmp_path / "ro").write_text("a file, so no folder can be made below it")
+    monkeypatch.setenv("WILDFACE_HOME", str(tmp_path / "ro"))
+    _same_assets(flame_io._demo_head(), fresh)
+    assert len(builds) == 3
+    monkeypatch.setenv("WILDFACE_HOME", "s3://bucket/prefix")
+    assert flame_io.demo_head_file() is None
+
+
+def test_kept_head_is_named_by_the_code_that_builds_it(tmp_path, monkeypatch):
+    """A change to the code that builds the head (here: numpy's version) names another file,
+    so a build of older code is never read."""
+    from recon.face_model import flame_io
+
+    monkeypatch.setenv("WILDFACE_HOME", str(tmp_path))
+    before = flame_io.demo_head_file()
+    assert before == flame_io.demo_head_file()
+    monkeypatch.setattr(np, "__version__", np.__version__ + ".post1")
+    assert flame_io.demo_head_file() != before

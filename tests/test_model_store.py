@@ -13,9 +13,9 @@ from infra.model_store import (
     ChecksumMismatchError,
     ModelStore,
     ModelStoreError,
-    default_root,
     verify_file,
 )
+from recon.formats.files import wildface_home
 
 
 @pytest.fixture
@@ -76,12 +76,12 @@ def test_verify_file(tmp_path) -> None:
         verify_file(path, hashlib.sha256(b"abd").hexdigest())
 
 
-def test_default_root_respects_wildface_home(tmp_path, monkeypatch) -> None:
+def test_store_root_is_wildface_home(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WILDFACE_HOME", str(tmp_path / "home"))
-    assert default_root() == str(tmp_path / "home")
+    assert wildface_home() == str(tmp_path / "home")
     assert ModelStore().root == str(tmp_path / "home")
     monkeypatch.delenv("WILDFACE_HOME")
-    assert default_root().endswith(".cache/wildface")
+    assert wildface_home().endswith(".cache/wildface")
 
 
 def test_s3_store_downloads_and_verifies(tmp_path, weights_file, monkeypatch) -> None:

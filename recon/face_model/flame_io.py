@@ -11,6 +11,8 @@ region -> vertex ids), ``FLAME_texture.npz`` (``mean``, ``tex_dir``, ``vt``, ``f
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -20,8 +22,11 @@ import numpy as np
 
 from recon.config import DEMO_HEAD, FaceModelConfig
 from recon.face_model.face_assets import FaceModelAssets, FaceModelFormatError, read_npz
+from recon.formats.files import wildface_home
 from recon.formats.safe_pickle import (  # noqa: F401 - re-exported for callers of recon.face_model.flame_io
     PickleLimitError, UnsafePickleError, safe_loads)
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- FLAME files
@@ -252,18 +257,59 @@ _CACHE: dict[tuple, FaceModelAssets] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def demo_head_file() -> Path | None:
+    """Where the built demo head is kept for the next process:
+    ``<wildface home>/face-models/demo-head-<digest>.npz``. The digest covers the code that
+    builds and stores it (``demo_head/``, ``face_assets.py``, ``lbs.py``) and numpy's and
+    scipy's versions, so changed code never reads an old build. None when the home is not a
+    local folder."""
+    home = wildface_home()
+    if "://" in home:
+        return None
+    import scipy
+
+    from recon.face_model import demo_head, face_assets, lbs
+
+    digest = hashlib.sha256(f"numpy {np.__version__} scipy {scipy.__version__}".encode())
+    sources = sorted(Path(demo_head.__file__).parent.glob("*.py"))
+    for src in (*sources, Path(face_assets.__file__), Path(lbs.__file__)):
+        digest.update(src.name.encode() + b"\0" + src.read_bytes())
+    return Path(home) / "face-models" / f"demo-head-{digest.hexdigest()[:16]}.npz"
+
+
+def _demo_head() -> FaceModelAssets:
+    """The demo head: read from :func:`demo_head_file` (a tenth of a second) or built (a few
+    CPU seconds, paid again by every process: each Ray worker, each command) and kept there.
+    A file that cannot be read is built again; a home that cannot be written only costs the
+    build."""
+    from recon.face_model.demo_head import build_demo_head
+
+    path = demo_head_file()
+    if path is not None and path.is_file():
+        try:
+            return FaceModelAssets.load_npz(path)
+        except (OSError, ValueError) as e:  # FaceModelFormatError is a ValueError
+            log.warning("demo head: %s could not be read (%s); building it again", path, e)
+    assets = build_demo_head()
+    if path is not None:
+        try:
+            assets.save_npz(path)
+        except OSError as e:
+            log.debug("demo head: not kept at %s (%s)", path, e)
+    return assets
+
+
 def load_face_model(cfg: FaceModelConfig | str | None = None) -> FaceModelAssets:
-    """The face model a config names: ``'demo-head'`` (built procedurally, cached in-process),
+    """The face model a config names: ``'demo-head'`` (built procedurally, kept in
+    :func:`demo_head_file` for later processes and cached in-process),
     a converted ``.npz`` (fast) or a FLAME ``.pkl`` (loaded and converted on the fly)."""
     if cfg is None or isinstance(cfg, str):
         cfg = FaceModelConfig(path=cfg or DEMO_HEAD)
     if cfg.path == DEMO_HEAD:
-        from recon.face_model.demo_head import build_demo_head
-
         key = (DEMO_HEAD,)
         with _CACHE_LOCK:
             if key not in _CACHE:
-                _CACHE[key] = build_demo_head()
+                _CACHE[key] = _demo_head()
             return _CACHE[key]
     path = Path(cfg.path).expanduser()
     if not path.exists():

@@ -11,6 +11,9 @@ file is ``.<name>.<random>.tmp`` in the target folder: hidden, and skipped by
 or a file below an input folder, relative to where it was found) before a path is built from
 it: no absolute or empty parts, no ``.``/``..``, no control or shell characters, and the path
 (symlinks followed) stays inside its folder.
+
+:func:`wildface_home` is where wildface keeps its own files on a machine (the model store,
+built face models): ``$WILDFACE_HOME``, else ``~/.cache/wildface``.
 """
 from __future__ import annotations
 
@@ -30,6 +33,16 @@ import numpy as np
 #: to any later tool. Spaces, parentheses and apostrophes (``IMG (1).jpg``) stay allowed.
 REFUSED_CHARACTERS = frozenset(';&|$`<>"\\*?{}!')
 _MAX_PART_BYTES = 255  # the longest file name of common file systems (ext4, APFS, NTFS)
+
+
+#: The environment variable naming wildface's own folder (:func:`wildface_home`).
+HOME_ENV = "WILDFACE_HOME"
+
+
+def wildface_home() -> str:
+    """``$WILDFACE_HOME``, else ``~/.cache/wildface``: the folder (or, for the model store, an
+    ``s3://`` prefix) where wildface keeps its own files."""
+    return os.environ.get(HOME_ENV) or str(Path.home() / ".cache" / "wildface")
 
 
 class UnsafeName(ValueError):
