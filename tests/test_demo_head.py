@@ -237,11 +237,16 @@ def test_built_head_is_kept_for_the_next_process_and_rebuilt_when_unreadable(tmp
 
 def test_kept_head_is_named_by_the_code_that_builds_it(tmp_path, monkeypatch):
     """A change to the code that builds the head (here: numpy's version) names another file,
-    so a build of older code is never read."""
+    so a build of older code is never read; the new build replaces the old file."""
     from recon.face_model import flame_io
 
     monkeypatch.setenv("WILDFACE_HOME", str(tmp_path))
     before = flame_io.demo_head_file()
     assert before == flame_io.demo_head_file()
+    before.parent.mkdir(parents=True)
+    before.write_bytes(b"an older build")
     monkeypatch.setattr(np, "__version__", np.__version__ + ".post1")
-    assert flame_io.demo_head_file() != before
+    after = flame_io.demo_head_file()
+    assert after != before
+    flame_io._demo_head()
+    assert sorted(after.parent.iterdir()) == [after]

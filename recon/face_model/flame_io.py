@@ -294,6 +294,9 @@ def _demo_head() -> FaceModelAssets:
     if path is not None:
         try:
             assets.save_npz(path)
+            for older in path.parent.glob("demo-head-*.npz"):  # builds of other code: 67 MB each
+                if older != path:
+                    older.unlink(missing_ok=True)
         except OSError as e:
             log.debug("demo head: not kept at %s (%s)", path, e)
     return assets
