@@ -6,6 +6,8 @@ import io
 import posixpath
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from preprocessing.assets import dlib_model_path
 from preprocessing.landmarks import dlib_rect
@@ -55,10 +57,10 @@ def cluster(embeddings: np.ndarray, threshold: float) -> np.ndarray:
     return labels
 
 
-def folder_identity(rel_path: str) -> str | None:
-    """``<identity>/<image>`` -> identity (the first folder); None for top-level files."""
-    head = rel_path.split("/")[0]
-    return head if "/" in rel_path else None
+def folder_identity(rels: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Paths ``<identity>/<image>`` -> identity (the first folder), column-wise; null for
+    top-level files."""
+    return pc.struct_field(pc.extract_regex(rels, r"^(?P<identity>[^/]+)/"), [0])
 
 
 def read_labels(data: bytes, name: str) -> dict[str, str]:

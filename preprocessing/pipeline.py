@@ -34,7 +34,7 @@ from infra.config import StorageConfig
 from infra.ray_connect import start_or_attach
 from preprocessing.config import PreprocessConfig
 from preprocessing.datasets import guides, list_inputs, replace_rows
-from preprocessing.identity import cluster, label_distances, read_labels
+from preprocessing.identity import cluster, folder_identity, label_distances, read_labels
 from preprocessing.manifest import (IDENTITIES_FILE, MANIFEST_FILE, identities_bytes,
                                     manifest_table, sort_by_path, table_bytes,
                                     write_if_changed)
@@ -292,7 +292,7 @@ def _identity_mode(cfg: PreprocessConfig, rels: pa.Array | pa.ChunkedArray) -> s
         return cfg.identity_source
     if cfg.labels:
         return "labels"
-    if len(rels) and pc.all(pc.is_valid(_folder_identity(rels))).as_py():
+    if len(rels) and pc.all(pc.is_valid(folder_identity(rels))).as_py():
         return "folder"
     return "cluster"
 
@@ -302,12 +302,6 @@ def _rel(listing: pa.Table) -> pa.Array | pa.ChunkedArray:
     return pc.if_else(pc.equal(listing["source"], ""), listing["path"],
                       pc.replace_substring_regex(listing["path"], "^[^/]*/", "",
                                                  max_replacements=1))
-
-
-def _folder_identity(rels: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """``<identity>/<image>`` -> identity (the first folder), column-wise; null for top-level
-    files (as :func:`preprocessing.identity.folder_identity`)."""
-    return pc.struct_field(pc.extract_regex(rels, r"^(?P<identity>[^/]+)/"), [0])
 
 
 def _runs(values: pa.Array | pa.ChunkedArray) -> list[tuple[int, int]]:
@@ -381,7 +375,7 @@ def plan(inputs: pa.Table, records: pa.Table, cfg: PreprocessConfig) -> Plan:
 
     ident = rows["label"]
     if mode == "folder":
-        ident = pc.coalesce(ident, _folder_identity(_rel(rows)))
+        ident = pc.coalesce(ident, folder_identity(_rel(rows)))
     elif mode == "labels":
         need = _mask(n, np.flatnonzero(candidate & np.asarray(ident.is_null())))
         names = [labels.get(posixpath.normpath(r))

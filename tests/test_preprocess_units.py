@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -186,5 +187,6 @@ def test_cluster_and_labels():
     emb = np.concatenate([c + rng.normal(scale=0.01, size=(4, 128)) for c in centres])
     labels = cluster(emb.astype(np.float32), 0.6)
     assert list(labels) == [0] * 4 + [1] * 4 + [2] * 4
-    assert folder_identity("bob/x.jpg") == "bob" and folder_identity("x.jpg") is None
+    assert folder_identity(pa.array(["bob/x.jpg", "x.jpg", "ann/a/y.jpg"])).to_pylist() == [
+        "bob", None, "ann"]
     assert read_labels(b"path,identity\na/x.jpg,7\n", "l.csv") == {"a/x.jpg": "7"}
