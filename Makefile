@@ -7,9 +7,10 @@ export OMP_NUM_THREADS ?= 2
 
 .PHONY: install demo test test-fast test-slow postgres gpu-wheels clean
 
-$(STAMP): pyproject.toml
+# scripts/install_venv.py: uv installs the project with pip's settings (pip if uv fails).
+$(STAMP): pyproject.toml scripts/install_venv.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python scripts/install_venv.py test
 	touch $(STAMP)
 
 install: $(STAMP)
