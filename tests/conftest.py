@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from flows.config import WildfaceConfig
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with slow (end-to-end) tests first, each module's tests kept together and in
+    order: ``make test`` hands whole modules to two pytest-xdist workers in this order
+    (``--dist loadscope --no-loadscope-reorder``), so the long modules start at once and the
+    many short ones fill the time around them."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_threads() -> None:
     """One intra-op thread count for the whole session, whatever the test order: the cores
