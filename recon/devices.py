@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where used: configs name a device without it
@@ -41,4 +43,18 @@ def set_cpu_threads(threads: int | None = None) -> int:
     return n
 
 
-__all__ = ["DEVICE_PATTERN", "pick_device", "set_cpu_threads"]
+@contextmanager
+def cpu_threads_within(threads: int | None = None) -> Iterator[int]:
+    """:func:`set_cpu_threads` for the ``with`` block only (yields the number); the count
+    before it is put back after, also when the block raises. Results that depend on the
+    order of float sums are reproducible for a given count."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield set_cpu_threads(threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["DEVICE_PATTERN", "cpu_threads_within", "pick_device", "set_cpu_threads"]

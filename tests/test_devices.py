@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recon.devices import pick_device
+from recon.devices import cpu_threads_within, pick_device
 
 
 def test_auto_is_the_gpu_when_there_is_one():
@@ -30,3 +30,15 @@ def test_reconstruct_device_is_checked_with_the_config():
     assert load_config(None, ["reconstruct.device=cuda:1"]).reconstruct.device == "cuda:1"
     with pytest.raises(ConfigError, match="reconstruct.device"):
         load_config(None, ["reconstruct.device=gpu"])
+
+
+def test_thread_count_within_a_block_is_put_back_after_it_even_on_error():
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    with cpu_threads_within(other) as n:
+        assert n == other == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), cpu_threads_within(other):
+        assert torch.get_num_threads() == other
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before

@@ -26,6 +26,7 @@ from preprocessing.landmarks import make_landmarker
 from preprocessing.sample import SampleMaker
 from preprocessing.skin_mask import make_masker
 from preprocessing.torchscript import network_device
+from recon.devices import cpu_threads_within
 from recon.landmarks import LEFT_EYE, OUTER_LIPS, RIGHT_EYE
 
 # Building the test networks uses torch.jit.script, which recent torch marks deprecated;
@@ -38,10 +39,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads_within(1):
+        yield
 
 
 def _save(module: nn.Module, path) -> str:

@@ -218,18 +218,14 @@ def test_trained_model_recovers_known_parameters(tmp_path):
     from scipy.spatial.transform import Rotation
 
     from preprocessing.faces import crop_face
-    from recon.devices import set_cpu_threads
+    from recon.devices import cpu_threads_within
     from recon.inference.reconstruct import load_model
     from recon.synth import load_params
 
     synth = make_synth(tmp_path / "synth", identities=4, images=4, size=96, seed=11)
     cfg = tiny_config(**{"train.pretrain_steps": 1000})
-    threads = torch.get_num_threads()
-    set_cpu_threads(1)
-    try:
+    with cpu_threads_within(1):
         trained = load_model(train_tiny(tmp_path / "train", synth, coarse_steps=1000, cfg=cfg))
-    finally:
-        set_cpu_threads(threads)
     untrained = load_model(untrained_checkpoint(tmp_path / "u" / "detail-000000000.pt", cfg))
     params = load_params(synth)["images"]
     from PIL import Image

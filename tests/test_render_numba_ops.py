@@ -10,6 +10,7 @@ import torch
 
 from recon.render import (DecaRenderer, interpolate_packed, rasterize, sample_texture_packed,
                           sh_shading_packed, vertex_normals, weak_perspective_project)
+from recon.devices import cpu_threads_within
 from recon.render import numba_ops
 from recon.render.interpolate import interpolate_corners_packed
 from render_reference import demo_head, rotation_y, t64, uv_sphere
@@ -140,9 +141,7 @@ def test_full_render_matches_pytorch_path():
 
 
 def _render_and_grads(threads: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads_within(threads):
         v, faces, uv, uv_faces = demo_head([(0.1, 0.4 * b - 0.4, 0.0) for b in range(3)])
         r = DecaRenderer(faces, uv, uv_faces, image_size=48, uv_size=16)
         g = torch.Generator().manual_seed(6)
@@ -152,8 +151,6 @@ def _render_and_grads(threads: int):
         out = r.render(verts, weak_perspective_project(verts, torch.tensor([[7.5, 0.0, 0.0]])),
                        albedo, sh)["images"]
         (out * torch.randn(out.shape, generator=g)).sum().backward()
-    finally:
-        torch.set_num_threads(before)
     return out.detach(), verts.grad, albedo.grad, sh.grad
 
 
