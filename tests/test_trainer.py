@@ -134,24 +134,6 @@ def test_mixed_precision_run_on_cuda_resumes_with_its_grad_scaler(store, tmp_pat
     assert next(second.model.parameters()).is_cuda
 
 
-def test_the_optimiser_update_is_adams_per_parameter_loop_exactly(store, tmp_path):
-    """The trainer's Adam (multi-tensor update) against torch's per-parameter loop, the one
-    torch runs on the CPU by default: the same weights, bit for bit, after 3 updates."""
-    trainer = Trainer(_cfg(), "coarse", tmp_path, store, device="cpu")
-    group = trainer.optimizer.param_groups[0]
-    params = group["params"]
-    copies = [p.detach().clone().requires_grad_() for p in params]
-    reference = torch.optim.Adam(copies, lr=group["lr"], foreach=False)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for p, c in zip(params, copies):
-            p.grad = torch.randn(p.shape, generator=gen)
-            c.grad = p.grad.clone()
-        trainer.optimizer.step()
-        reference.step()
-    assert len(params) > 100 and all(torch.equal(p, c) for p, c in zip(params, copies))
-
-
 def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
     path = checkpoint_path(tmp_path, "coarse", 2)
     kw = dict(stage="coarse", step=2, model={"w": torch.ones(2)}, optimizer={},

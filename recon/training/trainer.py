@@ -213,9 +213,7 @@ class Trainer:
         trained = {id(p) for p in self.step_fn.parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trained)
-        # The multi-tensor update, which torch picks on GPUs only: on the CPU it is
-        # bit-identical to the per-parameter loop and half its cost (~150 tensors).
-        self.optimizer = torch.optim.Adam(self.step_fn.parameters(), lr=tc.lr, foreach=True)
+        self.optimizer = torch.optim.Adam(self.step_fn.parameters(), lr=tc.lr)
         use_scaler = tc.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
