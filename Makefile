@@ -3,7 +3,6 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.wildface-installed
-export OMP_NUM_THREADS ?= 2
 
 .PHONY: install demo test test-fast test-slow postgres gpu-wheels clean
 
