@@ -23,7 +23,7 @@ class ReconstructConfig(StrictModel):
                         description="torch device of the model: auto (the GPU when the process "
                         "sees one, else the CPU), cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process; "
-                                "None: the cores the process may use")
+                                "None: OMP_NUM_THREADS when set, else the cores the process may use")
     ray: ReconstructRayConfig = Field(default_factory=ReconstructRayConfig)
     video_every: int = Field(1, ge=1, description="videos: reconstruct every n-th frame")
     video_max_frames: int | None = Field(None, ge=1, description="videos: at most this many frames")

@@ -33,12 +33,22 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def default_cpu_threads() -> int:
+    """``OMP_NUM_THREADS`` when it is set to a count (what Ray gives each task and actor, or
+    a job scheduler or the user chose), else the cores this process may run on (its CPU
+    affinity, which containers and job schedulers narrow)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0))
+
+
 def set_cpu_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op CPU threads: ``threads``, else the cores this process may run on
-    (its CPU affinity, which containers and job schedulers narrow). Returns the number."""
+    """Set torch's intra-op CPU threads: ``threads``, else :func:`default_cpu_threads`.
+    Returns the number."""
     import torch
 
-    n = threads or len(os.sched_getaffinity(0))
+    n = threads or default_cpu_threads()
     torch.set_num_threads(n)
     return n
 
@@ -57,4 +67,5 @@ def cpu_threads_within(threads: int | None = None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-__all__ = ["DEVICE_PATTERN", "cpu_threads_within", "pick_device", "set_cpu_threads"]
+__all__ = ["DEVICE_PATTERN", "cpu_threads_within", "default_cpu_threads", "pick_device",
+           "set_cpu_threads"]

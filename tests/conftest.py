@@ -40,11 +40,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def cpu_threads() -> None:
     """One intra-op thread count for the whole session, whatever the test order: the cores
     this process may run on, shared among pytest-xdist's workers (a test that needs another
-    count sets and restores it itself)."""
+    count sets and restores it itself). It is also this worker's ``OMP_NUM_THREADS``, which
+    the flows run in-process, the commands and the Ray workers the tests start all take as
+    their default: no process of one worker takes the other worker's core too."""
     from recon.devices import set_cpu_threads
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    set_cpu_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    set_cpu_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -42,3 +42,18 @@ def test_thread_count_within_a_block_is_put_back_after_it_even_on_error():
         assert torch.get_num_threads() == other
         raise RuntimeError("inside")
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", None),
+                                             ("", None), ("many", None), (None, None)])
+def test_default_threads_follow_omp_num_threads_else_the_cores(monkeypatch, value, expected):
+    # OMP_NUM_THREADS as OpenMP reads it: a count, or a list of counts per nesting level.
+    import os
+
+    from recon.devices import default_cpu_threads
+
+    if value is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert default_cpu_threads() == (expected or len(os.sched_getaffinity(0)))
