@@ -36,6 +36,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.module.__name__ not in slow)  # stable
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadscope`` with the modules that run flows on the Prefect test server (those
+    naming ``prefect_server``) as one work unit: one worker starts that server (~23 CPU s)
+    for all of them, instead of each worker one."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    flows = {p.name for p in Path(__file__).parent.glob("test_*.py")
+             if "prefect_server" in p.read_text()}
+
+    class OnePrefectServer(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in flows:
+                return "modules using prefect_server"
+            return super()._split_scope(nodeid)
+
+    return OnePrefectServer(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cpu_threads() -> None:
     """One intra-op thread count for the whole session, whatever the test order: the cores
