@@ -22,6 +22,7 @@ checking the pid still runs the recorded command). Never imports Prefect/MLflow/
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import secrets
@@ -339,7 +340,7 @@ def _healthy(name: str, cfg: ServicesConfig) -> bool:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                     timeout=2) as resp:
             return resp.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):  # nothing there, or another program's port
         return False
 
 

@@ -12,7 +12,6 @@ that name them). The tiny run they start from is ``reconstruct_fixtures.TINY``.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
+from free_ports import free_port
 from reconstruct_fixtures import e2e_tree, make_synth, untrained_checkpoint
 
 if TYPE_CHECKING:
@@ -140,19 +140,13 @@ def prefect_server() -> Iterator[None]:
         yield
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_s3() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1; test credentials and its endpoint (``AWS_ENDPOINT_URL``)
     in the environment while the module runs. Yields the endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -28,6 +28,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from infra import services
+from free_ports import free_port
 from infra.config import ServicesConfig
 from infra.offline import OFFLINE_ENV
 
@@ -85,10 +86,26 @@ def _ray_auth(cfg: ServicesConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {services.ray_token_file(cfg).read_text().strip()}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_a_port_answered_by_another_program_is_not_healthy(tmp_path):
+    """A server that is not the service (another program took its port: here one that
+    answers binary, as Ray's daemons do) reads as not healthy, never as a crash."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", free_port()))
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00@\xfe\x00\x00?\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    with listener:
+        for name in ("prefect", "mlflow"):
+            cfg = ServicesConfig(state_dir=str(tmp_path), prefect_port=port, mlflow_port=port)
+            assert services._healthy(name, cfg) is False
 
 
 def test_loopback_only_and_offline_children(tmp_path):
@@ -123,7 +140,7 @@ def test_up_starts_servers_together_and_down_stops_in_waves(tmp_path, monkeypatc
     started = lambda: {line.split()[0] for line in events.read_text().splitlines()
                        if line.endswith(" start")}
     cfg = ServicesConfig(state_dir=str(tmp_path / "svc"), s3=True, start_timeout_s=60,
-                         **{k: _free_port() for k in ("prefect_port", "mlflow_port", "s3_port",
+                         **{k: free_port() for k in ("prefect_port", "mlflow_port", "s3_port",
                                                       "ray_port", "ray_dashboard_port",
                                                       "ray_client_port")})
     at_restrict: list[set[str]] = []
@@ -269,7 +286,7 @@ def running(tmp_path_factory):
     temp dir."""
     tmp = tmp_path_factory.mktemp("services")
     state = tmp / "svc"
-    ports = {name: _free_port() for name in ("prefect_port", "mlflow_port", "s3_port",
+    ports = {name: free_port() for name in ("prefect_port", "mlflow_port", "s3_port",
                                              "ray_port", "ray_dashboard_port", "ray_client_port")}
     # The worker polls every second: each flow run waits less for it.
     sets = [f"--set=services.state_dir={state}", "--set=services.worker_query_seconds=1"] + [

@@ -10,7 +10,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from infra import services
+from free_ports import free_port
 from infra.config import ServicesConfig
 
 BIN = Path(sys.executable).parent
@@ -86,12 +86,6 @@ def _pg_bin(name: str) -> str | None:
     return versions[-1] if versions else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _cluster():
     """A throwaway PostgreSQL cluster on a free 127.0.0.1 port, its superuser `wildface`
@@ -111,7 +105,7 @@ def _cluster():
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
         as_user = {"preexec_fn": drop, "cwd": root}
-    data, port = Path(root) / "data", _free_port()
+    data, port = Path(root) / "data", free_port()
     pwfile = Path(root) / "pw"
     started = False
     try:
@@ -141,7 +135,7 @@ def test_services_up_on_postgresql(tmp_path):
 
     with _cluster() as pg_port:
         state = tmp_path / "svc"
-        ports = {k: _free_port() for k in ("prefect_port", "mlflow_port", "s3_port")}
+        ports = {k: free_port() for k in ("prefect_port", "mlflow_port", "s3_port")}
         cfg = ServicesConfig(state_dir=str(state), s3=True, ray=False,
                              artifacts="s3://wildface-artifacts/mlflow", **ports)
         sets = [f"--set=services.state_dir={state}", f"--set=services.artifacts={cfg.artifacts}",
