@@ -82,18 +82,18 @@ def evaluate_task(cfg: WildfaceConfig, model_uri: str, heldout: str | None, out_
     """Evaluate the logged model and record the metrics in ``run_ids`` (detail + parent)."""
     from mlflow.tracking import MlflowClient
 
+    from flows.evaluate import evaluate_model
+
     logger = get_run_logger()
     metrics: dict[str, float] = {}
-    now_eval = _now_evaluate()
-    if now_eval is not None and heldout is not None:
+    if heldout is not None:
         try:
-            metrics.update(now_eval(model_uri=model_uri, dataset=str(Path(heldout) / "now"),
-                                    out=str(Path(out_dir) / "now"), config=cfg,
-                                    tracking_uri=tracking_uri))
+            metrics.update(evaluate_model(
+                model_uri=model_uri, dataset=str(Path(heldout) / "now"),
+                out=str(Path(out_dir) / "now"), config=cfg, tracking_uri=tracking_uri))
         except Exception as err:  # noqa: BLE001 - recorded; promotion needs the metric anyway
             logger.error("NoW evaluation failed (%s: %s): the version gets no now_* metrics",
                          type(err).__name__, err)
-    if heldout is not None:
         metrics.update(heldout_shape_error(model_uri, heldout, cfg, Path(out_dir) / "meshes",
                                            tracking_uri=tracking_uri))
     if not metrics:
@@ -105,15 +105,6 @@ def evaluate_task(cfg: WildfaceConfig, model_uri: str, heldout: str | None, out_
             client.log_metric(run_id, k, float(v))
     logger.info("evaluation: %s", {k: round(v, 3) for k, v in metrics.items()})
     return metrics
-
-
-def _now_evaluate():
-    """The NoW ``evaluate`` entry of the evaluation package, when it exists."""
-    try:
-        from flows.evaluate import evaluate_model  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return evaluate_model
 
 
 # -- the flow ----------------------------------------------------------------------------------
