@@ -21,9 +21,9 @@ demo: install
 ## Set up and run the whole test suite: one pytest run on $(TEST_WORKERS) pytest-xdist workers,
 ## a test module per worker at a time (its module-scoped servers and data stay in one process).
 ## The modules with end-to-end tests (marker `slow`: Ray, Prefect, MLflow, training) start
-## first and the fast modules fill the time around them (tests/conftest.py orders them): on 2
-## cores this takes 8.8 minutes where the fast group, then the slow one, took 10.3. Prints the
-## 25 slowest tests. `make test-fast` / `make test-slow` run one group.
+## first and the fast modules fill the time around them (tests/conftest.py orders them;
+## times in docs/benchmarks.md). Prints the 25 slowest tests. `make test-fast` / `make
+## test-slow` run one group.
 TEST_WORKERS ?= 2
 PYTEST_ALL := --durations=25 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 PYTEST_FAST := -m "not slow" --durations=15

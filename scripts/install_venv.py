@@ -61,20 +61,17 @@ def uv_environment(settings: dict[str, str], base: dict[str, str]) -> dict[str, 
 def main(extras: str) -> int:
     python = sys.executable
     target = f".[{extras}]" if extras else "."
-    bin_dir = Path(python).parent
-    uv = bin_dir / "uv"
-    quiet = ["-q"]
-    if subprocess.run([python, "-m", "pip", "install", *quiet, UV], check=False).returncode == 0:
+    pip = [python, "-m", "pip", "install", "-q"]
+    if subprocess.run([*pip, UV], check=False).returncode == 0:
         env = uv_environment(pip_settings(python), dict(os.environ))
-        cmd = [str(uv), "pip", "install", *quiet, "--python", python, "--compile-bytecode",
-               "--index-strategy", "unsafe-best-match", "-e", target]
-        if subprocess.run(cmd, env=env, check=False).returncode == 0:
+        uv = [str(Path(python).parent / "uv"), "pip", "install", "-q", "--python", python,
+              "--compile-bytecode", "--index-strategy", "unsafe-best-match", "-e", target]
+        if subprocess.run(uv, env=env, check=False).returncode == 0:
             return 0
         print("install_venv: uv failed; installing with pip instead", file=sys.stderr)
     else:
         print("install_venv: uv could not be installed; installing with pip", file=sys.stderr)
-    return subprocess.run([python, "-m", "pip", "install", *quiet, "-e", target],
-                          check=False).returncode
+    return subprocess.run([*pip, "-e", target], check=False).returncode
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Device choice for jobs and loaders (recon/devices.py) and its config field."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from recon.devices import cpu_threads_within, pick_device
+from recon.devices import cpu_threads_within, default_cpu_threads, pick_device
 
 
 def test_auto_is_the_gpu_when_there_is_one():
@@ -48,10 +50,6 @@ def test_thread_count_within_a_block_is_put_back_after_it_even_on_error():
                                              ("", None), ("many", None), (None, None)])
 def test_default_threads_follow_omp_num_threads_else_the_cores(monkeypatch, value, expected):
     # OMP_NUM_THREADS as OpenMP reads it: a count, or a list of counts per nesting level.
-    import os
-
-    from recon.devices import default_cpu_threads
-
     if value is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:

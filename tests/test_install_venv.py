@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -97,4 +96,3 @@ def test_uv_resolves_from_every_place_pip_is_configured_with(tmp_path):
     assert out.returncode == 0, out.stderr
     for want in ("pkg-a==0.5", "pkg-b==1.0", "pkg-c==1.0", "pkg-d==1.0", "pkg-e==1.0"):
         assert want in out.stderr, out.stderr
-    shutil.rmtree(target)

@@ -27,8 +27,8 @@ import yaml
 from PIL import Image
 from pydantic import ValidationError
 
-from infra import services
 from free_ports import free_port
+from infra import services
 from infra.config import ServicesConfig
 from infra.offline import OFFLINE_ENV
 

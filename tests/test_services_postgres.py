@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from infra import services
 from free_ports import free_port
+from infra import services
 from infra.config import ServicesConfig
 
 BIN = Path(sys.executable).parent
