@@ -218,6 +218,10 @@ def child_env(cfg: ServicesConfig, name: str = "prefect") -> dict[str, str]:
     if name == "ray":
         # The head itself: `ray start --head` must not take this for a cluster to join.
         env.pop("RAY_ADDRESS", None)
+        # On SIGTERM Ray first drains the node until no worker holds a lease (for Ray Serve
+        # behind a load balancer), up to 30 s; the detached actors a Ray Data job leaves
+        # behind hold theirs for good, so `down` would wait that out and then SIGKILL.
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     if name in ("prefect", "mlflow") and (password := database_password(cfg)) is not None:
         env["PGPASSWORD"] = password
     if name not in PREFECT_SERVICES:
@@ -468,10 +472,10 @@ def up(cfg: ServicesConfig) -> dict:
     return status(cfg)
 
 
-def _stop_all(entries: list[tuple[dict, bool]], timeout_s: float = 20.0) -> None:
+def _stop_all(entries: list[tuple[dict, bool]], timeout_s: float = 20.0) -> list[dict]:
     """SIGTERM each entry's process group (its own session), or only its first process
     when its flag (leader only) is set, all at once; SIGKILL the groups still running after
-    ``timeout_s``."""
+    ``timeout_s``. Returns the entries that had to be killed."""
     running = [(entry, leader_only) for entry, leader_only in entries if _alive(entry)]
     for entry, leader_only in running:
         if leader_only:
@@ -481,9 +485,10 @@ def _stop_all(entries: list[tuple[dict, bool]], timeout_s: float = 20.0) -> None
     deadline = time.monotonic() + timeout_s
     while any(_alive(entry) for entry, _ in running) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for entry, _ in running:
-        if _alive(entry):
-            os.killpg(entry["pid"], signal.SIGKILL)
+    killed = [entry for entry, _ in running if _alive(entry)]
+    for entry in killed:
+        os.killpg(entry["pid"], signal.SIGKILL)
+    return killed
 
 
 def _stop(entry: dict, timeout_s: float = 20.0) -> None:
@@ -491,22 +496,29 @@ def _stop(entry: dict, timeout_s: float = 20.0) -> None:
     _stop_all([(entry, False)], timeout_s)
 
 
-def down(cfg: ServicesConfig, timeout_s: float = 20.0) -> dict:
-    """Stop the recorded services (SIGTERM to each process group, SIGKILL after a timeout),
-    in the waves of :data:`STOP_WAVES`."""
+def down(cfg: ServicesConfig, timeout_s: float = 20.0) -> dict[str, str]:
+    """Stop the recorded services (SIGTERM to each process group, SIGKILL after
+    ``timeout_s``), in the waves of :data:`STOP_WAVES`. Returns ``{name: "stopped"}`` for
+    each service that exited on SIGTERM, ``"killed"`` for one that had to be killed (or
+    ``"not running"``)."""
     state = _read_state(cfg)
+    report: dict[str, str] = {}
     for wave in STOP_WAVES:
         names = [name for name in wave if name in state]
+        report.update({name: "stopped" if _alive(state[name]) else "not running"
+                       for name in names})
         # `ray start --block` stops its daemons in order in a few seconds; signalled all at
         # once, they wait on each other for half a minute.
-        _stop_all([(state[name], name == "ray") for name in names], timeout_s)
+        killed = _stop_all([(state[name], name == "ray") for name in names], timeout_s)
+        report.update({name: "killed" for name in names
+                       if any(state[name] is entry for entry in killed)})
         for name in names:
             entry = state.pop(name)
             if entry.get("private_dir"):
                 shutil.rmtree(entry["private_dir"], ignore_errors=True)
                 (cfg.state_path() / "ray").unlink(missing_ok=True)
         _write_state(cfg, state)
-    return status(cfg)
+    return report
 
 
 def status(cfg: ServicesConfig) -> dict:

@@ -126,17 +126,19 @@ def test_loopback_only_and_offline_children(tmp_path):
 def test_up_starts_servers_together_and_down_stops_in_waves(tmp_path, monkeypatch):
     """`up` starts the servers at once and the worker only after the Prefect server answers
     and its pool is restricted; `down` signals each wave at once (the Ray head's leader only)
-    and the worker's wave is gone before the Ray head and the Prefect server are signalled.
-    Each service is a shell that logs its start and its SIGTERM."""
+    and the worker's wave is gone before the Ray head and the Prefect server are signalled;
+    a service still running after the timeout is killed, and `down` says which. Each service
+    is a shell that logs its start and its SIGTERM."""
     events = tmp_path / "events"
     events.touch()
-    # `$0` is the service's name; the worker lingers a second after SIGTERM.
-    script = ('echo "$0 start" >> {log}; trap \'echo "$0 term" >> {log}; {linger}exit 0\' TERM; '
+    # `$0` is the service's name; the worker lingers a second after SIGTERM, MLflow does not
+    # exit on it.
+    script = ('echo "$0 start" >> {log}; trap \'echo "$0 term" >> {log}; {after}\' TERM; '
               'while :; do sleep 0.05; done')
-    cmds = {name: ["/bin/sh", "-c", script.format(
-        log=events, linger='sleep 1; echo "$0 exit" >> {}; '.format(events)
-        if name == "worker" else ""), name]
-        for name in ("prefect", "worker", "mlflow", "s3", "ray")}
+    after = {"worker": f'sleep 1; echo "$0 exit" >> {events}; exit 0', "mlflow": ":"}
+    cmds = {name: ["/bin/sh", "-c", script.format(log=events, after=after.get(name, "exit 0")),
+                   name]
+            for name in ("prefect", "worker", "mlflow", "s3", "ray")}
     started = lambda: {line.split()[0] for line in events.read_text().splitlines()
                        if line.endswith(" start")}
     cfg = ServicesConfig(state_dir=str(tmp_path / "svc"), s3=True, start_timeout_s=60,
@@ -154,7 +156,9 @@ def test_up_starts_servers_together_and_down_stops_in_waves(tmp_path, monkeypatc
         assert set(st) == set(cmds) and all(e["running"] and e["healthy"] for e in st.values())
         assert (cfg.state_path() / "ray").is_symlink()
     finally:
-        services.down(cfg)
+        report = services.down(cfg, timeout_s=3)
+    assert report == {"worker": "stopped", "mlflow": "killed", "s3": "stopped",
+                      "ray": "stopped", "prefect": "stopped"}
     assert services.status(cfg) == {} and not (cfg.state_path() / "ray").is_symlink()
     for entry in st.values():
         assert not services._alive({"pid": entry["pid"], "cmd": ["/bin/sh"]})
@@ -315,8 +319,10 @@ def running(tmp_path_factory):
             env[key] = shlex.split(value)[0]
         yield {"cfg": cfg, "env": env, "tmp": tmp, "ports": ports, "status": st}
     finally:
-        subprocess.run([str(BIN / "wildface"), "services", "down", *sets], check=True,
-                       timeout=120)
+        down = subprocess.run([str(BIN / "wildface"), "services", "down", *sets], check=True,
+                              timeout=120, capture_output=True, text=True)
+    # Each exited on SIGTERM (the Ray head too, after jobs left detached actors on it).
+    assert json.loads(down.stdout) == dict.fromkeys(st, "stopped"), down
     assert services.status(cfg) == {}
     for entry in st.values():
         assert not services._alive({"pid": entry["pid"], "cmd": [sys.executable]})

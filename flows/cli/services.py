@@ -63,7 +63,8 @@ def up(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt,
 
 @app.command()
 def down(config: Optional[str] = ConfigOpt, set_: list[str] = SetOpt) -> None:
-    """Stop the recorded services."""
+    """Stop the recorded services; prints {name: "stopped"}, or "killed" for one still
+    running after the timeout."""
     from infra import services
 
     typer.echo(json.dumps(services.down(_cfg(config, set_)), indent=1))
