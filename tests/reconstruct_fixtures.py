@@ -66,15 +66,16 @@ def make_synth(root: Path, identities: int = 4, images: int = 4, seed: int = 3,
     return root
 
 
-def untrained_checkpoint(path: Path, cfg: WildfaceConfig | None = None, seed: int = 0) -> Path:
-    """A detail-stage checkpoint of a freshly initialised model (random networks)."""
+def untrained_checkpoint(path: Path, cfg: WildfaceConfig | None = None, seed: int = 0,
+                         stage: str = "detail") -> Path:
+    """A ``stage`` checkpoint of a freshly initialised model (random networks)."""
     from recon.deca import DECA
     from recon.training.checkpoint import save_checkpoint
 
     cfg = cfg or tiny_config()
     torch.manual_seed(seed)
     model = DECA(cfg.face_model, cfg.model)
-    return save_checkpoint(path, stage="detail", step=0, model=model.state_dict(),
+    return save_checkpoint(path, stage=stage, step=0, model=model.state_dict(),
                            optimizer={}, config_json=cfg.model_dump_json(),
                            face_model=model.face_model_name)
 

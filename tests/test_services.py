@@ -7,6 +7,7 @@ services' worker (on the Ray head) with `wildface services env`, `services down`
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import json
 import os
@@ -481,8 +482,9 @@ def test_mlflow_refuses_foreign_host_and_origin(running):
 
 @pytest.mark.slow
 def test_services_run_deployments(running):
-    """`prefect deployment run` of preprocess/default and train/default on the services'
-    worker, with the variables `wildface services env` hands out."""
+    """`prefect deployment run` of preprocess/default and train/default (its detail stage,
+    from a coarse checkpoint given as a parameter) on the services' worker, with the
+    variables `wildface services env` hands out."""
     import skimage.data
 
     tmp_path, cfg, env = running["tmp"], running["cfg"], running["env"]
@@ -496,11 +498,13 @@ def test_services_run_deployments(running):
         (photos / ident).mkdir(parents=True)
         Image.fromarray(img).save(photos / ident / "x.jpg")
     out = tmp_path / "out"
-    # train/default: both stages on Ray, tracked and registered in the services' MLflow (a
-    # synth folder: two photos are too few identities to train on).
-    from reconstruct_fixtures import e2e_tree, make_synth
+    # train/default: the detail stage on Ray from a given coarse checkpoint (the coarse stage
+    # on Ray is test_train_ray's and test_pipeline's), tracked and registered in the services'
+    # MLflow (a synth folder: two photos are too few identities to train on).
+    from reconstruct_fixtures import e2e_tree, make_synth, untrained_checkpoint
 
     data = make_synth(tmp_path / "synth", identities=4, images=2, size=64)
+    coarse = untrained_checkpoint(tmp_path / "coarse-000000000.pt", stage="coarse")
     tiny = e2e_tree({})
     tiny["train"].update(steps=2, pretrain_steps=1)
     tiny["ray"] = {"num_cpus": 2, "num_workers": 1, "cpus_per_worker": 1}
@@ -516,7 +520,7 @@ def test_services_run_deployments(running):
             for name, params in (
                 ("preprocess/default", ["-p", f"input={photos}", "-p", f"output={out}"]),
                 ("train/default", ["-p", f"data={data}", "-p", f"out={tmp_path / 'train'}",
-                                   "-p", f"config={config}",
+                                   "-p", f"config={config}", "-p", f"coarse={coarse}",
                                    "-p", f"tracking_uri={mlflow_uri}"]))]
     try:
         assert [run.wait(timeout=700) for run in runs] == [0, 0]
@@ -532,6 +536,9 @@ def test_services_run_deployments(running):
     client = MlflowClient(mlflow_uri, mlflow_uri)
     version = client.get_model_version_by_alias("wildface-deca", "challenger")
     assert version.tags["data_root"] == str(data)
+    # the given coarse checkpoint is the one the model records
+    assert version.tags["sha256.coarse_checkpoint"] == hashlib.sha256(
+        coarse.read_bytes()).hexdigest()
     detail = client.get_run(version.run_id)
     assert detail.info.status == "FINISHED" and detail.data.tags["wildface.stage"] == "detail"
     history = client.get_metric_history(version.run_id, "loss/photometric_detail")
