@@ -130,8 +130,9 @@ class _Stage:
         # The norm first, clipping after: a skipped step's gradients still name the culprit.
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not bool(torch.isfinite(norm)):
-            culprit = "the loss" if not finite_loss else \
-                f"the gradient of {self._first_non_finite(params, grads=True)}"
+            culprit = "the loss" if not finite_loss else "the gradient of " + (
+                self._first_non_finite(params, grads=True)
+                or "every parameter (entries finite, their norm overflowed)")
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for buffer, saved in self._statistics:
@@ -158,24 +159,25 @@ class _Stage:
         else:
             optimizer.step()
         self.consecutive_skipped = 0
-        # One device sync per step for the whole set of parameters.
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        # One norm of all the weights (one device sync, a few multi-tensor kernels); only a
+        # non-finite one is looked at entry by entry (a norm can overflow with finite entries).
+        if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params))) and \
+                (name := self._first_non_finite(params)) is not None:
             raise NonFiniteTraining(
                 f"training diverged at step {self.iteration}: parameter "
-                f"{self._first_non_finite(params)} is not finite after the optimiser step "
+                f"{name} is not finite after the optimiser step "
                 f"(learning rate {optimizer.param_groups[0]['lr']:g})")
         return True
 
-    def _first_non_finite(self, params: list[nn.Parameter], grads: bool = False) -> str:
+    def _first_non_finite(self, params: list[nn.Parameter], grads: bool = False) -> str | None:
         """The model's name of the first of ``params`` (or of their gradients) holding inf
-        or nan; only called once something is known to be non-finite (a gradient norm can
-        also overflow with every entry finite)."""
+        or nan; None when every entry is finite (their norm overflowed)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p in params:
             value = p.grad if grads else p
             if value is not None and not bool(torch.isfinite(value).all()):
                 return names.get(id(p), "<unnamed>")
-        return "every parameter (entries finite, their norm overflowed)"
+        return None
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "skipped": self.skipped,

@@ -213,7 +213,9 @@ class Trainer:
         trained = {id(p) for p in self.step_fn.parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trained)
-        self.optimizer = torch.optim.Adam(self.step_fn.parameters(), lr=tc.lr)
+        # Multi-tensor Adam on every device (PyTorch picks it on CUDA only): on CPU the
+        # per-parameter updates of a small network cost more than its convolutions.
+        self.optimizer = torch.optim.Adam(self.step_fn.parameters(), lr=tc.lr, foreach=True)
         use_scaler = tc.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
