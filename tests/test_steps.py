@@ -183,6 +183,15 @@ def test_non_finite_weights_after_a_step_stop_training(assets):
         step.optim_step(step(_batch())[0], opt)
 
 
+def test_large_finite_weights_whose_norm_overflows_do_not_stop_training(assets):
+    # float32 squares of 1e20 overflow: the norm of all the weights is inf, no entry is.
+    step = CoarseStep(_model(assets), LossConfig(), TrainConfig(pretrain_steps=0))
+    opt = torch.optim.SGD(step.parameters(), lr=1e-3)
+    opt.register_step_post_hook(lambda *_: step.parameters()[0].detach().fill_(1e20))
+    assert step.optim_step(step(_batch())[0], opt)
+    assert not torch.isfinite(torch.nn.utils.get_total_norm(step.parameters()))
+
+
 def test_skipped_step_keeps_the_batch_norm_statistics(assets):
     model = _model(assets)
     step = CoarseStep(model, LossConfig(), TrainConfig(pretrain_steps=0))
