@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from free_ports import free_port
-from reconstruct_fixtures import e2e_tree, make_synth, untrained_checkpoint
+from reconstruct_fixtures import RAY_TRAIN_TEST_ENV, e2e_tree, make_synth, untrained_checkpoint
 
 if TYPE_CHECKING:
     from flows.config import WildfaceConfig
@@ -95,14 +95,6 @@ class E2ERun:
     cfg: WildfaceConfig
     data: Path
     tracking_uri: str
-
-
-# Ray Train's controller settings for the tiny runs (it reads them from the driver's
-# environment): it polls its workers every 0.5 s instead of 2 s (each stage's end and a dead
-# worker are seen sooner), and starts no preemption watcher (one process per stage; nothing
-# drains the nodes of a test's Ray).
-RAY_TRAIN_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from netns_cluster import SUBNET, NetnsCluster, s3_env, start_mlflow, start_s3
+from reconstruct_fixtures import RAY_TRAIN_TEST_ENV
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 TESTS = Path(__file__).resolve().parent
@@ -246,7 +247,8 @@ def drive(cluster: NetnsCluster, name: str, *args: str, node: str = "head") -> s
                             f"import sys, test_multinode as t; t.drive_{name}(*sys.argv[1:])",
                             *args], node=node,
                            env={"PYTHONPATH": os.pathsep.join(filter(None, (
-                               str(TESTS), os.environ.get("PYTHONPATH"))))},
+                               str(TESTS), os.environ.get("PYTHONPATH")))),
+                                **RAY_TRAIN_TEST_ENV},
                            stdout=log, stderr=subprocess.STDOUT)
 
 
