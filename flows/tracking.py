@@ -28,14 +28,14 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 
 from infra.config import ServicesConfig, TrackingConfig
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIGURE_ROWS = ("input", "landmarks 2D (green target, red predicted)", "landmarks 3D",
@@ -83,6 +83,7 @@ def resolve_tracking_uri(cfg: TrackingConfig | None = None,
     if explicit:
         return absolute_uri(explicit)
     if out_dir is None:
+        import mlflow
         from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
         if is_tracking_uri_set():
@@ -108,6 +109,9 @@ def ui_hint(uri: str) -> str:
 def setup(uri: str, experiment: str) -> str:
     """Point MLflow at ``uri`` (tracking and registry) and return the experiment id, created
     with an artifact folder next to a sqlite database (else MLflow would use ./mlruns)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
@@ -156,6 +160,7 @@ def code_version() -> str:
 
 def system_figures() -> dict[str, str]:
     """Machine and library versions of the run (tags)."""
+    import mlflow
     import ray
     import torch
 
@@ -199,6 +204,8 @@ def dataset_summary(data_root: str, split: str = "train") -> dict[str, Any]:
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     """Params in chunks of 100 (MLflow's batch limit), values cut to its 6000 characters."""
+    from mlflow.entities import Param
+
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
@@ -227,6 +234,8 @@ def end_run(client: MlflowClient, run_id: str, failed: bool = False) -> None:
 @contextmanager
 def parent_run(uri: str, experiment: str, name: str, config: Mapping) -> Iterator[str]:
     """A pipeline-level MLflow run (id yielded); stage runs nest under it."""
+    from mlflow.tracking import MlflowClient
+
     exp_id = setup(uri, experiment)
     client = MlflowClient(uri, uri)
     run = client.create_run(exp_id, run_name=name,
@@ -274,7 +283,11 @@ class StepLogger:
 
     def __init__(self, uri: str, run_id: str, cfg: TrackingConfig, batch_size: int,
                  world_size: int = 1, client: MlflowClient | None = None) -> None:
-        self.client = client or MlflowClient(uri, uri)
+        if client is None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri, uri)
+        self.client = client
         self.run_id, self.cfg = run_id, cfg
         self.samples_per_step = batch_size * world_size
         self._sums: dict[str, float] = {}
@@ -300,6 +313,8 @@ class StepLogger:
         if "time/step_s" in means:
             means["time/samples_per_s"] = self.samples_per_step / max(means["time/step_s"], 1e-9)
         means["train/skipped"] = self._skipped
+        from mlflow.entities import Metric
+
         metrics = [Metric(k, v, now, step) for k, v in sorted(means.items()) if np.isfinite(v)]
         self.client.log_batch(self.run_id, metrics=metrics)
         self._sums, self._count = {}, 0
