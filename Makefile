@@ -6,7 +6,8 @@ STAMP := $(VENV)/.wildface-installed
 
 .PHONY: install demo test test-fast test-slow postgres gpu-wheels clean
 
-# scripts/install_venv.py: uv installs the project with pip's settings (pip if uv fails).
+# scripts/install_venv.py: uv installs the project with pip's settings (pip if uv fails),
+# then byte-compiles the project's packages.
 $(STAMP): pyproject.toml scripts/install_venv.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python scripts/install_venv.py test

@@ -96,3 +96,17 @@ def test_uv_resolves_from_every_place_pip_is_configured_with(tmp_path):
     assert out.returncode == 0, out.stderr
     for want in ("pkg-a==0.5", "pkg-b==1.0", "pkg-c==1.0", "pkg-d==1.0", "pkg-e==1.0"):
         assert want in out.stderr, out.stderr
+
+
+def test_the_compiled_packages_are_the_ones_setuptools_installs():
+    """The install byte-compiles the project's own packages (an editable install runs them
+    from their sources): the top-level packages setuptools finds with pyproject's rule."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]
+    found = {p.split(".")[0] for p in find_packages(where=str(ROOT), include=find["include"])}
+    assert install_venv.project_packages(ROOT / "pyproject.toml") == sorted(found)
+    assert {"recon", "flows", "preprocessing", "infra"} <= found
