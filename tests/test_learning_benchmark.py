@@ -3,7 +3,7 @@ and the figures it reports agree with each other where they must."""
 from __future__ import annotations
 
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -13,18 +13,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_script(argv: list[str], capsys: pytest.CaptureFixture, monkeypatch) -> str:
+    """``python benchmarks/learning.py ARGV`` in this process (torch and the project are
+    imported already: a new interpreter would spend seconds on that); its standard output.
+    Its torch thread count is put back afterwards."""
+    from recon.devices import cpu_threads_within
+
+    script = ROOT / "benchmarks" / "learning.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    monkeypatch.chdir(ROOT)
+    with cpu_threads_within(torch.get_num_threads()):
+        runpy.run_path(str(script), run_name="__main__")
+    return capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_learning_benchmark_reports_consistent_figures(tmp_path: Path) -> None:
+def test_learning_benchmark_reports_consistent_figures(tmp_path: Path, capsys, monkeypatch
+                                                       ) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = tmp_path / "learning.json"
-    res = subprocess.run(
-        [sys.executable, "benchmarks/learning.py", "--device", device,
-         "--steps", "3", "--set", "train.pretrain_steps=1", "--identities", "6",
-         "--images-per-identity", "2", "--held-out", "2", "--image-size", "64",
-         "--optimum-steps", "8", "--optimum-images", "4", "--skip-paper",
-         "--timing-steps", "1", "--probe", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run_script(["--device", device,
+                 "--steps", "3", "--set", "train.pretrain_steps=1", "--identities", "6",
+                 "--images-per-identity", "2", "--held-out", "2", "--image-size", "64",
+                 "--optimum-steps", "8", "--optimum-images", "4", "--skip-paper",
+                 "--timing-steps", "1", "--probe", "--json", str(out)], capsys, monkeypatch)
     report = json.loads(out.read_text())
 
     assert report["steps"] == 3
@@ -55,24 +67,23 @@ def test_learning_benchmark_reports_consistent_figures(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_learning_benchmark_runs_the_keypoint_head_through_its_phases(tmp_path: Path) -> None:
+def test_learning_benchmark_runs_the_keypoint_head_through_its_phases(tmp_path: Path, capsys,
+                                                                       monkeypatch) -> None:
     out = tmp_path / "learning.json"
-    res = subprocess.run(
-        [sys.executable, "benchmarks/learning.py", "--steps", "4",
+    printed = _run_script(
+        ["--steps", "4",
          "--set", "model.head=keypoints", "--set", "train.keypoint_steps=2",
          "--set", "train.pretrain_steps=3", "--identities", "6", "--images-per-identity", "2",
          "--held-out", "2", "--image-size", "64", "--optimum-steps", "0", "--skip-paper",
          "--timing-steps", "1", "--json", str(out), "--set", "model.refine.steps=30",
-         "--keep", str(tmp_path / "keep")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+         "--keep", str(tmp_path / "keep")], capsys, monkeypatch)
     report = json.loads(out.read_text())
     assert report["steps"] == 4
     # the encoder's located points, measured apart from the fitted model's landmarks
     assert report["held_out_keypoint_px"] > 0
     assert report["held_out_keypoint_px"] != report["held_out_landmark_px"]
     # the refined reconstruction is reported beside the encoder's, and the run is kept
-    assert report["refine_steps"] == 30 and "+ refined" in res.stdout
+    assert report["refine_steps"] == 30 and "+ refined" in printed
     assert report["refine_photometric"] == 2.0 and report["refine_seconds_per_image"] > 0
     assert report["error_refined_mm"] != report["error_trained_mm"]
     assert report["ratio_refined_to_mean"] > 0
