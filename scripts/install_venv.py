@@ -68,6 +68,8 @@ def project_packages(pyproject: Path = Path("pyproject.toml")) -> list[str]:
 
 
 def install(python: str, target: str) -> int:
+    """Install ``target`` (editable) into ``python``'s environment: through uv, else pip.
+    Returns the exit code."""
     pip = [python, "-m", "pip", "install", "-q"]
     if subprocess.run([*pip, UV], check=False).returncode == 0:
         env = uv_environment(pip_settings(python), dict(os.environ))
