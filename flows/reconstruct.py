@@ -402,11 +402,11 @@ class _RayReconstructor:
         """model: :func:`flows.registry.pack_model_files`'s packed model, or a Ray object
         reference to it (this actor's node may not see the driver's disk)."""
         import ray
-        import torch
 
         from flows.config import WildfaceConfig
         from infra.offline import apply_offline_env
         from recon.config import FaceModelConfig
+        from recon.devices import set_cpu_threads
 
         apply_offline_env()
         if isinstance(model, ray.ObjectRef):
@@ -415,7 +415,9 @@ class _RayReconstructor:
         files = unpack_model_files(model, self._model_dir.name)
         cfg = WildfaceConfig.model_validate_json(cfg_json)
         storage.configure(cfg.storage)
-        torch.set_num_threads(max(1, int(cfg.reconstruct.ray.cpus_per_worker)))
+        # As many threads as CPUs Ray reserved for this actor (not OMP_NUM_THREADS, which a
+        # user's environment may set for the whole machine).
+        set_cpu_threads(max(1, int(cfg.reconstruct.ray.cpus_per_worker)))
         face = FaceModelConfig.model_validate_json(face_json) if face_json else None
         recon = load_model(files, face_model=face, device=cfg.reconstruct.device,
                            refine=cfg.reconstruct.refine)

@@ -23,6 +23,7 @@ from flows.config import WildfaceConfig, with_stage_weights
 from flows.samples import is_synth_folder, rank_store
 from flows.stage_job import StageJob
 from infra import storage
+from recon.devices import set_cpu_threads
 from recon.training.checkpoint import checkpoint_due
 from recon.training.trainer import ProgressLog, Trainer, TrainerCallback
 
@@ -171,7 +172,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+        # As many threads as CPUs Ray reserved for this worker (not OMP_NUM_THREADS, which
+        # a user's environment may set for the whole machine).
+        set_cpu_threads(max(1, int(cfg.ray.cpus_per_worker)))
     work = Path(tempfile.mkdtemp(prefix=f"wildface-{stage}-rank{rank}-"))
     try:
         restored = ray.train.get_checkpoint()
